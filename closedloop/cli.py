@@ -1,0 +1,172 @@
+"""The ``closedloop`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from closedloop import __version__
+from closedloop.config.load import config_to_dict, load_config
+from closedloop.errors import ClosedLoopError, ConfigError
+
+__all__ = ["main"]
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--config", "-c", required=required, help="TOML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set trigger.target_phase_deg=180 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="closedloop", description=(
+        "Brain-state-dependent TMS: phase-locked pulses from EEG over Lab Streaming Layer."))
+    ap.add_argument("--version", action="version", version=f"closedloop {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the service until SIGINT/SIGTERM")
+    _add_config_args(p, required=True)
+
+    p = sub.add_parser("demo", help="simulator + service + simulated stimulator, then a summary")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument("--eeg-rate", type=float, default=5000.0, help="simulated EEG rate, Hz")
+    p.add_argument("--seed", type=int, default=None, help="simulator seed")
+    p.add_argument("--events", default=None, help="event log path (default: a temp file)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a service setting (repeatable)")
+
+    p = sub.add_parser("simulate", help="publish simulated EEG and EMG over LSL")
+    p.add_argument("--prefix", default="closedloop-sim", help="stream name prefix")
+    p.add_argument("--eeg-rate", type=float, default=5000.0)
+    p.add_argument("--emg-rate", type=float, default=5000.0)
+    p.add_argument("--chunk-ms", type=float, default=2.0, help="chunk length, like an amplifier")
+    p.add_argument("--coil-stream", default="closedloop-sim-coil",
+                   help="stream of the simulated stimulator to listen to")
+    p.add_argument("--mu-freq", type=float, default=10.0, help="mu frequency, Hz")
+    p.add_argument("--mu-amplitude", type=float, default=20.0, help="mu amplitude, µV")
+    p.add_argument("--s50", type=float, default=50.0, help="intensity of half-maximal MEP, %%")
+    p.add_argument("--best-phase-deg", type=float, default=180.0,
+                   help="mu phase of the largest MEPs")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
+
+    p = sub.add_parser("replay", help="play an EDF/BDF recording over LSL in real time")
+    p.add_argument("file", help="EDF or BDF file")
+    p.add_argument("--name", default=None, help="LSL stream name (default: the file's stem)")
+    p.add_argument("--type", default="EEG", help="LSL stream type")
+    p.add_argument("--chunk-ms", type=float, default=10.0)
+    p.add_argument("--start", type=float, default=0.0, help="start at this second")
+    p.add_argument("--duration", type=float, default=None, help="play this many seconds")
+    p.add_argument("--loop", action="store_true", help="start again at the end")
+
+    p = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p.add_argument("file", help="TOML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--print", action="store_true", help="print the effective configuration")
+    return ap
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from closedloop.control.service import ClosedLoopService  # noqa: PLC0415 - heavy import
+
+    cfg = load_config(args.config, args.overrides)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        service = ClosedLoopService(cfg, config_source=str(args.config))
+        stats = await service.run(stop)
+        print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
+                          "decisions": stats.decisions,
+                          "events": cfg.recording.events}), flush=True)
+
+    asyncio.run(main())
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import math  # noqa: PLC0415
+
+    from closedloop.sim.eeg_model import EegSimParams  # noqa: PLC0415
+    from closedloop.sim.emg_model import EmgSimParams, MepModel  # noqa: PLC0415
+    from closedloop.sim.simulator import Simulator, SimulatorSettings  # noqa: PLC0415
+
+    settings = SimulatorSettings(
+        prefix=args.prefix,
+        eeg=EegSimParams(fs=args.eeg_rate, mu_freq_hz=args.mu_freq,
+                         mu_amplitude_uv=args.mu_amplitude),
+        emg=EmgSimParams(fs=args.emg_rate),
+        mep=MepModel(s50_pct=args.s50, best_phase_rad=math.radians(args.best_phase_deg)),
+        chunk_ms=args.chunk_ms, coil_stream=args.coil_stream, seed=args.seed)
+    sim = Simulator(settings)
+    signal.signal(signal.SIGTERM, lambda *_: sim.stop())
+    try:
+        sim.run(args.duration)
+    except KeyboardInterrupt:
+        sim.stop()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from closedloop.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(duration_s=args.duration, eeg_rate=args.eeg_rate, overrides=args.overrides,
+                    seed=args.seed, events=args.events, as_json=args.json)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from closedloop.replay.player import play  # noqa: PLC0415
+    from closedloop.replay.recording import load_edf  # noqa: PLC0415
+
+    rec = load_edf(args.file)
+    name = args.name or Path(args.file).stem
+
+    def announce(t0: float) -> None:
+        print(json.dumps({"event": "replay_start", "name": name, "t0": t0, "fs": rec.fs,
+                          "channels": list(rec.labels), "start_s": args.start}), flush=True)
+
+    try:
+        play(rec, name=name, stream_type=args.type, chunk_ms=args.chunk_ms,
+             start_s=args.start, duration_s=args.duration, loop=args.loop, on_start=announce)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file, args.overrides)
+    if args.print:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+    else:
+        print(f"{args.file}: OK")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``closedloop`` console script."""
+    args = _parser().parse_args(argv)
+    # keep liblsl's INFO chatter out of the terminal (a user's own LSLAPICFG wins)
+    os.environ.setdefault("LSLAPICFG", str(Path(__file__).parent / "resources" / "lsl_api.cfg"))
+    handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,
+                "check-config": _cmd_check_config, "replay": _cmd_replay}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"closedloop: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ClosedLoopError as exc:
+        print(f"closedloop: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Load, override and validate configuration.
+
+TOML tables map onto the frozen dataclasses of :mod:`closedloop.config.schema`. Every
+problem raises :class:`~closedloop.errors.ConfigError` naming the source, the dotted key
+and what was expected; unknown keys are errors too (a typo must not silently fall back to
+a default). The same machinery validates ``--set KEY=VALUE`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from closedloop.config.schema import Config
+from closedloop.errors import ConfigError
+
+__all__ = ["apply_override", "config_to_dict", "from_dict", "load_config", "parse_overrides"]
+
+T = TypeVar("T")
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply ``KEY=VALUE`` overrides, validate.
+
+    Args:
+        path: TOML file, or None for the built-in defaults.
+        overrides: Strings ``section.key=value``; the value is parsed as TOML (``180``,
+            ``[8, 12]``, ``"auto"``, ``true``), and taken as a plain string otherwise.
+
+    Raises:
+        ConfigError: naming the file, key and problem.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(source=source, key="", problem="file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source=source, key="", problem=f"not valid TOML: {exc}") from exc
+    overridden = []
+    for key, value in parse_overrides(overrides):
+        apply_override(data, key, value)
+        overridden.append(key)
+    try:
+        cfg = from_dict(Config, data, source=source)
+        _check_cross_fields(cfg, source)
+    except ConfigError as exc:
+        if any(exc.key == k or exc.key.startswith(k + ".") or exc.key.startswith(k + "[")
+               for k in overridden):
+            raise ConfigError(source="--set", key=exc.key, problem=exc.problem) from exc
+        raise
+    return cfg
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """Split ``KEY=VALUE`` strings, parsing each value as a TOML value when possible."""
+    out: list[tuple[str, Any]] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(source="--set", key=item, problem="expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out.append((key, value))
+    return out
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key = "a.b.c"``, checking the key exists."""
+    parts = key.split(".")
+    cls: Any = Config
+    node = data
+    for i, part in enumerate(parts):
+        hints = get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(source="--set", key=key,
+                              problem=f"unknown key '{part}' (known: {', '.join(hints)})")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub = _dataclass_in(hints[part])
+        if sub is None:
+            raise ConfigError(source="--set", key=key, problem=f"'{part}' is not a table")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(source="--set", key=key, problem=f"'{part}' is not a table")
+        node, cls = child, sub
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, validating every value."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source=source, key=prefix.rstrip("."),
+                          problem=f"expected a table, got {_show(data)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(source=source, key=prefix + unknown[0],
+                          problem=f"unknown key (known: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = prefix + name
+        kwargs[name] = _coerce(value, hints[name], key=key, source=source)
+        _check_bounds(kwargs[name], fields[name].metadata, key=key, source=source)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - all fields have defaults
+        raise ConfigError(source=source, key=prefix.rstrip("."), problem=str(exc)) from exc
+
+
+def config_to_dict(obj: Any) -> Any:
+    """The plain (JSON/TOML-compatible) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [config_to_dict(v) for v in obj]
+    return obj
+
+
+def _dataclass_in(tp: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(value: Any, tp: Any, *, key: str, source: str) -> Any:
+    """Check ``value`` against type annotation ``tp`` and convert it (lists to tuples)."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(source=source, key=key, problem=f"expected {expected}, got "
+                           f"{_show(value)}")
+
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key=key, source=source)
+            except ConfigError as exc:
+                errors.append(exc.problem)
+        raise ConfigError(source=source, key=key, problem=" or ".join(errors))
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise bad("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source=source, prefix=key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key=f"{key}[{i}]", source=source)
+                         for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, key=f"{key}[{i}]", source=source)
+                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    raise ConfigError(source=source, key=key, problem=f"unsupported type {tp!r}")
+
+
+def _check_bounds(value: Any, meta: Mapping[str, Any], *, key: str, source: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if lo is not None and value < lo:
+        raise ConfigError(source=source, key=key,
+                          problem=f"expected a value >= {lo:g}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(source=source, key=key,
+                          problem=f"expected a value <= {hi:g}, got {value!r}")
+
+
+def _check_cross_fields(cfg: Config, source: str) -> None:
+    """Rules that involve more than one key."""
+    for role in ("eeg", "emg", "pulses"):
+        sel = getattr(cfg.streams, role)
+        if sel is not None and not (sel.name or sel.type or sel.source_id):
+            raise ConfigError(source=source, key=f"streams.{role}",
+                              problem="give at least one of name, type, source_id")
+    band = cfg.phase.band_hz
+    if band != "auto":
+        lo, hi = band
+        if not 0.5 <= lo < hi:
+            raise ConfigError(source=source, key="phase.band_hz",
+                              problem=f"expected 0.5 <= low < high, got [{lo:g}, {hi:g}]")
+        if hi >= cfg.phase.processing_rate_hz / 2.5:
+            raise ConfigError(source=source, key="phase.band_hz", problem=(
+                f"high edge {hi:g} Hz too close to the processing rate's Nyquist frequency "
+                f"(phase.processing_rate_hz = {cfg.phase.processing_rate_hz:g})"))
+    for key, (a, b) in (("mep.window_ms", cfg.mep.window_ms),
+                        ("mep.background_ms", cfg.mep.background_ms)):
+        if not a < b:
+            raise ConfigError(source=source, key=key,
+                              problem=f"expected start < end, got [{a:g}, {b:g}]")
+    if cfg.mep.window_ms[0] < 0:
+        raise ConfigError(source=source, key="mep.window_ms",
+                          problem="the response window must start after the pulse (>= 0)")
+    if cfg.mep.background_ms[1] > 0:
+        raise ConfigError(source=source, key="mep.background_ms",
+                          problem="the background window must end before the pulse (<= 0)")
+    if not cfg.mep.channels and cfg.streams.emg is not None:
+        raise ConfigError(source=source, key="mep.channels",
+                          problem="streams.emg is set but no MEP channel is named")
+    if 2 * cfg.phase.edge_ms + cfg.phase.fir_ms / 2 >= cfg.phase.window_ms:
+        raise ConfigError(source=source, key="phase.window_ms", problem=(
+            "too short for its edges: needs window_ms > 2 * edge_ms + fir_ms / 2"))
+    if cfg.stimulator.intensity_pct > cfg.safety.max_intensity_pct:
+        raise ConfigError(source=source, key="stimulator.intensity_pct", problem=(
+            f"{cfg.stimulator.intensity_pct:g} is above safety.max_intensity_pct "
+            f"({cfg.safety.max_intensity_pct:g}); refused, not clamped"))
+    if cfg.phase.channel in cfg.phase.reference:
+        raise ConfigError(source=source, key="phase.reference",
+                          problem=f"must not contain the target channel {cfg.phase.channel}")

@@ -1,0 +1,467 @@
+"""The closed-loop service: streams in, phase-locked pulses out, everything recorded.
+
+Threads and their hand-offs (functional core, imperative shell):
+
+- one acquisition thread per LSL stream (:mod:`closedloop.streams.reader`) writes into a
+  ring buffer and wakes the event loop with ``call_soon_threadsafe``;
+- the event loop runs the EEG pipeline (:class:`~closedloop.phase.tracker.PhaseTracker`,
+  :func:`~closedloop.control.trigger_policy.decide`) on each wake-up, measures MEPs,
+  and records every decision, pulse and stream change;
+- the fire thread (:mod:`closedloop.stim.scheduler`) lands each pulse at its scheduled
+  LSL time through the :class:`~closedloop.stim.gated.GatedStimulator`;
+- the event log writes in its own thread.
+
+Safety: the service disarms on shutdown and on any error in the pulse path; a lost EEG
+stream cancels a pending pulse, and the gate independently refuses to fire on stale EEG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pylsl
+
+from closedloop import __version__
+from closedloop.config.load import config_to_dict
+from closedloop.config.schema import Config
+from closedloop.control.stats import LatencyRing
+from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
+from closedloop.errors import ClosedLoopError, StreamNotFoundError
+from closedloop.mep.tracker import MepRecord, MepTracker
+from closedloop.phase.amplitude import RunningPercentile
+from closedloop.phase.tracker import PhaseTracker
+from closedloop.recording.events import EventLog
+from closedloop.recording.markers import PulseMarkerOutlet
+from closedloop.stim.gated import GatedStimulator
+from closedloop.stim.safety import SafetyGate, SafetyLimits
+from closedloop.stim.scheduler import FireScheduler, PulseOutcome, PulseRequest
+from closedloop.stim.simulated import SimulatedStimulator
+from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
+
+__all__ = ["ClosedLoopService", "ServiceStats"]
+
+_HOUSEKEEPING_S = 0.01
+_AMPLITUDE_WARMUP = 200  # amplitude values needed before the gate trusts its percentile
+_GIL_SWITCH_S = 0.0005
+
+
+@dataclass
+class ServiceStats:
+    """What happened in a session, for the demo summary and benchmarks."""
+
+    decisions: int = 0
+    estimates: int = 0
+    fired: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    pulses: list[dict[str, Any]] = field(default_factory=list)
+    meps: list[dict[str, Any]] = field(default_factory=list)
+    stream_events: list[dict[str, Any]] = field(default_factory=list)
+    chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
+    chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
+    chunk_to_fire_call_ms: LatencyRing = field(default_factory=LatencyRing)
+    fire_error_ms: LatencyRing = field(default_factory=LatencyRing)
+    update_cost_us: LatencyRing = field(default_factory=LatencyRing)
+    samples_lost: int = 0
+    calibration: dict[str, Any] | None = None
+
+
+class ClosedLoopService:
+    """Construct with a validated :class:`Config`, then ``await run(stop_event)``."""
+
+    def __init__(self, cfg: Config, *, config_source: str = "") -> None:
+        self.cfg = cfg
+        self.config_source = config_source
+        self.stats = ServiceStats()
+        self.ready = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._fatal: BaseException | None = None
+        self._eeg_wake = asyncio.Event()
+        self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rng = np.random.default_rng(cfg.trigger.seed)
+        self._request_id = 0
+        self.log: EventLog | None = None
+        self.eeg: StreamReader | None = None
+        self.emg: StreamReader | None = None
+        self.pulse_markers: MarkerReader | None = None
+        self.stim: GatedStimulator | None = None
+        self.scheduler: FireScheduler | None = None
+        self.tracker: PhaseTracker | None = None
+        self.meps: MepTracker | None = None
+        self._markers: PulseMarkerOutlet | None = None
+        self._pending_context: dict[int, dict[str, Any]] = {}
+
+    # -- life cycle --------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> ServiceStats:
+        """Run until ``stop`` is set; always disarm and flush on the way out.
+
+        Raises:
+            ClosedLoopError: a stream, channel, stimulator or recording error that stopped
+                the service (it was disarmed first).
+        """
+        self._stop = stop
+        self._loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(_GIL_SWITCH_S)  # the fire thread must get the GIL promptly
+        self.log = EventLog(cfg.recording.events)
+        self.log.write("session_start", lsl_time=pylsl.local_clock(), version=__version__,
+                       python=platform.python_version(), liblsl=pylsl.library_version(),
+                       host=socket.gethostname(), pid=os.getpid(),
+                       config_source=self.config_source, config=config_to_dict(cfg))
+        try:
+            await self._start()
+            self.ready.set()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
+                         tg.create_task(self._housekeeping(), name="housekeeping")]
+                await stop.wait()
+                for task in tasks:
+                    task.cancel()
+            if self._fatal is not None:
+                raise self._fatal
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            raise first from None
+        finally:
+            await self._shutdown()
+            sys.setswitchinterval(old_switch)
+        return self.stats
+
+    def _fail(self, exc: BaseException) -> None:
+        """A fault that stops the service: disarm at once, record, stop."""
+        if self.stim is not None:
+            self.stim.disarm()
+        if self.scheduler is not None:
+            self.scheduler.cancel("fault")
+        if self._fatal is None:
+            self._fatal = exc
+        if self.log is not None:
+            self.log.write("fault", lsl_time=pylsl.local_clock(), error=type(exc).__name__,
+                           message=str(exc))
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        loop = self._loop
+        assert loop is not None and self.log is not None
+
+        def on_event(ev: StreamEvent) -> None:
+            self._call_soon(self._on_stream_event, ev)
+
+        self.eeg = StreamReader(
+            role="eeg", selector=cfg.streams.eeg, acquisition=cfg.acquisition,
+            required_labels={"phase.channel": [cfg.phase.channel],
+                             "phase.reference": list(cfg.phase.reference)},
+            on_data=self._wake_from_thread, on_event=on_event)
+        self.eeg.start()
+        if cfg.streams.emg is not None:
+            self.emg = StreamReader(
+                role="emg", selector=cfg.streams.emg, acquisition=cfg.acquisition,
+                required_labels={"mep.channels": list(cfg.mep.channels)},
+                on_data=lambda: None, on_event=on_event)
+            self.emg.start()
+        if cfg.streams.pulses is not None:
+            self.pulse_markers = MarkerReader(
+                role="pulses", selector=cfg.streams.pulses, acquisition=cfg.acquisition,
+                on_marker=lambda text, t: self._call_soon(self._on_external_pulse, text, t),
+                on_event=on_event)
+            self.pulse_markers.start()
+        timeout = cfg.acquisition.resolve_timeout_s
+        eeg = await asyncio.to_thread(self.eeg.wait_connected, timeout)
+        self.tracker = PhaseTracker(fs_in=eeg.rate_hz, labels=eeg.labels, cfg=cfg.phase)
+        emg_labels = None
+        if self.emg is not None:
+            try:
+                emg_labels = (await asyncio.to_thread(self.emg.wait_connected, timeout)).labels
+            except StreamNotFoundError as exc:
+                # EMG is not needed to stimulate: carry on, MEPs are marked unavailable
+                self.log.write("stream_missing", lsl_time=pylsl.local_clock(), role="emg",
+                               message=str(exc))
+                self.emg.stop()
+                self.emg = None
+        self.meps = MepTracker(cfg.mep, channels=cfg.mep.channels, labels=emg_labels)
+        driver = SimulatedStimulator(coil_stream=cfg.stimulator.coil_stream,
+                                     latency_s=cfg.stimulator.latency_ms / 1000.0)
+        driver.open()
+        self.stim = GatedStimulator(driver, SafetyGate(SafetyLimits.from_config(cfg.safety)),
+                                    eeg_age_s=self._eeg_age)
+        self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        self.scheduler = FireScheduler(
+            self.stim, max_lateness_s=cfg.trigger.max_lateness_ms / 1000.0,
+            on_outcome=lambda o: self._call_soon(self._on_outcome, o),
+            on_error=lambda e: self._call_soon(self._fail, e))
+        self.scheduler.start()
+        if cfg.recording.marker_stream:
+            self._markers = PulseMarkerOutlet(cfg.recording.marker_stream,
+                                              f"closedloop-{socket.gethostname()}-{os.getpid()}")
+        self.log.write("ready", lsl_time=pylsl.local_clock(), eeg=eeg.name,
+                       eeg_rate_hz=eeg.rate_hz, eeg_channels=eeg.n_channels,
+                       processing_rate_hz=self.tracker.fs,
+                       band_hz=list(self.tracker.band) if self.tracker.band else "auto")
+        if cfg.stimulator.arm_on_start:
+            self.stim.arm()
+            self.log.write("armed", lsl_time=pylsl.local_clock(), by="arm_on_start")
+
+    async def _shutdown(self) -> None:
+        if self.stim is not None:
+            self.stim.disarm()
+        if self.scheduler is not None:
+            self.scheduler.cancel("shutdown")
+            await asyncio.to_thread(self.scheduler.stop)
+        await asyncio.sleep(0)  # deliver outcomes queued by the fire thread
+        if self.log is not None and self.stim is not None:
+            self.log.write("disarmed", lsl_time=pylsl.local_clock(), by="shutdown")
+        if self.meps is not None:
+            # give MEP windows still open a moment to complete, then record the rest
+            deadline = time.monotonic() + self.cfg.mep.window_ms[1] / 1000.0 + 0.1
+            while self.meps.pending and time.monotonic() < deadline:
+                self._poll_meps()
+                await asyncio.sleep(0.01)
+            for rec in self.meps.flush():
+                self._record_mep(rec)
+        for reader in (self.eeg, self.emg, self.pulse_markers):
+            if reader is not None:
+                await asyncio.to_thread(reader.stop)
+        if self.stim is not None:
+            self.stim.driver.close()
+        if self.log is not None:
+            s = self.stats
+            self.log.write("session_end", lsl_time=pylsl.local_clock(), fired=s.fired,
+                           refused=dict(s.refused), decisions=s.decisions,
+                           error=str(self._fatal) if self._fatal else None)
+            await asyncio.to_thread(self.log.close)
+
+    # -- thread hand-offs --------------------------------------------------------------
+    def _wake_from_thread(self) -> None:
+        if not self._wake_pending and self._loop is not None:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._eeg_wake.set)
+
+    def _eeg_age(self) -> float | None:
+        eeg = self.eeg
+        if eeg is None or eeg.lost or eeg.last_arrival is None:
+            return None
+        return float(pylsl.local_clock()) - eeg.last_arrival
+
+    # -- the EEG pipeline --------------------------------------------------------------
+    async def _eeg_loop(self) -> None:
+        cfg = self.cfg
+        assert self.eeg is not None and self.eeg.ring is not None and self.tracker is not None
+        assert self.stim is not None
+        ring, tracker = self.eeg.ring, self.tracker
+        offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
+        trig = cfg.trigger
+        params = PolicyParams(
+            target_rad=math.radians(trig.target_phase_deg),
+            tolerance_rad=math.radians(trig.tolerance_deg),
+            min_interval_s=trig.min_interval_s,
+            lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0,
+            horizon_s=max(cfg.phase.update_interval_ms / 1000.0, 1.0 / tracker.fs))
+        amp_hist = RunningPercentile(trig.amplitude_percentile,
+                                     int(trig.amplitude_window_s * 1000.0
+                                         / max(cfg.phase.update_interval_ms, 1.0)))
+        state = TriggerState()
+        pos = ring.count
+        last_update = -math.inf
+        calibrated = tracker.band is not None
+        interval_s = cfg.phase.update_interval_ms / 1000.0
+        perf = time.perf_counter_ns
+        while True:
+            await self._eeg_wake.wait()
+            self._eeg_wake.clear()
+            self._wake_pending = False
+            t_a = perf()
+            rd = ring.read_from(pos)
+            pos = rd.start + len(rd.timestamps)
+            if rd.lost:
+                self.stats.samples_lost += rd.lost
+                self._event("samples_lost", count=rd.lost)
+                tracker.reset()
+            if not len(rd.timestamps):
+                continue
+            tracker.push(rd.data, rd.timestamps)
+            t_b = perf()
+            if not calibrated and tracker.band is not None:
+                calibrated = True
+                self._record_calibration(tracker)
+            newest = float(rd.timestamps[-1]) + offset_s  # LSL time the chunk was stamped
+            if newest - last_update < interval_s:
+                continue
+            last_update = newest
+            est = tracker.estimate()
+            t_c = perf()
+            if est is None:
+                continue
+            self.stats.estimates += 1
+            amp = tracker.band_amplitude
+            amp_hist.push(amp)
+            threshold = (-math.inf if trig.amplitude_percentile <= 0 else
+                         amp_hist.threshold() if amp_hist.count >= _AMPLITUDE_WARMUP
+                         else math.inf)
+            now = pylsl.local_clock()
+            decision, state = decide(est, now=now, params=params, state=state,
+                                     armed=self.stim.armed,
+                                     amplitude=amp, amplitude_threshold=threshold)
+            t_d = perf()
+            t_decided = pylsl.local_clock()
+            self.stats.chunk_to_decision_ms.add((t_decided - newest) * 1000.0)
+            self.stats.update_cost_us.add((t_d - t_a) / 1000.0)
+            if decision is None:
+                continue
+            self.stats.decisions += 1
+            stages = {"read_dsp_us": round((t_b - t_a) / 1000, 1),
+                      "estimate_us": round((t_c - t_b) / 1000, 1),
+                      "decide_us": round((t_d - t_c) / 1000, 1)}
+            reason = decision.reason
+            if decision.fire:
+                assert self.scheduler is not None
+                self._request_id += 1
+                context = {
+                    "target_phase_deg": trig.target_phase_deg,
+                    "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
+                    "estimate_lsl_time": est.lsl_time, "decision_lsl_time": t_decided,
+                    "chunk_lsl_time": newest, "freq_hz": round(est.freq_hz, 3),
+                    "band_amplitude": round(amp, 3), "stages_us": stages,
+                }
+                req = PulseRequest(self._request_id, decision.fire_time, context)
+                if self.scheduler.submit(req):
+                    self.stats.chunk_to_handoff_ms.add((pylsl.local_clock() - newest) * 1000)
+                    jitter = float(self._rng.uniform(0.0, trig.jitter_s)) if trig.jitter_s else 0.0
+                    state = replace(state, next_allowed=decision.fire_time
+                                    + trig.min_interval_s + jitter)
+                else:
+                    reason = "scheduler_busy"
+            if reason != "target_phase":
+                self.stats.refused[reason] += 1
+            self._event("decision", fire=reason == "target_phase", reason=reason,
+                        crossing_lsl_time=decision.crossing_time,
+                        fire_lsl_time=decision.fire_time,
+                        predicted_phase_deg=round(math.degrees(decision.predicted_phase_rad), 2),
+                        phase_deg=round(math.degrees(est.phase_rad), 2),
+                        estimate_lsl_time=est.lsl_time, freq_hz=round(est.freq_hz, 3),
+                        band_amplitude=round(amp, 3),
+                        amplitude_threshold=round(threshold, 3)
+                        if math.isfinite(threshold) else None,
+                        stages_us=stages)
+
+    def _record_calibration(self, tracker: PhaseTracker) -> None:
+        peak = tracker.peak
+        assert peak is not None
+        self.stats.calibration = {"peak_hz": peak.peak_hz, "snr_db": round(peak.snr_db, 2),
+                                  "band_hz": list(peak.band_hz)}
+        self._event("calibrated", **self.stats.calibration)
+
+    # -- outcomes and events (run on the loop) -----------------------------------------
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Record an event; ``lsl_time`` defaults to now."""
+        assert self.log is not None
+        fields.setdefault("lsl_time", pylsl.local_clock())
+        self.log.write(kind, **fields)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """From another thread: run ``fn(*args)`` on the loop; an error there is fatal."""
+        assert self._loop is not None
+
+        def guarded() -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # never lost in the loop's default handler
+                self._fail(exc)
+
+        self._loop.call_soon_threadsafe(guarded)
+
+    def _on_outcome(self, o: PulseOutcome) -> None:
+        ctx = o.request.context
+        if not o.fired:
+            self.stats.refused[o.reason] += 1
+            self._event("pulse_refused", reason=o.reason,
+                        scheduled_lsl_time=o.request.fire_time, request_id=o.request.id, **ctx)
+            return
+        assert o.lsl_time is not None and self.stim is not None
+        self.stats.fired += 1
+        error_ms = (o.lsl_time - o.request.fire_time) * 1000.0
+        self.stats.fire_error_ms.add(error_ms)
+        self.stats.chunk_to_fire_call_ms.add((o.command_time - ctx["chunk_lsl_time"]) * 1000)
+        stages = dict(ctx["stages_us"])
+        stages["handoff_to_fire_us"] = round((o.command_time - o.handed_over) * 1e6, 1)
+        record = {
+            "lsl_time": o.lsl_time, "scheduled_lsl_time": o.request.fire_time,
+            "fire_error_ms": round(error_ms, 4), "command_lsl_time": o.command_time,
+            "intensity_pct": self.stim.intensity_pct, "driver": self.stim.driver.name,
+            "pulse_number": self.stats.fired, "request_id": o.request.id,
+            **{k: v for k, v in ctx.items() if k != "stages_us"}, "stages_us": stages,
+        }
+        self.stats.pulses.append(record)
+        self._event("pulse", **record)
+        if self._markers is not None:
+            self._markers.push(o.lsl_time, {"event": "pulse", "n": self.stats.fired,
+                                            "intensity_pct": self.stim.intensity_pct,
+                                            "target_phase_deg": ctx["target_phase_deg"]})
+        if self.meps is not None:
+            self.meps.add_pulse(o.lsl_time, "closedloop", pylsl.local_clock())
+
+    def _on_external_pulse(self, text: str, t: float) -> None:
+        self._event("external_pulse", pulse_lsl_time=t, marker=text[:200])
+        if self.meps is not None:
+            self.meps.add_pulse(t, "marker", pylsl.local_clock())
+
+    def _on_stream_event(self, ev: StreamEvent) -> None:
+        rec = {"role": ev.role, "at_lsl_time": ev.lsl_time, **ev.detail}
+        self.stats.stream_events.append({"kind": ev.kind, **rec})
+        self._event(f"stream_{ev.kind}", **rec)
+        if ev.kind == "error":
+            reader = {"eeg": self.eeg, "emg": self.emg, "pulses": self.pulse_markers}[ev.role]
+            err = reader.error if reader is not None and reader.error else ClosedLoopError(
+                str(ev.detail))
+            if ev.role == "eeg" or self.ready.is_set():
+                self._fail(err)
+        elif ev.role == "eeg" and ev.kind == "lost" and self.scheduler is not None:
+            self.scheduler.cancel("eeg_lost")
+        elif ev.role == "eeg" and ev.kind == "recovered" and self.tracker is not None:
+            self.tracker.reset()
+
+    # -- housekeeping ------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_S)
+            self._poll_meps()
+            if self.log is not None and self.log.error is not None:
+                self._fail(ClosedLoopError(f"recording.events: cannot write "
+                                           f"{self.log.path}: {self.log.error}"))
+
+    def _poll_meps(self) -> None:
+        if self.meps is None:
+            return
+        ring = self.emg.ring if self.emg is not None else None
+        for rec in self.meps.poll(ring, pylsl.local_clock()):
+            self._record_mep(rec)
+
+    def _record_mep(self, rec: MepRecord) -> None:
+        m = rec.measure
+        fields = {"pulse_lsl_time": rec.pulse_lsl_time, "source": rec.source,
+                  "channel": rec.channel, "p2p_uv": _r(m.p2p_uv), "latency_ms": _r(m.latency_ms),
+                  "peak_latency_ms": _r(m.peak_latency_ms),
+                  "background_p2p_uv": _r(m.background_p2p_uv),
+                  "background_rms_uv": _r(m.background_rms_uv),
+                  "rejected": m.rejected, "reason": m.reason}
+        self.stats.meps.append(fields)
+        self._event("mep", **fields)
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return round(x, nd)

@@ -1,0 +1,110 @@
+"""The trigger policy: when does a phase estimate become a pulse?
+
+A pure function of an estimate, the time now, the configuration and a small explicit
+state. Phase-locked stimulation must land the pulse *at* the target phase, so the policy
+reasons about the future: the earliest instant a pulse could land is
+``now + stimulator latency + scheduling margin`` (the amplifier/transport offset and the
+processing time are already in the gap between the estimate's time and ``now``). The
+policy extrapolates the phase to that instant and:
+
+- if the target will be crossed before the next update could catch it, schedules the
+  pulse exactly at the predicted crossing (a *decision* for that crossing);
+- if the crossing was just missed but the landing phase is still within the tolerance,
+  schedules it at the earliest instant;
+- otherwise waits (not a decision: nothing is logged).
+
+Each crossing gets exactly one decision: fire, or refuse with a reason (disarmed,
+interval, amplitude gate). The safety gate is a separate, later and independent check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from closedloop.phase.estimate import PhaseEstimate, wrap_rad
+
+__all__ = ["Decision", "PolicyParams", "TriggerState", "decide"]
+
+RefusalReason = Literal["disarmed", "min_interval", "amplitude_below_gate", "amplitude_unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyParams:
+    """The trigger settings the policy needs, in SI units and radians."""
+
+    target_rad: float
+    tolerance_rad: float
+    min_interval_s: float
+    lead_s: float  # stimulator latency + scheduling margin
+    horizon_s: float  # how far ahead a crossing is decided now (about one update period)
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerState:
+    """What the policy remembers between calls."""
+
+    next_allowed: float = -math.inf  # earliest LSL time of the next pulse (interval+jitter)
+    last_crossing: float = -math.inf  # the crossing most recently decided
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision about one crossing of the target phase.
+
+    Attributes:
+        fire: Whether to request a pulse.
+        reason: ``"target_phase"`` when firing, otherwise why not.
+        fire_time: LSL time at which the pulse should land.
+        crossing_time: Predicted time of the target crossing this decision is about.
+        predicted_phase_rad: Phase predicted at ``fire_time``.
+    """
+
+    fire: bool
+    reason: str
+    fire_time: float
+    crossing_time: float
+    predicted_phase_rad: float
+
+
+def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: TriggerState,
+           armed: bool, amplitude: float, amplitude_threshold: float
+           ) -> tuple[Decision | None, TriggerState]:
+    """Decide about the next crossing of the target phase, if it is due now.
+
+    Returns:
+        ``(decision, new_state)``; ``decision`` is None when there is nothing to decide yet.
+    """
+    omega = 2.0 * math.pi * est.freq_hz
+    if omega <= 0.0:
+        return None, state
+    t_min = now + params.lead_s
+    # error of a pulse landing at t_min: positive = after the target
+    late = wrap_rad(est.phase_at(t_min) - params.target_rad)
+    if 0.0 <= late <= params.tolerance_rad:
+        crossing, fire_time = t_min - late / omega, t_min
+    else:
+        ahead = (-late) % (2.0 * math.pi)
+        crossing = t_min + ahead / omega
+        if crossing - t_min > params.horizon_s:
+            return None, state
+        fire_time = crossing
+    half_cycle = math.pi / omega
+    if abs(crossing - state.last_crossing) < half_cycle:
+        return None, state  # this crossing was decided already
+    new_state = replace(state, last_crossing=crossing)
+    predicted = est.phase_at(fire_time)
+
+    def refuse(reason: str) -> tuple[Decision, TriggerState]:
+        return Decision(False, reason, fire_time, crossing, predicted), new_state
+
+    if not armed:
+        return refuse("disarmed")
+    if fire_time < state.next_allowed:
+        return refuse("min_interval")
+    if not math.isfinite(amplitude_threshold):
+        return refuse("amplitude_unknown")
+    if amplitude < amplitude_threshold:
+        return refuse("amplitude_below_gate")
+    return Decision(True, "target_phase", fire_time, crossing, predicted), new_state

@@ -1,0 +1,82 @@
+"""Band amplitude and its running percentile, for amplitude gating.
+
+Phase estimates are only trustworthy when the rhythm is present: Zrenner et al. 2018 and
+later work fire only when band power is above a running percentile. The amplitude here is
+the envelope of a causal Butterworth band-pass (explicit state), smoothed over about one
+cycle; the percentile is taken over the last ``window_s`` of values sampled at each
+update, in a preallocated ring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+from scipy import signal
+
+from closedloop.dsp.filters import StreamingSOS
+
+__all__ = ["BandAmplitude", "RunningPercentile"]
+
+
+class BandAmplitude:
+    """Causal band-pass, then the square root of twice the smoothed power."""
+
+    def __init__(self, fs: float, band_hz: tuple[float, float]) -> None:
+        self._bp = StreamingSOS.butter(2, band_hz, fs, "bandpass")
+        centre = math.sqrt(band_hz[0] * band_hz[1])
+        alpha = 1.0 - math.exp(-1.0 / (fs / centre))  # time constant of one cycle
+        self._b = np.array([alpha])
+        self._a = np.array([1.0, alpha - 1.0])
+        self._zi: npt.NDArray[np.float64] | None = None
+        self.value = 0.0
+
+    def reset(self) -> None:
+        """Forget the state (after a gap)."""
+        self._bp.reset()
+        self._zi = None
+        self.value = 0.0
+
+    def process(self, x: npt.NDArray[np.float64]) -> float:
+        """Feed a chunk; return the amplitude at its last sample."""
+        if x.size == 0:
+            return self.value
+        y = self._bp.process(x)
+        if self._zi is None:  # steady state for a constant power of y[0]**2
+            self._zi = np.array([-self._a[1] * float(y[0]) ** 2])
+        power, self._zi = signal.lfilter(self._b, self._a, y * y, zi=self._zi)
+        self.value = math.sqrt(max(0.0, 2.0 * float(power[-1])))
+        return self.value
+
+
+class RunningPercentile:
+    """The ``q``-th percentile of the last ``capacity`` values pushed."""
+
+    def __init__(self, q: float, capacity: int, recompute_every: int = 25) -> None:
+        self.q = q
+        self._values = np.zeros(max(1, capacity))
+        self._n = 0
+        self._pos = 0
+        self._every = max(1, recompute_every)
+        self._since = 0
+        self._threshold = math.inf
+
+    @property
+    def count(self) -> int:
+        """Values currently held."""
+        return self._n
+
+    def push(self, value: float) -> None:
+        """Add one value, dropping the oldest when full."""
+        self._values[self._pos] = value
+        self._pos = (self._pos + 1) % len(self._values)
+        self._n = min(self._n + 1, len(self._values))
+        self._since += 1
+        if self._since >= self._every or self._n < self._every:
+            self._since = 0
+            self._threshold = float(np.percentile(self._values[:self._n], self.q))
+
+    def threshold(self) -> float:
+        """The current percentile (``inf`` before any value)."""
+        return self._threshold if self._n else math.inf

@@ -1,0 +1,170 @@
+"""Phase by autoregressive forward prediction (Zrenner et al. 2018; phastimate).
+
+Zrenner C, Desideri D, Belardinelli P, Ziemann U (2018). Real-time EEG-defined
+excitability states determine efficacy of TMS-induced plasticity in human motor cortex.
+Brain Stimulation 11(2):374-389. Reference code: phastimate (MATLAB), by the same group.
+
+Algorithm, per update, on the newest ``window`` samples:
+
+1. zero-phase FIR band-pass of the window (``filtfilt``);
+2. drop ``edge`` samples at both ends, where the zero-phase filter is unreliable;
+3. fit an AR(``order``) model by Yule-Walker (biased autocorrelation, Levinson-Durbin);
+   the model is used only if every reflection coefficient has magnitude below 1, which
+   is exactly the condition for all its poles to lie inside the unit circle (the
+   "unstable AR" trap of some shipped implementations, see ANCHORS);
+4. forecast across the dropped edge and half a Hilbert window beyond the last sample;
+5. Hilbert transform of the ``hilbert_window`` samples centred on the last real sample;
+   the phase is read *at* that sample (not one late), and the frequency from the phase
+   slope around it.
+
+phastimate's parameters at 1000 Hz are window 500, FIR order 128, edge 64, AR order 30,
+Hilbert window 128 samples; here they are given in milliseconds so they scale with the
+sampling rate (the defaults: 500, 128, 64, 128 ms, order 20 at 500 Hz).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import signal
+
+from closedloop.phase.estimate import PhaseEstimate
+
+__all__ = ["ARForecaster", "ARParams", "levinson_durbin"]
+
+Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class ARParams:
+    """Parameters in samples at the processing rate."""
+
+    fs: float
+    band_hz: tuple[float, float]
+    window: int
+    fir_taps: int
+    edge: int
+    order: int
+    hilbert_window: int
+
+    @classmethod
+    def from_ms(cls, *, fs: float, band_hz: tuple[float, float], window_ms: float,
+                fir_ms: float, edge_ms: float, order: int,
+                hilbert_window_ms: float) -> ARParams:
+        """Convert millisecond parameters to samples at ``fs``."""
+        def n(ms: float) -> int:
+            return round(ms * fs / 1000.0)
+        taps = n(fir_ms) | 1  # odd: a type-I linear-phase FIR
+        hw = max(8, n(hilbert_window_ms) // 2 * 2)
+        return cls(fs=fs, band_hz=band_hz, window=n(window_ms), fir_taps=taps,
+                   edge=n(edge_ms), order=order, hilbert_window=hw)
+
+
+def levinson_durbin(r: Array, order: int) -> tuple[Array, Array]:
+    """Solve the Yule-Walker equations.
+
+    Args:
+        r: Autocorrelation at lags ``0..order``.
+        order: Model order.
+
+    Returns:
+        ``(a, k)``: prediction coefficients with ``x[n] ~ sum(a[i] * x[n-1-i])`` and the
+        reflection coefficients (all ``|k| < 1`` iff the model is stable).
+    """
+    rr = [float(v) for v in r[:order + 1]]
+    a: list[float] = []
+    k = [1.0] * order
+    err = rr[0]
+    for m in range(order):
+        if err <= 0.0:
+            break
+        acc = rr[m + 1]
+        for i in range(m):
+            acc -= a[i] * rr[m - i]
+        km = acc / err
+        k[m] = km
+        a = [a[i] - km * a[m - 1 - i] for i in range(m)] + [km]
+        err *= 1.0 - km * km
+    a += [0.0] * (order - len(a))
+    return np.array(a), np.array(k)
+
+
+class ARForecaster:
+    """The AR forward-prediction estimator on a window of samples at ``params.fs``."""
+
+    def __init__(self, params: ARParams) -> None:
+        p = params
+        if p.window - 2 * p.edge <= 2 * p.order:
+            raise ValueError("window too short for its edges and the AR order")
+        self.params = p
+        fir = signal.firwin(p.fir_taps, p.band_hz, pass_zero=False, fs=p.fs)
+        # filtfilt with a symmetric FIR is one convolution with the FIR convolved with itself
+        self._fir2 = np.convolve(fir, fir)
+        self._pad = len(self._fir2) // 2
+        self._n_forecast = p.edge + p.hilbert_window // 2
+        self._slope_half = max(1, p.hilbert_window // 8)
+        # zi of an all-pole lfilter from past outputs: zi[m] = -sum_l den[m+l+1] * y[-1-l]
+        m, l_ = np.meshgrid(np.arange(p.order), np.arange(p.order), indexing="ij")
+        self._zi_index = np.minimum(m + l_ + 1, p.order + 1)
+        hw = p.hilbert_window
+        mult = np.zeros(hw)
+        mult[0] = 1.0
+        mult[1:(hw + 1) // 2] = 2.0
+        if hw % 2 == 0:
+            mult[hw // 2] = 1.0
+        self._hilbert_mult = mult
+        # position of the last real sample inside the Hilbert window
+        self._centre = hw - (self._n_forecast - p.edge) - 1
+        self.unstable_fits = 0
+
+    def _zero_phase_bandpass(self, x: Array) -> Array:
+        """filtfilt(fir, x) with odd-reflection padding, as MATLAB's and scipy's filtfilt."""
+        n = self._pad
+        left = 2 * x[0] - x[n:0:-1]
+        right = 2 * x[-1] - x[-2:-n - 2:-1]
+        padded = np.concatenate((left, x, right))
+        return np.convolve(padded, self._fir2, mode="same")[n:n + len(x)]
+
+    @property
+    def window(self) -> int:
+        """Samples needed per estimate."""
+        return self.params.window
+
+    def estimate(self, x: Array, t_last: float) -> PhaseEstimate | None:
+        """Phase at the last sample of ``x`` (``len(x) == window``), or None if unusable.
+
+        Args:
+            x: The newest ``window`` samples of the spatially filtered signal.
+            t_last: The LSL time of the last sample.
+        """
+        p = self.params
+        if len(x) != p.window or not np.all(np.isfinite(x)):
+            return None
+        xf = self._zero_phase_bandpass(x - x.mean())
+        seg = xf[p.edge:p.window - p.edge]
+        r = np.correlate(seg, seg, mode="full")[len(seg) - 1:len(seg) + p.order] / len(seg)
+        if r[0] <= 0:
+            return None
+        a, k = levinson_durbin(r, p.order)
+        if np.any(np.abs(k) >= 1.0):
+            self.unstable_fits += 1
+            return None
+        den = np.concatenate(([1.0], -a, [0.0]))
+        past = seg[::-1][:p.order]
+        zi = -(den[self._zi_index] @ past)
+        forecast, _ = signal.lfilter([1.0], den[:-1], np.zeros(self._n_forecast), zi=zi)
+        joined = np.concatenate((seg, forecast))
+        hw = p.hilbert_window
+        analytic = np.fft.ifft(np.fft.fft(joined[-hw:]) * self._hilbert_mult)
+        centre = self._centre
+        phase = float(np.angle(analytic[centre]))
+        h = self._slope_half
+        seg_phase = np.unwrap(np.angle(analytic[centre - h:centre + h + 1]))
+        freq = float((seg_phase[-1] - seg_phase[0]) / (2 * h) * p.fs / (2 * math.pi))
+        amp = float(np.abs(analytic[centre]))
+        if not (math.isfinite(phase) and math.isfinite(freq) and math.isfinite(amp)):
+            return None
+        return PhaseEstimate(lsl_time=t_last, phase_rad=phase, freq_hz=freq, amplitude=amp)

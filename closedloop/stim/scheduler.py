@@ -1,0 +1,152 @@
+"""Fire pulses at scheduled LSL times from a dedicated thread.
+
+The asyncio side decides *when* a pulse should land; this thread makes it happen on time:
+it sleeps until shortly before the command time (landing time minus the driver's known
+latency), then waits out the rest in a loop that yields the GIL at every turn (a plain
+busy loop would hold it for the interpreter's switch interval and stall the other
+threads). A request whose command time has passed by more than ``max_lateness_s`` is
+refused as ``late``: a late pulse hits the wrong phase.
+
+One request may be pending at a time; :meth:`FireScheduler.cancel` drops it (on disarm,
+stream loss, shutdown). Every request ends in exactly one :class:`PulseOutcome`, handed
+to ``on_outcome`` from this thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pylsl
+
+from closedloop.stim.gated import FireResult, GatedStimulator
+
+__all__ = ["FireScheduler", "PulseOutcome", "PulseRequest"]
+
+_SPIN_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class PulseRequest:
+    """A pulse to land at LSL time ``fire_time``; ``context`` is carried to the outcome."""
+
+    id: int
+    fire_time: float
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PulseOutcome:
+    """The end of one request."""
+
+    request: PulseRequest
+    fired: bool
+    reason: str
+    lsl_time: float | None
+    command_time: float
+    handed_over: float  # when the thread received the request (LSL clock)
+
+
+class FireScheduler:
+    """The precise-timing thread in front of a :class:`GatedStimulator`."""
+
+    def __init__(self, stim: GatedStimulator, *, on_outcome: Callable[[PulseOutcome], None],
+                 max_lateness_s: float, on_error: Callable[[BaseException], None],
+                 clock: Callable[[], float] = pylsl.local_clock) -> None:
+        self.stim = stim
+        self._on_outcome = on_outcome
+        self._on_error = on_error
+        self.max_lateness_s = max_lateness_s
+        self._clock = clock
+        self._cv = threading.Condition()
+        self._pending: tuple[PulseRequest, float] | None = None
+        self._cancel_reason: str | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fire-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel any pending request and end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is pending."""
+        return self._pending is not None
+
+    def submit(self, request: PulseRequest) -> bool:
+        """Hand over a request; False (and nothing queued) if one is already pending."""
+        with self._cv:
+            if self._pending is not None or self._stopping:
+                return False
+            self._pending = (request, self._clock())
+            self._cancel_reason = None
+            self._cv.notify_all()
+            return True
+
+    def cancel(self, reason: str) -> None:
+        """Drop the pending request, if any; its outcome says ``reason``."""
+        with self._cv:
+            if self._pending is not None:
+                self._cancel_reason = reason
+                self._cv.notify_all()
+
+    def _finish(self, req: PulseRequest, handed: float, result: FireResult) -> None:
+        with self._cv:
+            self._pending = None
+            self._cancel_reason = None
+        self._on_outcome(PulseOutcome(req, result.fired, result.reason, result.lsl_time,
+                                      result.command_time, handed))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while self._pending is None and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping:
+                        if self._pending is not None:
+                            req, handed = self._pending
+                            self._pending = None
+                            self._on_outcome(PulseOutcome(req, False, "cancelled:shutdown",
+                                                          None, self._clock(), handed))
+                        return
+                    assert self._pending is not None
+                    req, handed = self._pending
+                    t_cmd = req.fire_time - self.stim.latency_s
+                    # sleep (interruptibly) until shortly before the command time
+                    while self._cancel_reason is None and not self._stopping:
+                        remaining = t_cmd - self._clock() - _SPIN_S
+                        if remaining <= 0:
+                            break
+                        self._cv.wait(remaining)
+                    reason = self._cancel_reason or ("cancelled:shutdown" if self._stopping
+                                                     else None)
+                if reason is not None:
+                    self._finish(req, handed, FireResult(False, f"cancelled:{reason}"
+                                                         if not reason.startswith("cancelled")
+                                                         else reason, None, self._clock()))
+                    continue
+                while self._clock() < t_cmd:
+                    time.sleep(0)
+                now = self._clock()
+                if now - t_cmd > self.max_lateness_s:
+                    self._finish(req, handed, FireResult(False, "late", None, now))
+                    continue
+                if self._cancel_reason is not None:
+                    self._finish(req, handed, FireResult(
+                        False, f"cancelled:{self._cancel_reason}", None, now))
+                    continue
+                self._finish(req, handed, self.stim.fire_now())
+        except BaseException as exc:  # the pulse path failed: disarm and report, loudly
+            self.stim.disarm()
+            self._on_error(exc)

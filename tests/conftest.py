@@ -1,0 +1,100 @@
+"""Shared helpers: real LSL outlets with unique names, paths to the shared real data."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pylsl
+import pytest
+
+from closedloop.sim.simulator import make_outlet
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("CLOSEDLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def unique(prefix: str) -> str:
+    """A stream name no other test (or lab stream) uses."""
+    return f"test-{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def need_data(*parts: str) -> Path:
+    """Path below shared/data, or skip with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found: {path}")
+    return path
+
+
+class Pusher:
+    """Pushes a signal function over a real LSL outlet in real time, in a thread.
+
+    ``signal(t) -> (n, channels)`` gives samples at LSL times ``t``; ``pause()`` stops
+    pushing without closing the outlet, ``kill()`` destroys the outlet (the source
+    vanishes), ``revive()`` creates it again.
+    """
+
+    def __init__(self, name: str, labels: tuple[str, ...], fs: float,
+                 signal: Callable[[np.ndarray], np.ndarray], chunk: int = 10,
+                 stype: str = "EEG") -> None:
+        self.name, self.labels, self.fs, self.signal, self.chunk = name, labels, fs, signal, chunk
+        self.stype = stype
+        self.outlet: pylsl.StreamOutlet | None = make_outlet(name, stype, labels, fs,
+                                                             f"{name}-src")
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._lock = threading.Lock()
+        self.last_push: float | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = pylsl.local_clock()
+        k = 0
+        while not self._stop.is_set():
+            t = t0 + (k + np.arange(self.chunk)) / self.fs
+            while pylsl.local_clock() < t[-1]:
+                self._stop.wait(0.0005)
+            k += self.chunk
+            if self._paused.is_set():
+                continue
+            with self._lock:
+                if self.outlet is not None:
+                    self.outlet.push_chunk(self.signal(t).astype(np.float32), float(t[-1]))
+                    self.last_push = pylsl.local_clock()
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def kill(self) -> None:
+        with self._lock:
+            self.outlet = None
+            self._paused.set()
+
+    def revive(self, source_id: str | None = None) -> None:
+        with self._lock:
+            self.outlet = make_outlet(self.name, self.stype, self.labels, self.fs,
+                                      source_id or f"{self.name}-src")
+        self._paused.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self.outlet = None
+
+
+@pytest.fixture
+def pushers() -> Iterator[list[Pusher]]:
+    """Collects pushers and stops them after the test."""
+    made: list[Pusher] = []
+    yield made
+    for p in made:
+        p.stop()

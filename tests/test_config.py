@@ -1,0 +1,161 @@
+"""Configuration: typed loading, errors that name file/key/problem, overrides, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from closedloop.config import load_config
+from closedloop.config.schema import HARD_MAX_INTENSITY_PCT, Config
+from closedloop.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_have_the_documented_keys() -> None:
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.streams.eeg.name == "EEG"
+    assert cfg.phase.channel == "C3"
+    assert cfg.phase.reference == ("FC1", "FC5", "CP1", "CP5")
+    assert cfg.phase.band_hz == (8.0, 13.0)
+    assert cfg.trigger.target_phase_deg == 0.0
+    assert cfg.trigger.tolerance_deg == 10.0
+    assert cfg.trigger.amplitude_percentile == 50.0
+    assert cfg.trigger.min_interval_s == 2.0
+    assert cfg.trigger.jitter_s == 0.5
+    assert cfg.stimulator.driver == "simulated"
+    assert cfg.stimulator.intensity_pct == 60.0
+    assert cfg.mep.channels == ("FDI",)
+    assert cfg.mep.window_ms == (15.0, 50.0)
+    assert cfg.mep.preactivation_uv == 50.0
+    assert cfg.recording.events == "sessions/events.jsonl"
+    assert cfg.streams.pulses is None
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    load_config(path)
+
+
+def test_issue_example_config_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[streams.eeg]
+name = "EEG"
+[streams.emg]
+name = "EMG"
+[streams.pulses]
+name = "TMS-Markers"
+[phase]
+channel = "C3"
+reference = ["FC1", "FC5", "CP1", "CP5"]
+band_hz = "auto"
+[trigger]
+target_phase_deg = 0
+tolerance_deg = 10
+amplitude_percentile = 50
+min_interval_s = 2.0
+jitter_s = 0.5
+[stimulator]
+driver = "simulated"
+intensity_pct = 60
+[mep]
+channels = ["FDI"]
+window_ms = [15, 50]
+preactivation_uv = 50
+[recording]
+events = "sessions/events.jsonl"
+"""))
+    assert cfg.phase.band_hz == "auto"
+    assert cfg.streams.pulses is not None
+    assert cfg.streams.pulses.name == "TMS-Markers"
+
+
+@pytest.mark.parametrize(("text", "key", "words"), [
+    ("[trigger]\ntolerance_deg = 'wide'", "trigger.tolerance_deg", "expected a number"),
+    ("[trigger]\ntolerance_deg = 200", "trigger.tolerance_deg", "<= 180"),
+    ("[trigger]\ntarget_phase = 0", "trigger.target_phase", "unknown key"),
+    ("[phase]\nband_hz = [13, 8]", "phase.band_hz", "low < high"),
+    ("[phase]\nband_hz = 'alpha'", "phase.band_hz", "'auto'"),
+    ("[phase]\nreference = 'FC1'", "phase.reference", "expected a list"),
+    ("[safety]\nmax_intensity_pct = 120", "safety.max_intensity_pct", "<= 100"),
+    ("[stimulator]\ndriver = 'magic'", "stimulator.driver", "'simulated'"),
+    ("[stimulator]\nintensity_pct = 90", "stimulator.intensity_pct", "refused, not clamped"),
+    ("[streams.eeg]\ndejitter = 1", "streams.eeg.dejitter", "true or false"),
+    ("[streams.emg]\ntime_offset_ms = 1", "streams.emg", "at least one of name"),
+    ("[mep]\nwindow_ms = [50, 15]", "mep.window_ms", "start < end"),
+    ("[trigger]\nmin_interval_s = 0.001", "trigger.min_interval_s", ">= 0.05"),
+    ("streams = 3", "streams", "expected a table"),
+])
+def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, key: str,
+                                          words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert words in info.value.problem
+    assert str(path) in str(info.value)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[trigger\n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_set_overrides_any_key_with_typed_values() -> None:
+    cfg = load_config(None, ["trigger.target_phase_deg=180", "phase.band_hz=[9, 12]",
+                             "phase.reference=[]", "streams.emg.name=EMG",
+                             'recording.events="x.jsonl"', "recording.marker_stream=plain"])
+    assert cfg.trigger.target_phase_deg == 180.0
+    assert cfg.phase.band_hz == (9.0, 12.0)
+    assert cfg.phase.reference == ()
+    assert cfg.streams.emg is not None
+    assert cfg.streams.emg.name == "EMG"
+    assert cfg.recording.events == "x.jsonl"
+    assert cfg.recording.marker_stream == "plain"
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("trigger.nope=1", "unknown key 'nope'"),
+    ("trigger=1", "expected a table"),
+    ("trigger.tolerance_deg", "expected KEY=VALUE"),
+    ("trigger.tolerance_deg.x=1", "not a table"),
+    ("trigger.tolerance_deg=-1", ">= 0"),
+])
+def test_bad_overrides_are_named(override: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words) as info:
+        load_config(None, [override])
+    assert info.value.source == "--set"
+
+
+def test_hard_caps_cannot_be_raised_by_config() -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, [f"safety.max_intensity_pct={HARD_MAX_INTENSITY_PCT + 1}"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["safety.max_pulses=1000000"])
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = subprocess.run([sys.executable, "-m", "closedloop", "check-config",
+                           str(REPO / "configs" / "demo.toml")], capture_output=True, text=True,
+                          check=False)
+    assert good.returncode == 0, good.stderr
+    assert "OK" in good.stdout
+    bad = subprocess.run([sys.executable, "-m", "closedloop", "check-config",
+                          str(write(tmp_path, "[trigger]\ntolerance_deg = -3")),
+                          "--set", "phase.channel=C4"], capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2
+    assert "trigger.tolerance_deg" in bad.stderr
+    assert ">= 0" in bad.stderr

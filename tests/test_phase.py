@@ -1,0 +1,148 @@
+"""Phase estimation on signals with an exactly known phase."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.linalg import solve_toeplitz
+
+from closedloop.config.schema import PhaseConfig
+from closedloop.control.stats import circular_stats_deg
+from closedloop.phase.ar_forecast import ARForecaster, ARParams, levinson_durbin
+from closedloop.phase.peak import find_peak
+from closedloop.phase.tracker import PhaseTracker
+
+FS = 500.0
+
+
+def ar() -> ARForecaster:
+    return ARForecaster(ARParams.from_ms(fs=FS, band_hz=(8.0, 13.0), window_ms=500, fir_ms=128,
+                                         edge_ms=64, order=20, hilbert_window_ms=128))
+
+
+def errors_deg(est: ARForecaster, x: np.ndarray, true_phase: np.ndarray, step: int = 5
+               ) -> list[float]:
+    out = []
+    for i in range(est.window, len(x), step):
+        e = est.estimate(x[i - est.window:i], i - 1)
+        assert e is not None
+        out.append(math.degrees(math.remainder(e.phase_rad - true_phase[i - 1], 2 * math.pi)))
+    return out
+
+
+def test_levinson_matches_toeplitz_solve_and_flags_instability() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=400)
+    r = np.correlate(x, x, "full")[399:399 + 11] / 400
+    a, k = levinson_durbin(r, 10)
+    np.testing.assert_allclose(a, solve_toeplitz(r[:-1], r[1:]), atol=1e-10)
+    assert np.all(np.abs(k) < 1)
+    _, k_bad = levinson_durbin(np.array([1.0, 1.5, 1.0]), 2)  # not a valid autocorrelation
+    assert np.any(np.abs(k_bad) >= 1)
+
+
+@pytest.mark.parametrize("freq", [8.5, 10.0, 12.0])
+def test_ar_phase_on_noisy_sinusoid(freq: float) -> None:
+    rng = np.random.default_rng(2)
+    t = np.arange(int(12 * FS)) / FS
+    phase = 2 * np.pi * freq * t + 0.7
+    x = 20 * np.cos(phase) + rng.normal(0, 4, len(t)) + 300.0
+    stats = circular_stats_deg(errors_deg(ar(), x, phase))
+    assert abs(stats["mean_deg"]) < 5  # type: ignore[arg-type]
+    assert stats["sd_deg"] < 12  # type: ignore[operator]
+
+
+def test_ar_tracks_frequency_drift_and_phase_reset() -> None:
+    rng = np.random.default_rng(3)
+    t = np.arange(int(20 * FS)) / FS
+    freq = 9.0 + 2.0 * t / t[-1]  # 9 -> 11 Hz
+    phase = 2 * np.pi * np.cumsum(freq) / FS
+    phase[len(t) // 2:] += 2.0  # a phase reset half-way
+    x = 20 * np.cos(phase) + rng.normal(0, 3, len(t))
+    errs = np.array(errors_deg(ar(), x, phase))
+    # away from the reset (one window either side) the error is small
+    n = len(errs)
+    keep = np.r_[0:n // 2 - 60, n // 2 + 60:n]
+    stats = circular_stats_deg(errs[keep])
+    assert abs(stats["mean_deg"]) < 6  # type: ignore[arg-type]
+    assert stats["sd_deg"] < 10  # type: ignore[operator]
+
+
+def test_ar_never_runs_away_on_noise_bursts_or_flat_input() -> None:
+    rng = np.random.default_rng(4)
+    est = ar()
+    for _ in range(200):
+        x = rng.normal(0, 1, est.window) * rng.choice([1e-6, 1.0, 1e4])
+        e = est.estimate(x, 0.0)
+        if e is not None:
+            assert math.isfinite(e.phase_rad)
+            assert math.isfinite(e.freq_hz)
+            assert math.isfinite(e.amplitude)
+    assert est.estimate(np.zeros(est.window), 0.0) is None
+    assert est.estimate(np.full(est.window, np.nan), 0.0) is None
+    assert est.estimate(np.zeros(3), 0.0) is None
+
+
+def test_find_peak_on_one_over_f_plus_rhythm() -> None:
+    rng = np.random.default_rng(5)
+    n = int(60 * FS)
+    white = rng.normal(size=n)
+    spectrum = np.fft.rfft(white)
+    f = np.fft.rfftfreq(n, 1 / FS)
+    spectrum[1:] /= np.sqrt(f[1:])
+    pink = np.fft.irfft(spectrum, n)
+    pink *= 10 / pink.std()
+    t = np.arange(n) / FS
+    x = pink + 3 * np.cos(2 * np.pi * 10.75 * t)
+    fit = find_peak(x, FS)
+    assert abs(fit.peak_hz - 10.75) <= 0.25
+    assert fit.snr_db > 3
+    assert fit.band_hz == (fit.peak_hz - 2, fit.peak_hz + 2)
+    no_rhythm = find_peak(pink, FS)
+    assert no_rhythm.snr_db < fit.snr_db
+
+
+@pytest.mark.parametrize("fs_in", [500.0, 1000.0, 5000.0])
+def test_tracker_phase_refers_to_the_true_sample_time(fs_in: float) -> None:
+    """Spatial filter + decimation + AR: the anti-alias delay is compensated."""
+    rng = np.random.default_rng(6)
+    labels = ["C3", "FC1", "FC5", "CP1", "CP5", "Oz"]
+    tracker = PhaseTracker(fs_in=fs_in, labels=labels, cfg=PhaseConfig())
+    n = int(8 * fs_in)
+    t = 100.0 + np.arange(n) / fs_in
+    data = rng.normal(0, 2, (n, len(labels))) + 40.0  # common offset
+    data[:, 0] += 15 * np.cos(2 * np.pi * 10.3 * t)
+    errs = []
+    chunk = max(1, int(fs_in / 250))
+    for i in range(0, n, chunk):
+        tracker.push(data[i:i + chunk], t[i:i + chunk])
+        if i % (chunk * 5) == 0 and (e := tracker.estimate()) is not None:
+            errs.append(math.degrees(math.remainder(
+                e.phase_rad - 2 * np.pi * 10.3 * e.lsl_time, 2 * math.pi)))
+    stats = circular_stats_deg(errs)
+    assert stats["n"] > 100
+    assert abs(stats["mean_deg"]) < 5  # type: ignore[arg-type]
+    assert stats["sd_deg"] < 10  # type: ignore[operator]
+
+
+def test_tracker_auto_band_and_reset_after_gap() -> None:
+    rng = np.random.default_rng(7)
+    fs = 500.0
+    tracker = PhaseTracker(fs_in=fs, labels=["C3"],
+                           cfg=PhaseConfig(reference=(), band_hz="auto", calibration_s=10))
+    assert tracker.status().state == "calibrating"
+    t = np.arange(int(12 * fs)) / fs
+    x = (12 * np.cos(2 * np.pi * 11.5 * t) + rng.normal(0, 3, len(t)))[:, None]
+    for i in range(0, len(t), 10):
+        tracker.push(x[i:i + 10], t[i:i + 10])
+    assert tracker.peak is not None
+    assert abs(tracker.peak.peak_hz - 11.5) <= 0.25
+    assert tracker.status().state == "ready"
+    assert tracker.estimate() is not None
+    # a gap of a second: state is dropped, and estimates wait for a full window again
+    tracker.push(x[:10], t[-1] + 1.0 + np.arange(10) / fs)
+    assert tracker.resets == 1
+    assert tracker.status().state == "warming_up"
+    assert tracker.estimate() is None
