@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -134,11 +135,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "replay_start", "name": name, "t0": t0, "fs": rec.fs,
                           "channels": list(rec.labels), "start_s": args.start}), flush=True)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         play(rec, name=name, stream_type=args.type, chunk_ms=args.chunk_ms,
              start_s=args.start, duration_s=args.duration, loop=args.loop, on_start=announce)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

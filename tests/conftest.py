@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# quiet liblsl's INFO log (as the command line does); must precede loading liblsl
+os.environ.setdefault("LSLAPICFG", str(os.path.join(os.path.dirname(__file__), os.pardir,
+                                                    "closedloop", "resources", "lsl_api.cfg")))
+
 import threading
 import uuid
 from collections.abc import Callable, Iterator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from closedloop.phase.estimate import PhaseEstimate, wrap_rad
 from closedloop.stim.safety import SafetyGate, SafetyLimits
 
 PARAMS = PolicyParams(target_rad=0.0, tolerance_rad=math.radians(10), min_interval_s=2.0,
-                      lead_s=0.001, horizon_s=0.002)
+                      lead_s=0.001)
 
 
 def est_at(t: float, phase: float, freq: float = 10.0) -> PhaseEstimate:
@@ -22,7 +23,7 @@ def est_at(t: float, phase: float, freq: float = 10.0) -> PhaseEstimate:
 
 def run(phase_deg: float, **kw: object):  # type: ignore[no-untyped-def]
     args = {"now": 100.0, "params": PARAMS, "state": TriggerState(), "armed": True,
-            "amplitude": 10.0, "amplitude_threshold": 5.0}
+            "amplitude": 10.0, "amplitude_threshold": 5.0, "horizon_s": 0.002}
     args.update(kw)
     return decide(est_at(100.0, math.radians(phase_deg)), **args)  # type: ignore[arg-type]
 
@@ -57,7 +58,8 @@ def test_each_crossing_is_decided_once() -> None:
     d1, state = run(-9.0)
     assert d1 is not None
     d2, state2 = decide(est_at(100.0005, math.radians(-7.2)), now=100.0005, params=PARAMS,
-                        state=state, armed=True, amplitude=10.0, amplitude_threshold=5.0)
+                        state=state, armed=True, amplitude=10.0, amplitude_threshold=5.0,
+                        horizon_s=0.002)
     assert d2 is None
     assert state2 == state
 
@@ -70,11 +72,14 @@ def test_refusals_have_reasons() -> None:
     unknown = run(-9.0, amplitude_threshold=math.inf)[0]
     assert unknown.reason == "amplitude_unknown"  # type: ignore[union-attr]
     assert not unknown.fire  # type: ignore[union-attr]
+    no_gate = run(-9.0, amplitude=0.0, amplitude_threshold=-math.inf)[0]
+    assert no_gate.fire  # type: ignore[union-attr]
 
 
 def test_negative_or_zero_frequency_never_fires() -> None:
     d, _ = decide(est_at(100.0, -0.01, freq=-10.0), now=100.0, params=PARAMS,
-                  state=TriggerState(), armed=True, amplitude=10.0, amplitude_threshold=0.0)
+                  state=TriggerState(), armed=True, amplitude=10.0, amplitude_threshold=0.0,
+                  horizon_s=0.002)
     assert d is None
 
 
@@ -85,13 +90,13 @@ def test_negative_or_zero_frequency_never_fires() -> None:
 def test_a_fired_pulse_is_never_early_and_lands_within_tolerance(
         phase: float, freq: float, target: float, tol: float, lag: float) -> None:
     params = PolicyParams(target_rad=target, tolerance_rad=tol, min_interval_s=1.0,
-                          lead_s=0.001, horizon_s=0.005)
+                          lead_s=0.001)
     now = 50.0 + lag
     d, _ = decide(est_at(50.0, phase, freq), now=now, params=params, state=TriggerState(),
-                  armed=True, amplitude=1.0, amplitude_threshold=0.0)
+                  armed=True, amplitude=1.0, amplitude_threshold=0.0, horizon_s=0.005)
     if d is not None and d.fire:
         assert d.fire_time >= now + params.lead_s - 1e-9
-        assert d.fire_time <= now + params.lead_s + params.horizon_s + 1e-9
+        assert d.fire_time <= now + params.lead_s + 0.005 + 1e-9
         assert abs(wrap_rad(d.predicted_phase_rad - target)) <= tol + 1e-6
 
 
@@ -158,7 +163,7 @@ def test_no_request_sequence_breaks_a_limit(
     times = [f[0] for f in fired]
     assert len(fired) <= max_pulses
     assert all(0 <= i <= lim.max_intensity_pct for _, i in fired)
-    assert all(b - a >= min_interval - 1e-12 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= min_interval - 1e-12 for a, b in itertools.pairwise(times))
     for i, ti in enumerate(times):
         in_window = [x for x in times[:i + 1] if x > ti - window]
         assert len(in_window) <= per_window

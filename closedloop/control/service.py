@@ -268,8 +268,11 @@ class ClosedLoopService:
             target_rad=math.radians(trig.target_phase_deg),
             tolerance_rad=math.radians(trig.tolerance_deg),
             min_interval_s=trig.min_interval_s,
-            lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0,
-            horizon_s=max(cfg.phase.update_interval_ms / 1000.0, 1.0 / tracker.fs))
+            lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0)
+        # decide crossings up to the next expected update: the larger of the configured
+        # interval and the observed spacing of updates (amplifiers push chunks of 1-40 ms)
+        min_horizon = max(cfg.phase.update_interval_ms / 1000.0, 1.0 / tracker.fs)
+        spacing = min_horizon
         amp_hist = RunningPercentile(trig.amplitude_percentile,
                                      int(trig.amplitude_window_s * 1000.0
                                          / max(cfg.phase.update_interval_ms, 1.0)))
@@ -300,6 +303,8 @@ class ClosedLoopService:
             newest = float(rd.timestamps[-1]) + offset_s  # LSL time the chunk was stamped
             if newest - last_update < interval_s:
                 continue
+            if math.isfinite(last_update):
+                spacing += 0.05 * (min(newest - last_update, 0.1) - spacing)
             last_update = newest
             est = tracker.estimate()
             t_c = perf()
@@ -314,6 +319,7 @@ class ClosedLoopService:
             now = pylsl.local_clock()
             decision, state = decide(est, now=now, params=params, state=state,
                                      armed=self.stim.armed,
+                                     horizon_s=max(min_horizon, 1.5 * spacing),
                                      amplitude=amp, amplitude_threshold=threshold)
             t_d = perf()
             t_decided = pylsl.local_clock()

@@ -38,7 +38,6 @@ class PolicyParams:
     tolerance_rad: float
     min_interval_s: float
     lead_s: float  # stimulator latency + scheduling margin
-    horizon_s: float  # how far ahead a crossing is decided now (about one update period)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +68,14 @@ class Decision:
 
 
 def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: TriggerState,
-           armed: bool, amplitude: float, amplitude_threshold: float
+           armed: bool, amplitude: float, amplitude_threshold: float, horizon_s: float
            ) -> tuple[Decision | None, TriggerState]:
     """Decide about the next crossing of the target phase, if it is due now.
+
+    Args:
+        horizon_s: How far beyond the earliest instant a crossing is decided now: the
+            time until the next update is expected (a later crossing waits for a fresher
+            estimate).
 
     Returns:
         ``(decision, new_state)``; ``decision`` is None when there is nothing to decide yet.
@@ -87,7 +91,7 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
     else:
         ahead = (-late) % (2.0 * math.pi)
         crossing = t_min + ahead / omega
-        if crossing - t_min > params.horizon_s:
+        if crossing - t_min > horizon_s:
             return None, state
         fire_time = crossing
     half_cycle = math.pi / omega
@@ -103,8 +107,8 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
         return refuse("disarmed")
     if fire_time < state.next_allowed:
         return refuse("min_interval")
-    if not math.isfinite(amplitude_threshold):
-        return refuse("amplitude_unknown")
+    if math.isnan(amplitude_threshold) or amplitude_threshold == math.inf:
+        return refuse("amplitude_unknown")  # the gate has no history yet
     if amplitude < amplitude_threshold:
         return refuse("amplitude_below_gate")
     return Decision(True, "target_phase", fire_time, crossing, predicted), new_state

@@ -91,8 +91,10 @@ class PhaseTracker:
         """Feed raw samples (n, channels) with their LSL timestamps."""
         if len(ts) == 0:
             return
-        if self._last_ts is not None and ts[0] - self._last_ts > _GAP_SAMPLES / self.fs_in:
-            self.reset()
+        if self._last_ts is not None:
+            step = ts[0] - self._last_ts
+            if step > _GAP_SAMPLES / self.fs_in or step <= 0:  # a gap, or time ran backwards
+                self.reset()
         self._last_ts = float(ts[-1])
         x, xt = self.decimator.process(self.spatial.apply(data), ts)
         if self.amplitude is not None:

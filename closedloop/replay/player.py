@@ -50,7 +50,7 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
         raise ValueError("nothing to play: start_s/duration_s select no samples")
     span = rec.data[first:last].astype(np.float32)
     n_chunk = max(1, round(chunk_ms / 1000.0 * rec.fs))
-    t0 = pylsl.local_clock() + 0.05
+    t0 = float(pylsl.local_clock()) + 0.05
     if on_start is not None:
         on_start(t0)
     k = 0  # samples played

@@ -33,7 +33,7 @@ class Recording:
     @property
     def duration_s(self) -> float:
         """Length in seconds."""
-        return self.data.shape[0] / self.fs
+        return float(self.data.shape[0] / self.fs)
 
     def channel(self, label: str) -> npt.NDArray[np.float64]:
         """One channel's samples by label."""

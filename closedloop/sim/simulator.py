@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pylsl
+from pylsl.util import LostError
 
 from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.sim.emg_model import (
@@ -221,7 +222,7 @@ class _CoilListener(threading.Thread):
                                           processing_flags=pylsl.proc_clocksync)
             try:
                 sample, ts = inlet.pull_sample(timeout=0.05)
-            except pylsl.LostError:
+            except LostError:
                 inlet = None
                 continue
             if sample is None:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pylsl
+from pylsl.util import LostError
 
 from closedloop.config.schema import AcquisitionConfig, StreamSelector
 from closedloop.errors import StreamError, StreamNotFoundError
@@ -37,7 +38,7 @@ EventKind = Literal["connected", "lost", "recovered", "error"]
 
 _POLL_S = 0.005
 _RESOLVE_SLICE_S = 0.25
-_REOPEN_AFTER_LOST_S = 0.5
+_REOPEN_AFTER_LOST_S = 1.5
 
 _NUMPY_DTYPES: dict[int, Any] = {
     pylsl.cf_float32: np.float32, pylsl.cf_double64: np.float64,
@@ -136,14 +137,15 @@ class _LslThread:
                     self._opened(inlet, summary, first)
                     self.summary = summary
                     self.last_arrival = pylsl.local_clock()
-                    self._emit("connected" if first else "recovered", name=summary.name,
-                               source_id=summary.source_id, rate_hz=summary.rate_hz,
-                               n_channels=summary.n_channels)
-                    self.lost, lost_since = False, None
+                    if first:
+                        self._emit("connected", name=summary.name, source_id=summary.source_id,
+                                   rate_hz=summary.rate_hz, n_channels=summary.n_channels)
+                    else:  # still lost until data flows again; reopen if it does not
+                        lost_since = self.last_arrival
                     self._connected.set()
                 try:
                     n = self._pull(inlet)
-                except pylsl.LostError:
+                except LostError:
                     n = 0
                     self._stop.wait(_POLL_S)  # the source is gone: do not spin
                 now = pylsl.local_clock()
@@ -151,7 +153,9 @@ class _LslThread:
                     self.last_arrival = now
                     if self.lost:
                         self.lost, lost_since = False, None
-                        self._emit("recovered", name=self.summary.name if self.summary else "")
+                        s = self.summary
+                        assert s is not None
+                        self._emit("recovered", name=s.name, source_id=s.source_id)
                     continue
                 assert self.last_arrival is not None
                 silent = now - self.last_arrival
