@@ -287,7 +287,7 @@ async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
 async def test_start_up_errors_are_clear(tmp_path: Path, pushers: list[Pusher]) -> None:
     cfg = config(tmp_path, f'streams.eeg.name="{unique("none")}"',
                  "acquisition.resolve_timeout_s=0.5")
-    with pytest.raises(StreamNotFoundError, match="streams.eeg"):
+    with pytest.raises(StreamNotFoundError, match=r"streams\.eeg"):
         await run_service(cfg, 1)
     name = unique("nolabel")
     pushers.append(Pusher(name, ("Cz", "Pz"), 500.0, lambda t: np.zeros((len(t), 2))))
