@@ -54,6 +54,8 @@ __all__ = ["ClosedLoopService", "ServiceStats"]
 _HOUSEKEEPING_S = 0.01
 _AMPLITUDE_WARMUP = 200  # amplitude values needed before the gate trusts its percentile
 _GIL_SWITCH_S = 0.0005
+_QUIET_BEFORE_S = 0.0015  # no pipeline update starts this close before a fire command
+_QUIET_AFTER_S = 0.0002
 
 
 @dataclass
@@ -69,7 +71,6 @@ class ServiceStats:
     stream_events: list[dict[str, Any]] = field(default_factory=list)
     chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
     chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
-    chunk_to_fire_call_ms: LatencyRing = field(default_factory=LatencyRing)
     fire_error_ms: LatencyRing = field(default_factory=LatencyRing)
     update_cost_us: LatencyRing = field(default_factory=LatencyRing)
     samples_lost: int = 0
@@ -282,10 +283,19 @@ class ClosedLoopService:
         calibrated = tracker.band is not None
         interval_s = cfg.phase.update_interval_ms / 1000.0
         perf = time.perf_counter_ns
+        scheduler = self.scheduler
+        assert scheduler is not None
         while True:
             await self._eeg_wake.wait()
             self._eeg_wake.clear()
             self._wake_pending = False
+            # quiet window: a pulse due within the next update's duration gets the GIL
+            # to itself (an update holds it for a few hundred microseconds)
+            due = scheduler.next_command_time()
+            if due is not None:
+                wait = due - pylsl.local_clock() + _QUIET_AFTER_S
+                if wait < _QUIET_BEFORE_S:
+                    await asyncio.sleep(max(wait, 0.0))
             t_a = perf()
             rd = ring.read_from(pos)
             pos = rd.start + len(rd.timestamps)
@@ -400,7 +410,6 @@ class ClosedLoopService:
         self.stats.fired += 1
         error_ms = (o.lsl_time - o.request.fire_time) * 1000.0
         self.stats.fire_error_ms.add(error_ms)
-        self.stats.chunk_to_fire_call_ms.add((o.command_time - ctx["chunk_lsl_time"]) * 1000)
         stages = dict(ctx["stages_us"])
         stages["handoff_to_fire_us"] = round((o.command_time - o.handed_over) * 1e6, 1)
         record = {

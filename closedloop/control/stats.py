@@ -17,6 +17,11 @@ class LatencyRing:
         self._n = 0
         self.total = 0
 
+    def reset(self) -> None:
+        """Forget every value."""
+        self._n = 0
+        self.total = 0
+
     def add(self, value: float) -> None:
         """Record one value."""
         self._v[self.total % len(self._v)] = value

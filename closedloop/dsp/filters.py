@@ -37,13 +37,21 @@ class StreamingSOS:
         self._zi = None
 
     def process(self, x: Array) -> Array:
-        """Filter a chunk, continuing from the previous one."""
+        """Filter a chunk, continuing from the previous one.
+
+        Runs the sections as a cascade of ``lfilter`` calls (same direct-form II
+        transposed state as ``sosfilt``): for the small chunks of a real-time loop this
+        is several times cheaper than ``sosfilt``'s per-call set-up.
+        """
         if x.size == 0:
             return x.astype(np.float64)
         if self._zi is None:
             self._zi = self._zi_unit * x[0]
-        y, self._zi = signal.sosfilt(self.sos, x, zi=self._zi)
-        return np.asarray(y, dtype=np.float64)
+        y = np.asarray(x, dtype=np.float64)
+        zi = self._zi
+        for k in range(len(self.sos)):
+            y, zi[k] = signal.lfilter(self.sos[k, :3], self.sos[k, 3:], y, zi=zi[k])
+        return y
 
     def phase_delay_s(self, freq_hz: float, fs: float) -> float:
         """Delay of a sinusoid at ``freq_hz`` through this filter, in seconds."""

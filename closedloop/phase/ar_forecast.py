@@ -162,8 +162,9 @@ class ARForecaster:
         centre = self._centre
         phase = float(np.angle(analytic[centre]))
         h = self._slope_half
-        seg_phase = np.unwrap(np.angle(analytic[centre - h:centre + h + 1]))
-        freq = float((seg_phase[-1] - seg_phase[0]) / (2 * h) * p.fs / (2 * math.pi))
+        around = analytic[centre - h:centre + h + 1]
+        step = float(np.angle(np.sum(around[1:] * np.conj(around[:-1]))))  # mean rad/sample
+        freq = step * p.fs / (2 * math.pi)
         amp = float(np.abs(analytic[centre]))
         if not (math.isfinite(phase) and math.isfinite(freq) and math.isfinite(amp)):
             return None

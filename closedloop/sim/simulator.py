@@ -20,7 +20,7 @@ import numpy as np
 import pylsl
 from pylsl.util import LostError
 
-from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
+from closedloop.sim.eeg_model import LABELS_10_10_64, EegBlock, EegGenerator, EegSimParams
 from closedloop.sim.emg_model import (
     EMG_LABELS,
     EmgSimParams,
@@ -107,8 +107,11 @@ class Simulator:
         t0 = pylsl.local_clock()
         k_eeg = 0  # EEG samples pushed
         k_emg = 0
-        block = max(n_eeg, int(0.1 * fs_eeg))
+        # blocks of 20 ms, each generated right after a push (in the slack before the next
+        # one) so that generating never delays a chunk
+        block = max(n_eeg, int(0.02 * fs_eeg))
         buf = self.eeg_gen.generate(block)
+        next_buf: EegBlock | None = None
         buf_pos = 0
         end = math.inf if duration_s is None else t0 + duration_s
         try:
@@ -122,7 +125,8 @@ class Simulator:
                 while pylsl.local_clock() < t_next:
                     time.sleep(0.0002)
                 if buf_pos + n_eeg > len(buf.data):
-                    buf = self.eeg_gen.generate(block)
+                    buf = next_buf if next_buf is not None else self.eeg_gen.generate(block)
+                    next_buf = None
                     buf_pos = 0
                 chunk = buf.data[buf_pos:buf_pos + n_eeg]
                 self._remember(buf.mu_phase[buf_pos:buf_pos + n_eeg],
@@ -139,6 +143,8 @@ class Simulator:
                     t_emg = t0 + (k_emg + np.arange(m)) / fs_emg
                     emg_out.push_chunk(self._emg(t_emg), float(t_emg[-1]))
                     k_emg += m
+                if next_buf is None:
+                    next_buf = self.eeg_gen.generate(block)
         finally:
             self._stop.set()
             coil.join(1.0)

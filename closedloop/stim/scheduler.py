@@ -83,6 +83,13 @@ class FireScheduler:
         """Whether a request is pending."""
         return self._pending is not None
 
+    def next_command_time(self) -> float | None:
+        """LSL time at which the pending pulse's fire command is due (None: nothing due)."""
+        pending = self._pending
+        if pending is None:
+            return None
+        return pending[0].fire_time - self.stim.latency_s
+
     def submit(self, request: PulseRequest) -> bool:
         """Hand over a request; False (and nothing queued) if one is already pending."""
         with self._cv:

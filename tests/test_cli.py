@@ -1,0 +1,101 @@
+"""The command line as users run it: demo summary, run with SIGTERM, public names."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import closedloop
+from closedloop.recording.events import read_events
+from tests.conftest import unique
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+def test_demo_summary_is_safe_complete_and_bounded(tmp_path: Path) -> None:
+    events = tmp_path / "demo.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "closedloop", "demo", "--duration", "14", "--eeg-rate", "1000",
+         "--seed", "11", "--json", "--events", str(events),
+         "--set", "trigger.min_interval_s=0.7", "--set", "safety.min_interval_s=0.6"],
+        capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["pulses_fired"] >= 5
+    assert s["min_inter_pulse_interval_s"] >= 0.6  # no pulse broke the safety interval
+    assert s["max_intensity_pct"] <= 80
+    assert s["mep"]["pulses_with_mep_record"] == s["pulses_fired"]
+    pe = s["phase_error_vs_truth"]
+    assert pe["matched_pulses"] == s["pulses_fired"]
+    assert abs(pe["mean_deg"]) < 30
+    assert pe["sd_deg"] < 45
+    for key in ("chunk_to_decision", "chunk_to_fire_request", "fire_error"):
+        assert s["latency_ms"][key]["count"] > 0
+    kinds = [e["event"] for e in read_events(events)]
+    assert kinds.count("pulse") == s["pulses_fired"]
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    prefix = unique("run")
+    events = tmp_path / "run.jsonl"
+    sim = subprocess.Popen([sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
+                            "--eeg-rate", "1000", "--emg-rate", "1000", "--coil-stream",
+                            f"{prefix}-coil", "--seed", "1"], stdin=subprocess.DEVNULL)
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "closedloop", "run", "--config",
+             str(REPO / "configs" / "demo.toml"),
+             "--set", f'streams.eeg.name="{prefix}-EEG"',
+             "--set", f'streams.emg.name="{prefix}-EMG"',
+             "--set", f'stimulator.coil_stream="{prefix}-coil"',
+             "--set", f'recording.events="{events}"',
+             "--set", f'recording.marker_stream="{prefix}-pulses"',
+             "--set", "trigger.min_interval_s=0.5", "--set", "safety.min_interval_s=0.5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if events.exists() and any(e["event"] == "pulse" for e in read_events(events)):
+                break
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=20)
+    finally:
+        sim.terminate()
+        sim.wait(5)
+    assert run.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["fired"] >= 1
+    kinds = [e["event"] for e in read_events(events)]
+    assert "pulse" in kinds
+    assert kinds[-1] == "session_end"
+    assert kinds.index("disarmed") > max(i for i, k in enumerate(kinds) if k == "pulse")
+
+
+def test_run_refuses_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trigger]\ntarget_phase_deg = 270\n")
+    proc = subprocess.run([sys.executable, "-m", "closedloop", "run", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert "trigger.target_phase_deg" in proc.stderr
+    assert "<= 180" in proc.stderr
+
+
+def test_every_public_name_exists() -> None:
+    for mod in pkgutil.walk_packages(closedloop.__path__, "closedloop."):
+        if mod.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(mod.name)
+        for name in getattr(module, "__all__", []):
+            assert hasattr(module, name), f"{mod.name}.__all__ names missing {name}"

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Latency of the closed loop over real LSL, printed as JSON.
+
+For each EEG rate (default 1000 and 5000 Hz, 64 channels), a separate pusher process
+publishes EEG in chunks stamped with ``local_clock()`` at the moment of the push, and the
+service (this process, dejitter off so the stamp is the push time) runs with a phase gate
+wide open (tolerance 180°, no scheduling margin) so that pulses fire as soon as the
+pipeline allows. Reported, in milliseconds from the chunk's push:
+
+- ``chunk_to_decision``: every estimator update (the decision point);
+- ``chunk_to_fire_request``: hand-over of a pulse request to the fire thread;
+- ``chunk_to_fire_call``: the stimulator's ``fire()`` being called, for the pulses the
+  policy fired at once (the others wait, on purpose, for the predicted phase crossing);
+- ``fire_error``: actual minus scheduled pulse time;
+- ``update_cost_us``: CPU time of one pipeline update (read, DSP, estimate, decide);
+- ``cpu_pct_of_one_core``: the service process's CPU use during the run.
+
+Usage: ``python tools/bench_latency.py [--seconds 20] [--rates 1000 5000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("LSLAPICFG", str(Path(__file__).resolve().parent.parent / "closedloop"
+                                       / "resources" / "lsl_api.cfg"))
+
+import pylsl  # noqa: E402
+
+from closedloop.config import load_config  # noqa: E402
+from closedloop.control.service import ClosedLoopService  # noqa: E402
+from closedloop.control.stats import LatencyRing  # noqa: E402
+from closedloop.recording.events import read_events  # noqa: E402
+from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: E402
+from closedloop.sim.simulator import make_outlet  # noqa: E402
+
+
+def pusher(name: str, rate: float, chunk_ms: float, seconds: float) -> None:
+    """Child process: push synthetic 64-channel EEG stamped at push time."""
+    gen = EegGenerator(EegSimParams(fs=rate), np.random.default_rng(0))
+    out = make_outlet(name, "EEG", LABELS_10_10_64, rate, name)
+    n = max(1, round(chunk_ms / 1000 * rate))
+    block = gen.generate(int(rate * 2)).data
+    t0 = pylsl.local_clock()
+    k = 0
+    end = t0 + seconds
+    while pylsl.local_clock() < end:
+        t_due = t0 + (k + n) / rate
+        while (wait := t_due - pylsl.local_clock()) > 0:
+            time.sleep(min(wait, 0.0005))
+        i = k % (len(block) - n)
+        out.push_chunk(block[i:i + n], pylsl.local_clock())
+        k += n
+
+
+async def measure(rate: float, seconds: float, chunk_ms: float) -> dict[str, object]:
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    child = subprocess.Popen([sys.executable, __file__, "--pusher", name, "--rate", str(rate),
+                              "--chunk-ms", str(chunk_ms), "--seconds", str(seconds + 8)])
+    events = Path(tempfile.gettempdir()) / f"{name}.jsonl"
+    cfg = load_config(None, [
+        f'streams.eeg.name="{name}"', "streams.eeg.dejitter=false",
+        f'recording.events="{events}"', f'stimulator.coil_stream="{name}-coil"',
+        'recording.marker_stream=""', "stimulator.arm_on_start=true",
+        "trigger.tolerance_deg=180", "trigger.scheduling_margin_ms=0",
+        "trigger.amplitude_percentile=0", "trigger.min_interval_s=0.1", "trigger.jitter_s=0",
+        "safety.min_interval_s=0.1", "safety.max_pulses_per_window=1000",
+        "safety.max_pulses=10000"])
+    service = ClosedLoopService(cfg)
+    stop = asyncio.Event()
+    try:
+        task = asyncio.create_task(service.run(stop))
+        await service.ready.wait()
+        await asyncio.sleep(2.0)  # warm-up: LSL connection, filters, amplitude history
+        for ring in (service.stats.chunk_to_decision_ms, service.stats.chunk_to_handoff_ms,
+                     service.stats.fire_error_ms, service.stats.update_cost_us):
+            ring.reset()  # measure after the warm-up only
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        w0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        w1 = time.perf_counter()
+        t_end = pylsl.local_clock()
+        stop.set()
+        stats = await task
+        immediate = LatencyRing()
+        for e in read_events(events):
+            if (e["event"] == "pulse" and e["chunk_lsl_time"] > t_end - seconds
+                    and e["scheduled_lsl_time"] <= e["decision_lsl_time"]):
+                immediate.add((e["command_lsl_time"] - e["chunk_lsl_time"]) * 1000.0)
+    finally:
+        child.terminate()
+        child.wait(5)
+        events.unlink(missing_ok=True)
+    cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (w1 - w0) * 100
+    return {
+        "rate_hz": rate, "channels": 64, "chunk_ms": chunk_ms, "seconds": seconds,
+        "chunk_to_decision": stats.chunk_to_decision_ms.summary(),
+        "chunk_to_fire_request": stats.chunk_to_handoff_ms.summary(),
+        "chunk_to_fire_call": immediate.summary(),
+        "fire_error": stats.fire_error_ms.summary(),
+        "update_cost_us": stats.update_cost_us.summary(),
+        "cpu_pct_of_one_core": round(cpu, 1),
+        "pulses": stats.fired, "refused": dict(stats.refused),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 5000.0])
+    ap.add_argument("--chunk-ms", type=float, default=2.0)
+    ap.add_argument("--pusher", help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.pusher:
+        pusher(args.pusher, args.rate, args.chunk_ms, args.seconds)
+        return
+    results = [asyncio.run(measure(r, args.seconds, args.chunk_ms)) for r in args.rates]
+    print(json.dumps({"benchmark": "latency", "unit": "ms", "machine_cores": os.cpu_count(),
+                      "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
