@@ -37,14 +37,14 @@ import numpy as np
 os.environ.setdefault("LSLAPICFG", str(Path(__file__).resolve().parent.parent / "closedloop"
                                        / "resources" / "lsl_api.cfg"))
 
-import pylsl  # noqa: E402
+import pylsl
 
-from closedloop.config import load_config  # noqa: E402
-from closedloop.control.service import ClosedLoopService  # noqa: E402
-from closedloop.control.stats import LatencyRing  # noqa: E402
-from closedloop.recording.events import read_events  # noqa: E402
-from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: E402
-from closedloop.sim.simulator import make_outlet  # noqa: E402
+from closedloop.config import load_config
+from closedloop.control.service import ClosedLoopService
+from closedloop.control.stats import LatencyRing
+from closedloop.recording.events import read_events
+from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
+from closedloop.sim.simulator import make_outlet
 
 
 def pusher(name: str, rate: float, chunk_ms: float, seconds: float) -> None:
