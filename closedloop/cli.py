@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from closedloop import __version__
-from closedloop.config.load import config_to_dict, load_config
+from closedloop.config.load import config_to_dict, load_config, parse_overrides
 from closedloop.errors import ClosedLoopError, ConfigError
 
 __all__ = ["main"]
@@ -67,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="play this many seconds")
     p.add_argument("--loop", action="store_true", help="start again at the end")
 
+    p = sub.add_parser("ctl", help="send a command over MQTT and print the reply; or 'watch'")
+    p.add_argument("verb", help="arm, disarm, start, stop, set, calibrate, status, reload, "
+                                "or watch")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE",
+                   help="command fields, e.g. target_phase_deg=180 (values read as TOML)")
+    p.add_argument("--config", "-c", default=None, help="TOML file with the [mqtt] section")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set mqtt.instance=rig1")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--instance", default=None)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    p.add_argument("--count", type=int, default=None, help="watch: stop after N messages")
+
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", help="TOML configuration file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -84,7 +98,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        service = ClosedLoopService(cfg, config_source=str(args.config))
+        service = ClosedLoopService(cfg, config_source=str(args.config),
+                                    config_overrides=tuple(args.overrides))
         stats = await service.run(stop)
         print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
                           "decisions": stats.decisions,
@@ -141,6 +156,30 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    import aiomqtt  # noqa: PLC0415
+
+    from closedloop.mqtt.ctl import send_command, watch  # noqa: PLC0415
+
+    overrides = list(args.overrides)
+    for key, value in (("host", args.host), ("port", args.port), ("instance", args.instance)):
+        if value is not None:
+            overrides.append(f"mqtt.{key}={json.dumps(value)}")
+    cfg = load_config(args.config, overrides).mqtt
+    try:
+        if args.verb == "watch":
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(watch(cfg, count=args.count))
+            return 0
+        fields = dict(parse_overrides(args.args))
+        reply = asyncio.run(send_command(cfg, args.verb, fields, timeout_s=args.timeout))
+    except aiomqtt.MqttError as exc:
+        print(f"closedloop: MQTT broker {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     if args.print:
@@ -152,11 +191,19 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``closedloop`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "ctl":  # KEY=VALUE fields may follow options: ctl set --instance x k=v
+        fields = [e for e in extra if "=" in e and not e.startswith("-")]
+        args.args = [*args.args, *fields]
+        extra = [e for e in extra if e not in fields]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # keep liblsl's INFO chatter out of the terminal (a user's own LSLAPICFG wins)
     os.environ.setdefault("LSLAPICFG", str(Path(__file__).parent / "resources" / "lsl_api.cfg"))
     handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,
-                "check-config": _cmd_check_config, "replay": _cmd_replay}
+                "check-config": _cmd_check_config, "replay": _cmd_replay,
+                "ctl": _cmd_ctl}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -7,7 +7,8 @@
     ├── StreamError            something is wrong with an LSL stream
     │   ├── StreamNotFoundError    no stream matched the selector in time
     │   └── ChannelNotFoundError   a channel label the config asks for is absent
-    └── StimulatorError        the stimulator (or its driver) failed
+    ├── StimulatorError        the stimulator (or its driver) failed
+    └── ControlError           a command cannot be carried out now (state, staleness)
 
 Safety refusals are *not* exceptions: a refused pulse is a normal, recorded outcome
 (see :mod:`closedloop.stim.safety`). Lower-layer errors (pylsl, OSError) are re-raised as
@@ -22,6 +23,7 @@ __all__ = [
     "ChannelNotFoundError",
     "ClosedLoopError",
     "ConfigError",
+    "ControlError",
     "StimulatorError",
     "StreamError",
     "StreamNotFoundError",
@@ -97,3 +99,7 @@ class ChannelNotFoundError(StreamError):
 
 class StimulatorError(ClosedLoopError):
     """The stimulator driver failed (connection, command, read-back)."""
+
+
+class ControlError(ClosedLoopError):
+    """A command that is valid but cannot be carried out now (e.g. arm while faulted)."""

@@ -20,7 +20,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 from closedloop.config.schema import Config
 from closedloop.errors import ConfigError
 
-__all__ = ["apply_override", "config_to_dict", "from_dict", "load_config", "parse_overrides"]
+__all__ = ["apply_override", "check_cross_fields", "config_to_dict", "from_dict", "load_config",
+           "parse_overrides"]
 
 T = TypeVar("T")
 
@@ -52,7 +53,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         overridden.append(key)
     try:
         cfg = from_dict(Config, data, source=source)
-        _check_cross_fields(cfg, source)
+        check_cross_fields(cfg, source)
     except ConfigError as exc:
         if any(exc.key == k or exc.key.startswith(k + ".") or exc.key.startswith(k + "[")
                for k in overridden):
@@ -165,6 +166,9 @@ def _coerce(value: Any, tp: Any, *, key: str, source: str) -> Any:
         raise ConfigError(source=source, key=key, problem=" or ".join(errors))
     if origin is Literal:
         choices = get_args(tp)
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and str(value) in choices):
+            return str(value)  # protocol = 5 means "5"
         if value not in choices:
             raise bad("one of " + ", ".join(repr(c) for c in choices))
         return value
@@ -214,7 +218,7 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], *, key: str, source: str)
                           problem=f"expected a value <= {hi:g}, got {value!r}")
 
 
-def _check_cross_fields(cfg: Config, source: str) -> None:
+def check_cross_fields(cfg: Config, source: str) -> None:
     """Rules that involve more than one key."""
     for role in ("eeg", "emg", "pulses"):
         sel = getattr(cfg.streams, role)
@@ -248,6 +252,19 @@ def _check_cross_fields(cfg: Config, source: str) -> None:
     if 2 * cfg.phase.edge_ms + cfg.phase.fir_ms / 2 >= cfg.phase.window_ms:
         raise ConfigError(source=source, key="phase.window_ms", problem=(
             "too short for its edges: needs window_ms > 2 * edge_ms + fir_ms / 2"))
+    m = cfg.mqtt
+    for key, value in (("mqtt.instance", m.instance), ("mqtt.prefix", m.prefix or "")):
+        if any(c in value for c in "+#") or (key == "mqtt.instance" and ("/" in value
+                                                                        or not value)):
+            extra = ", '/'" if key == "mqtt.instance" else ""
+            raise ConfigError(source=source, key=key, problem=(
+                f"{value!r} is not usable in a topic (no '+', '#'{extra}; not empty)"))
+    if (m.tls.cert is None) != (m.tls.key is None):
+        raise ConfigError(source=source, key="mqtt.tls",
+                          problem="cert and key go together: give both or neither")
+    if m.username is None and m.password is not None:
+        raise ConfigError(source=source, key="mqtt.password",
+                          problem="a password needs mqtt.username")
     if cfg.stimulator.intensity_pct > cfg.safety.max_intensity_pct:
         raise ConfigError(source=source, key="stimulator.intensity_pct", problem=(
             f"{cfg.stimulator.intensity_pct:g} is above safety.max_intensity_pct "

@@ -17,12 +17,14 @@ __all__ = [
     "AcquisitionConfig",
     "Config",
     "MepConfig",
+    "MqttConfig",
     "PhaseConfig",
     "RecordingConfig",
     "SafetyConfig",
     "StimulatorConfig",
     "StreamSelector",
     "StreamsConfig",
+    "TlsConfig",
     "TriggerConfig",
 ]
 
@@ -198,6 +200,52 @@ class RecordingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """TLS towards the broker; enabled when ``ca`` is set."""
+
+    ca: str | None = opt(None, "CA certificate file (PEM); setting it enables TLS")
+    cert: str | None = opt(None, "client certificate file (PEM), for brokers that require one")
+    key: str | None = opt(None, "client private key file (PEM)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttConfig:
+    """The MQTT control plane (topics under ``closedloop/<instance>/``)."""
+
+    enabled: bool = opt(False, "connect to the broker and accept commands")
+    host: str = opt("127.0.0.1", "broker host")
+    port: int = opt(1883, "broker port", lo=1, hi=65535)
+    instance: str = opt("default", "this service's name in the topic prefix")
+    prefix: str | None = opt(None, "topic prefix (default \"closedloop/<instance>/\")")
+    protocol: Literal["5", "3.1.1"] = opt("5", "MQTT protocol version")
+    username: str | None = opt(None, "broker user name")
+    password: str | None = opt(None, "broker password")
+    tls: TlsConfig = opt(TlsConfig(), "TLS settings")
+    keepalive_s: int = opt(10, "MQTT keep-alive", lo=2, hi=3600)
+    metrics_interval_s: float = opt(5.0, "publish metrics this often", lo=0.1, hi=3600.0)
+    status_interval_s: float = opt(5.0, "re-publish the retained status this often (and on "
+                                   "every change)", lo=0.1, hi=3600.0)
+    max_command_age_s: float = opt(5.0, "refuse arm/start/set/calibrate/reload commands whose "
+                                   "\"ts\" is older than this", lo=0.1, hi=3600.0)
+    max_payload_bytes: int = opt(8192, "larger command payloads are refused", lo=64,
+                                 hi=1_000_000)
+    on_disconnect: Literal["keep", "disarm"] = opt("keep", "when the broker is lost: keep "
+                                                   "running, or disarm")
+    decision_rate_hz: float = opt(10.0, "most decision events published per second",
+                                  lo=0.0, hi=10_000.0)
+    telemetry_queue: int = opt(1000, "telemetry held while publishing; beyond it, and while "
+                               "disconnected, telemetry is dropped and counted", lo=1,
+                               hi=1_000_000)
+    reconnect_max_s: float = opt(10.0, "longest wait between reconnection attempts",
+                                 lo=0.1, hi=3600.0)
+
+    def topic_prefix(self) -> str:
+        """The prefix ending in '/'."""
+        p = self.prefix if self.prefix is not None else f"closedloop/{self.instance}/"
+        return p if p.endswith("/") else p + "/"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration."""
 
@@ -209,3 +257,4 @@ class Config:
     safety: SafetyConfig = opt(SafetyConfig(), "safety gate")
     mep: MepConfig = opt(MepConfig(), "MEP measurement")
     recording: RecordingConfig = opt(RecordingConfig(), "recording")
+    mqtt: MqttConfig = opt(MqttConfig(), "MQTT control plane")

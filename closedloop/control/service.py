@@ -33,11 +33,12 @@ import numpy as np
 import pylsl
 
 from closedloop import __version__
-from closedloop.config.load import config_to_dict
+from closedloop.config.load import config_to_dict, load_config
 from closedloop.config.schema import Config
-from closedloop.control.stats import LatencyRing
+from closedloop.control.runtime import LIVE_KEYS, apply_live_settings, restart_keys
+from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
-from closedloop.errors import ClosedLoopError, StreamNotFoundError
+from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.amplitude import RunningPercentile
 from closedloop.phase.tracker import PhaseTracker
@@ -49,7 +50,11 @@ from closedloop.stim.scheduler import FireScheduler, PulseOutcome, PulseRequest
 from closedloop.stim.simulated import SimulatedStimulator
 from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
-__all__ = ["ClosedLoopService", "ServiceStats"]
+__all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
+
+# Protocols that `start` accepts. "phase-single": single pulses at the target phase, until
+# stopped or `pulses` have fired (the stimulator issue adds paired pulses, bursts, trains).
+PROTOCOLS = ("phase-single",)
 
 _HOUSEKEEPING_S = 0.01
 _AMPLITUDE_WARMUP = 200  # amplitude values needed before the gate trusts its percentile
@@ -80,9 +85,11 @@ class ServiceStats:
 class ClosedLoopService:
     """Construct with a validated :class:`Config`, then ``await run(stop_event)``."""
 
-    def __init__(self, cfg: Config, *, config_source: str = "") -> None:
+    def __init__(self, cfg: Config, *, config_source: str = "",
+                 config_overrides: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.config_source = config_source
+        self.config_overrides = config_overrides
         self.stats = ServiceStats()
         self.ready = asyncio.Event()
         self._stop: asyncio.Event | None = None
@@ -101,7 +108,10 @@ class ClosedLoopService:
         self.tracker: PhaseTracker | None = None
         self.meps: MepTracker | None = None
         self._markers: PulseMarkerOutlet | None = None
-        self._pending_context: dict[int, dict[str, Any]] = {}
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.control_plane: Any = None  # the MqttControlPlane when mqtt.enabled
+        self._protocol: dict[str, Any] | None = None
+        self.started_wall = time.time()
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> ServiceStats:
@@ -127,6 +137,11 @@ class ClosedLoopService:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
                          tg.create_task(self._housekeeping(), name="housekeeping")]
+                if cfg.mqtt.enabled:
+                    from closedloop.mqtt.plane import MqttControlPlane  # noqa: PLC0415
+
+                    self.control_plane = MqttControlPlane(self, cfg.mqtt)
+                    tasks.append(tg.create_task(self.control_plane.run(), name="mqtt"))
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -258,6 +273,15 @@ class ClosedLoopService:
         return float(pylsl.local_clock()) - eeg.last_arrival
 
     # -- the EEG pipeline --------------------------------------------------------------
+    def _policy_params(self) -> PolicyParams:
+        trig = self.cfg.trigger
+        assert self.stim is not None
+        return PolicyParams(
+            target_rad=math.radians(trig.target_phase_deg),
+            tolerance_rad=math.radians(trig.tolerance_deg),
+            min_interval_s=trig.min_interval_s,
+            lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0)
+
     async def _eeg_loop(self) -> None:
         cfg = self.cfg
         assert self.eeg is not None and self.eeg.ring is not None and self.tracker is not None
@@ -265,11 +289,7 @@ class ClosedLoopService:
         ring, tracker = self.eeg.ring, self.tracker
         offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
         trig = cfg.trigger
-        params = PolicyParams(
-            target_rad=math.radians(trig.target_phase_deg),
-            tolerance_rad=math.radians(trig.tolerance_deg),
-            min_interval_s=trig.min_interval_s,
-            lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0)
+        params = self._policy_params()
         # decide crossings up to the next expected update: the larger of the configured
         # interval and the observed spacing of updates (amplifiers push chunks of 1-40 ms)
         min_horizon = max(cfg.phase.update_interval_ms / 1000.0, 1.0 / tracker.fs)
@@ -311,6 +331,10 @@ class ClosedLoopService:
                 calibrated = True
                 self._record_calibration(tracker)
             newest = float(rd.timestamps[-1]) + offset_s  # LSL time the chunk was stamped
+            if self.cfg is not cfg:  # settings changed while running
+                cfg, trig = self.cfg, self.cfg.trigger
+                params = self._policy_params()
+                amp_hist.q = trig.amplitude_percentile
             if newest - last_update < interval_s:
                 continue
             if math.isfinite(last_update):
@@ -386,6 +410,8 @@ class ClosedLoopService:
         assert self.log is not None
         fields.setdefault("lsl_time", pylsl.local_clock())
         self.log.write(kind, **fields)
+        for listener in self._listeners:
+            listener(kind, fields)
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         """From another thread: run ``fn(*args)`` on the loop; an error there is fatal."""
@@ -427,6 +453,11 @@ class ClosedLoopService:
                                             "target_phase_deg": ctx["target_phase_deg"]})
         if self.meps is not None:
             self.meps.add_pulse(o.lsl_time, "closedloop", pylsl.local_clock())
+        proto = self._protocol
+        if proto is not None:
+            proto["fired"] += 1
+            if proto["pulses"] is not None and proto["fired"] >= proto["pulses"]:
+                self.stop_protocol(by="protocol_complete")
 
     def _on_external_pulse(self, text: str, t: float) -> None:
         self._event("external_pulse", pulse_lsl_time=t, marker=text[:200])
@@ -474,6 +505,199 @@ class ClosedLoopService:
                   "rejected": m.rejected, "reason": m.reason}
         self.stats.meps.append(fields)
         self._event("mep", **fields)
+
+
+    # -- control: called on the event loop (MQTT control plane, tests) ---------------
+    def record(self, kind: str, **fields: Any) -> None:
+        """Record an event in the log (and hand it to the listeners)."""
+        self._event(kind, **fields)
+
+    def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call ``fn(kind, fields)`` for every recorded event (on the event loop)."""
+        self._listeners.append(fn)
+
+    @property
+    def state(self) -> str:
+        """``starting``, ``idle``, ``armed``, ``running`` (a protocol), ``fault``, ``stopped``."""
+        if self._fatal is not None:
+            return "fault"
+        if self._stop is not None and self._stop.is_set():
+            return "stopped"
+        if not self.ready.is_set() or self.stim is None:
+            return "starting"
+        if self._protocol is not None:
+            return "running"
+        return "armed" if self.stim.armed else "idle"
+
+    def _require_operational(self, verb: str) -> None:
+        state = self.state
+        if state in ("fault", "stopped", "starting"):
+            raise ControlError(f"{verb}: refused, the service is {state}"
+                               + (f" ({self._fatal})" if self._fatal else ""))
+        if self.eeg is None or self.eeg.lost:
+            raise ControlError(f"{verb}: refused, the EEG stream is lost")
+
+    def arm(self, *, by: str) -> None:
+        """Arm the stimulator (pulses that pass the gate will fire).
+
+        Raises:
+            ControlError: faulted, stopping, not ready, or the EEG stream is lost.
+        """
+        self._require_operational("arm")
+        assert self.stim is not None
+        self.stim.arm()
+        self._event("armed", by=by)
+
+    def disarm(self, *, by: str) -> None:
+        """Disarm and cancel any pending pulse; always allowed."""
+        if self.stim is not None:
+            self.stim.disarm()
+        if self.scheduler is not None:
+            self.scheduler.cancel("disarmed")
+        self._event("disarmed", by=by)
+
+    def apply_settings(self, changes: dict[str, Any], *, by: str) -> dict[str, Any]:
+        """Change live settings (see :data:`~closedloop.control.runtime.LIVE_KEYS`).
+
+        Raises:
+            ConfigError: naming the bad key; nothing is changed then.
+        """
+        new = apply_live_settings(self.cfg, changes, source=by)
+        self._apply_config(new, by=by)
+        return self.settings()
+
+    def _apply_config(self, new: Config, *, by: str) -> None:
+        old = self.cfg
+        if self.stim is not None and new.stimulator.intensity_pct != old.stimulator.intensity_pct:
+            try:
+                self.stim.set_intensity(new.stimulator.intensity_pct)
+            except StimulatorError as exc:
+                raise ControlError(str(exc)) from exc
+        if self.tracker is not None and new.phase.band_hz != old.phase.band_hz:
+            if new.phase.band_hz == "auto":
+                raise ControlError("band_hz: use the calibrate command to find the band")
+            self.tracker.set_band(new.phase.band_hz)
+        self.cfg = new
+        changed = {k: getattr(getattr(new, d.split(".")[0]), d.split(".")[1])
+                   for k, d in LIVE_KEYS.items()
+                   if getattr(getattr(new, d.split(".")[0]), d.split(".")[1])
+                   != getattr(getattr(old, d.split(".")[0]), d.split(".")[1])}
+        self._event("settings_changed", by=by, changes=changed)
+
+    def settings(self) -> dict[str, Any]:
+        """The live settings now."""
+        out = {}
+        for short, dotted in LIVE_KEYS.items():
+            section, name = dotted.split(".")
+            value = getattr(getattr(self.cfg, section), name)
+            out[short] = list(value) if isinstance(value, tuple) else value
+        if self.tracker is not None and self.tracker.band is not None:
+            out["band_hz"] = list(self.tracker.band)
+        return out
+
+    def start_protocol(self, name: str, *, pulses: int | None, by: str) -> None:
+        """Arm and run a protocol until stopped or ``pulses`` have fired.
+
+        Raises:
+            ControlError: unknown protocol, one already running, or not operational.
+        """
+        if name not in PROTOCOLS:
+            raise ControlError(f"protocol: unknown '{name}' (known: {', '.join(PROTOCOLS)})")
+        if self._protocol is not None:
+            raise ControlError(f"start: protocol '{self._protocol['name']}' is running; "
+                               "stop it first")
+        self._require_operational("start")
+        self._protocol = {"name": name, "pulses": pulses, "fired": 0,
+                          "started_lsl_time": pylsl.local_clock()}
+        self._event("protocol_started", by=by, protocol=name, pulses=pulses)
+        self.arm(by=by)
+
+    def stop_protocol(self, *, by: str) -> None:
+        """Stop the running protocol (if any) and disarm."""
+        proto, self._protocol = self._protocol, None
+        if proto is not None:
+            self._event("protocol_stopped", by=by, protocol=proto["name"], fired=proto["fired"])
+        self.disarm(by=by)
+
+    def calibrate(self, *, seconds: float, by: str) -> dict[str, Any]:
+        """Find the individual peak in the newest ``seconds`` of EEG and use its band.
+
+        Raises:
+            ControlError: not enough data, or not operational.
+        """
+        self._require_operational("calibrate")
+        assert self.tracker is not None
+        try:
+            peak = self.tracker.calibrate(seconds)
+        except ValueError as exc:
+            raise ControlError(f"calibrate: {exc}") from exc
+        result = {"peak_hz": peak.peak_hz, "snr_db": round(peak.snr_db, 2),
+                  "band_hz": list(peak.band_hz), "seconds": seconds}
+        self.stats.calibration = result
+        self._event("calibrated", by=by, **result)
+        return result
+
+    def reload(self, *, by: str) -> dict[str, Any]:
+        """Re-read the config file; apply it if only live-settable keys changed.
+
+        Raises:
+            ConfigError: the file is invalid (the running config is kept).
+            ControlError: keys that need a restart changed (nothing is applied).
+        """
+        if not self.config_source or not os.path.exists(self.config_source):
+            raise ControlError("reload: the service was not started from a config file")
+        new = load_config(self.config_source, self.config_overrides)
+        blocked = restart_keys(self.cfg, new)
+        if blocked:
+            raise ControlError("reload: these keys need a restart: " + ", ".join(blocked))
+        self._apply_config(new, by=by)
+        return self.settings()
+
+    def status(self) -> dict[str, Any]:
+        """State, stream health, counts, settings: what `status` replies and publishes."""
+        now = pylsl.local_clock()
+
+        def stream(reader: StreamReader | MarkerReader | None) -> dict[str, Any] | None:
+            if reader is None:
+                return None
+            age = (now - reader.last_arrival) if reader.last_arrival is not None else None
+            return {"name": reader.summary.name if reader.summary else None,
+                    "connected": reader.summary is not None, "lost": reader.lost,
+                    "last_sample_age_ms": round(age * 1000.0, 1) if age is not None else None}
+
+        s = self.stats
+        last = s.pulses[-1]["lsl_time"] if s.pulses else None
+        return {
+            "state": self.state, "version": __version__, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_wall, 1),
+            "streams": {"eeg": stream(self.eeg), "emg": stream(self.emg),
+                        "pulses": stream(self.pulse_markers)},
+            "protocol": dict(self._protocol) if self._protocol else None,
+            "counts": {"pulses": s.fired, "decisions": s.decisions,
+                       "refused": sum(s.refused.values()), "meps": len(s.meps),
+                       "samples_lost": s.samples_lost},
+            "last_pulse_lsl_time": last,
+            "settings": self.settings(),
+            "fault": str(self._fatal) if self._fatal else None,
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        """Latency percentiles, phase accuracy proxy, buffer fill, dropped samples."""
+        s = self.stats
+        ring = self.eeg.ring if self.eeg is not None else None
+        fill = None
+        if ring is not None:
+            fill = round(min(ring.count, ring.capacity) / ring.capacity, 3)
+        predicted = [p["predicted_phase_deg"] - p["target_phase_deg"] for p in s.pulses[-200:]]
+        return {
+            "latency_ms": {"chunk_to_decision": s.chunk_to_decision_ms.summary(),
+                           "chunk_to_fire_request": s.chunk_to_handoff_ms.summary(),
+                           "fire_error": s.fire_error_ms.summary()},
+            "update_cost_us": s.update_cost_us.summary(),
+            "predicted_phase_error_deg": circular_stats_deg(predicted),
+            "eeg_buffer_fill": fill, "samples_lost": s.samples_lost,
+            "pulses": s.fired, "refused": dict(s.refused),
+        }
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:

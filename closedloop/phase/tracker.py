@@ -33,6 +33,7 @@ __all__ = ["PhaseTracker", "TrackerStatus"]
 Array = npt.NDArray[np.float64]
 
 _GAP_SAMPLES = 5.0  # a jump of more than this many sample periods resets the filters
+_RECALIBRATION_MAX_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +53,9 @@ class PhaseTracker:
         self.spatial = hjorth(labels, cfg.channel, cfg.reference)
         self.decimator = Decimator(fs_in, Decimator.factor_for(fs_in, cfg.processing_rate_hz))
         self.fs = self.decimator.fs_out
-        cap = int(max(cfg.window_ms / 1000.0 * 4, (cfg.calibration_s + 1.0)
-                      if cfg.band_hz == "auto" else 0.0) * self.fs) + 16
+        # history: enough for the estimator, a calibration and a later re-calibration
+        cap = int(max(cfg.window_ms / 1000.0 * 4, cfg.calibration_s + 1.0,
+                      _RECALIBRATION_MAX_S) * self.fs) + 16
         self._x = np.zeros(cap)
         self._t = np.zeros(cap)
         self._end = 0  # write position in the history arrays
@@ -67,6 +69,30 @@ class PhaseTracker:
         self.resets = 0
         if cfg.band_hz != "auto":
             self._set_band(cfg.band_hz)
+
+    def set_band(self, band: tuple[float, float]) -> None:
+        """Use another band from now on (the estimator and amplitude filter restart)."""
+        self._set_band(band)
+        if self.amplitude is not None and self._n:
+            self.amplitude.process(self._x[self._end - self._n:self._end])
+
+    def available_s(self) -> float:
+        """Seconds of continuous signal held."""
+        return self._n / self.fs
+
+    def calibrate(self, seconds: float) -> PeakFit:
+        """Find the individual peak in the newest ``seconds`` of signal and use its band.
+
+        Raises:
+            ValueError: less data than asked for (or than 4 s).
+        """
+        n = int(seconds * self.fs)
+        if n > self._n:
+            raise ValueError(f"only {self._n / self.fs:.1f} s of continuous EEG held, "
+                             f"{seconds:g} s asked for")
+        self.peak = find_peak(self._x[self._end - n:self._end], self.fs)
+        self.set_band(self.peak.band_hz)
+        return self.peak
 
     def _set_band(self, band: tuple[float, float]) -> None:
         c = self.cfg

@@ -19,17 +19,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EventLog", "read_events"]
+__all__ = ["EventLog", "clean_json", "read_events"]
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """JSON has no NaN: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     return value
 
 
@@ -66,7 +66,7 @@ class EventLog:
             if self.error is not None:
                 continue
             try:
-                self._fh.write(json.dumps(_clean(rec), separators=(",", ":")) + "\n")
+                self._fh.write(json.dumps(clean_json(rec), separators=(",", ":")) + "\n")
                 self._fh.flush()
                 self.written += 1
             except OSError as exc:

@@ -1,0 +1,68 @@
+"""Settings that may change while the service runs, validated like the config file.
+
+Only a whitelist of keys is live-settable (target phase, tolerance, band, amplitude gate,
+interval, jitter, intensity). Each change is applied to the whole configuration and run
+through the same validation as a TOML file, so an MQTT payload gets exactly the same
+error messages (naming the key) and the same bounds, including the safety limits: a value
+beyond them is refused, never clamped. Safety limits themselves, streams and drivers can
+only change by restarting with another file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from closedloop.config.load import check_cross_fields, config_to_dict, from_dict
+from closedloop.config.schema import Config
+from closedloop.errors import ConfigError
+
+__all__ = ["LIVE_KEYS", "apply_live_settings", "restart_keys"]
+
+# short name (as in MQTT payloads) -> dotted config key
+LIVE_KEYS: dict[str, str] = {
+    "target_phase_deg": "trigger.target_phase_deg",
+    "tolerance_deg": "trigger.tolerance_deg",
+    "amplitude_percentile": "trigger.amplitude_percentile",
+    "min_interval_s": "trigger.min_interval_s",
+    "jitter_s": "trigger.jitter_s",
+    "band_hz": "phase.band_hz",
+    "intensity_pct": "stimulator.intensity_pct",
+}
+
+
+def apply_live_settings(cfg: Config, changes: Mapping[str, Any], *, source: str) -> Config:
+    """A new configuration with ``changes`` (short or dotted keys) applied and validated.
+
+    Raises:
+        ConfigError: an unknown or not live-settable key, or an invalid value.
+    """
+    data = config_to_dict(cfg)
+    dotted = set(LIVE_KEYS.values())
+    for key, value in changes.items():
+        full = LIVE_KEYS.get(key, key)
+        if full not in dotted:
+            raise ConfigError(source=source, key=key, problem=(
+                "not settable while running (settable: " + ", ".join(LIVE_KEYS) + ")"))
+        section, name = full.split(".")
+        data[section][name] = value
+    new = from_dict(Config, data, source=source)
+    check_cross_fields(new, source)
+    return new
+
+
+def restart_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys that differ between two configs and are not live-settable."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    live = set(LIVE_KEYS.values())
+    out = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y and prefix[:-1] not in live:
+            out.append(prefix[:-1])
+
+    walk(a, b, "")
+    return out

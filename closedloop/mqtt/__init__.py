@@ -1,0 +1,1 @@
+"""MQTT control plane: commands in, status, events and metrics out."""
