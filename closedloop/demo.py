@@ -9,6 +9,7 @@ matched to the pulses the service fired to report the phase error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from closedloop.config.load import load_config
 from closedloop.config.schema import Config, StreamSelector
 from closedloop.control.service import ClosedLoopService, ServiceStats
 from closedloop.control.stats import circular_stats_deg
+from closedloop.mqtt.local_broker import local_broker
 from closedloop.streams.reader import MarkerReader
 
 __all__ = ["demo_overrides", "run_demo", "summarize"]
@@ -41,8 +44,71 @@ def demo_overrides(prefix: str, events: str) -> list[str]:
     ]
 
 
+async def _operator(cfg: Config, duration_s: float, report: dict[str, Any],
+                    echo: bool) -> None:
+    """Drive the demo over MQTT, as an experiment computer would."""
+    from closedloop.mqtt.ctl import send_command, watch  # noqa: PLC0415
+
+    counts: dict[str, int] = {}
+
+    def count(line: str) -> None:
+        topic = line.split(" ", 1)[0].removeprefix(cfg.mqtt.topic_prefix())
+        counts[topic] = counts.get(topic, 0) + 1
+
+    watcher = asyncio.create_task(watch(cfg.mqtt, out=count))
+    rtts: list[float] = []
+    start = asyncio.get_running_loop().time()
+    script: list[tuple[float, str, dict[str, Any]]] = [
+        (1.0, "status", {}),
+        (duration_s / 2, "set", {"target_phase_deg": 180}),
+        (max(1.5, duration_s - 1.0), "status", {}),
+    ]
+    try:
+        for at, verb, args in script:
+            await asyncio.sleep(max(0.0, start + at - asyncio.get_running_loop().time()))
+            t0 = asyncio.get_running_loop().time()
+            reply = await send_command(cfg.mqtt, verb, args)
+            rtt = (asyncio.get_running_loop().time() - t0) * 1000.0
+            rtts.append(rtt)
+            if echo:
+                shown = " ".join(f"{k}={v}" for k, v in args.items())
+                state = reply.get("result", {}).get("state", "") if reply["ok"] else ""
+                print(f"[mqtt] ctl {verb} {shown} -> {'ok' if reply['ok'] else reply['error']}"
+                      f"{' (' + state + ')' if state else ''}, {rtt:.1f} ms", flush=True)
+    finally:
+        await asyncio.sleep(0.5)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    report.update({"commands": len(rtts), "round_trip_ms": [round(r, 2) for r in rtts],
+                   "messages_seen": dict(sorted(counts.items()))})
+
+
+async def _demo(cfg_overrides: list[str], duration_s: float, truth: list[dict[str, Any]],
+                prefix: str, mqtt: bool, echo: bool, report: dict[str, Any]
+                ) -> tuple[ServiceStats, Config]:
+    broker_cm = local_broker() if mqtt else contextlib.nullcontext(None)
+    async with broker_cm as broker:
+        extra = []
+        if broker is not None:
+            extra = ["mqtt.enabled=true", f'mqtt.instance="{prefix}"', f"mqtt.port={broker.port}",
+                     f'mqtt.host="{broker.host}"', f'mqtt.protocol="{broker.protocol}"',
+                     "mqtt.metrics_interval_s=2"]
+            report["broker"] = f"{broker.kind} at {broker.host}:{broker.port} " \
+                               f"(MQTT {broker.protocol})"
+            if echo:
+                print(f"[mqtt] broker: {report['broker']}; topics under "
+                      f"closedloop/{prefix}/", flush=True)
+        cfg = load_config(None, [*cfg_overrides, *extra])
+        stats = await _run_service(cfg, duration_s, truth, prefix,
+                                   operator=_operator(cfg, duration_s, report, echo)
+                                   if mqtt else None)
+        return stats, cfg
+
+
 async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any]],
-                       prefix: str) -> ServiceStats:
+                       prefix: str, operator: Coroutine[Any, Any, None] | None = None
+                       ) -> ServiceStats:
     service = ClosedLoopService(cfg, config_source="demo")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -57,29 +123,39 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
                                 on_event=lambda _e: None)
     truth_reader.start()
     task = asyncio.create_task(service.run(stop))
+    helper = None
     try:
         ready = asyncio.create_task(service.ready.wait())
         done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
+        if operator is not None:
+            helper = asyncio.create_task(operator)
         await asyncio.wait({task}, timeout=duration_s)
+        if helper is not None:
+            await helper
         stop.set()
         stats = await task
         await asyncio.sleep(0.3)  # the truth for the last pulse
         return stats
     finally:
         stop.set()
+        if helper is not None and not helper.done():
+            helper.cancel()
+        elif helper is None and operator is not None:
+            operator.close()  # never started
         truth_reader.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
 def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: int | None,
-             events: str | None, as_json: bool) -> int:
+             events: str | None, as_json: bool, mqtt: bool = False) -> int:
     """Run the demo; print the summary; return the exit code."""
     prefix = f"cl-demo-{os.getpid()}"
     events = events or str(Path(tempfile.gettempdir()) / f"{prefix}-events.jsonl")
-    cfg = load_config(None, [*demo_overrides(prefix, events), *overrides])
+    overrides = [*demo_overrides(prefix, events), *overrides]
+    cfg = load_config(None, overrides)
     sim_cmd = [sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
                "--coil-stream", cfg.stimulator.coil_stream, "--eeg-rate", str(eeg_rate),
                "--emg-rate", str(min(eeg_rate, 5000.0))]
@@ -91,8 +167,10 @@ def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: 
               f"; events -> {events}", flush=True)
     sim = subprocess.Popen(sim_cmd, stdin=subprocess.DEVNULL)
     truth: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
     try:
-        stats = asyncio.run(_run_service(cfg, duration_s, truth, prefix))
+        stats, cfg = asyncio.run(_demo(overrides, duration_s, truth, prefix, mqtt,
+                                       not as_json, report))
     finally:
         sim.send_signal(signal.SIGINT)
         try:
@@ -101,6 +179,8 @@ def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: 
             sim.kill()
     summary = summarize(stats, truth, cfg)
     summary["events"] = events
+    if mqtt:
+        summary["mqtt"] = report
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -112,13 +192,14 @@ def summarize(stats: ServiceStats, truth: list[dict[str, Any]], cfg: Config) -> 
     """Pulses, refusals, phase error against the truth, MEPs, latencies."""
     target = cfg.trigger.target_phase_deg
     errors = []
+    targets = sorted({p["target_phase_deg"] for p in stats.pulses})
     matched = 0
     for p in stats.pulses:
         best = min(truth, key=lambda t: abs(t["pulse_lsl_time"] - p["lsl_time"]), default=None)
         if best is not None and abs(best["pulse_lsl_time"] - p["lsl_time"]) < 1e-3:
             matched += 1
-            errors.append(math.degrees(math.remainder(
-                math.radians(best["true_phase_deg"] - target), 2 * math.pi)))
+            errors.append(math.degrees(math.remainder(  # against the pulse's own target
+                math.radians(best["true_phase_deg"] - p["target_phase_deg"]), 2 * math.pi)))
     meps = [m for m in stats.meps if m["source"] == "closedloop"]
     accepted = [m["p2p_uv"] for m in meps if not m["rejected"] and m["p2p_uv"] is not None]
     reasons: dict[str, int] = {}
@@ -132,7 +213,7 @@ def summarize(stats: ServiceStats, truth: list[dict[str, Any]], cfg: Config) -> 
         "refused": dict(stats.refused.most_common()),
         "min_inter_pulse_interval_s": round(float(intervals.min()), 4) if len(intervals) else None,
         "max_intensity_pct": max((p["intensity_pct"] for p in stats.pulses), default=None),
-        "target_phase_deg": target,
+        "target_phase_deg": target if len(targets) <= 1 else targets,
         "phase_error_vs_truth": {**circular_stats_deg(errors), "matched_pulses": matched},
         "mep": {"records": len(meps), "pulses_with_mep_record": len(
                     {m["pulse_lsl_time"] for m in meps}),
@@ -166,7 +247,7 @@ def format_summary(s: dict[str, Any]) -> str:
         "== closedloop demo summary ==",
         f"pulses fired:        {s['pulses_fired']}  (of {s['decisions']} decisions)",
         f"refused:             {refused}",
-        f"phase error vs truth (target {s['target_phase_deg']:g}°): "
+        f"phase error vs truth (target {_targets(s['target_phase_deg'])}): "
         + (f"circular mean {pe['mean_deg']:+.1f}°, circular SD {pe['sd_deg']:.1f}° "
            f"over {pe['n']} pulses" if pe["n"] else "no pulses matched"),
         f"MEPs:                {mep['records']} records for {mep['pulses_with_mep_record']} "
@@ -177,4 +258,15 @@ def format_summary(s: dict[str, Any]) -> str:
         f"fire error (actual−scheduled) ms: {pct(lat['fire_error'])}",
         f"event log:           {s['events']}",
     ]
+    if "mqtt" in s:
+        m = s["mqtt"]
+        lines.append(f"MQTT:                {m.get('broker')}; {m.get('commands', 0)} commands, "
+                     f"round trips {m.get('round_trip_ms')} ms; messages seen "
+                     f"{m.get('messages_seen')}")
     return "\n".join(lines)
+
+
+def _targets(t: float | list[float]) -> str:
+    if isinstance(t, list):
+        return ", ".join(f"{x:g}°" for x in t) + ", each pulse against its own"
+    return f"{t:g}°"

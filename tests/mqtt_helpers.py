@@ -29,10 +29,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def make_certificates(tmp: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1; returns the CA file."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=closedloop-test-ca")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return tmp / "ca.crt"
+
+
 class Broker:
     """A private Mosquitto on its own port, restartable, optionally with passwords."""
 
-    def __init__(self, tmp: Path, *, users: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, *, users: dict[str, str] | None = None,
+                 tls: bool = False) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             pytest.skip("mosquitto is not installed (.ci/run installs it)")
@@ -50,6 +69,11 @@ class Broker:
             conf += ["allow_anonymous false", f"password_file {pw}"]
         else:
             conf += ["allow_anonymous true"]
+        self.ca: Path | None = None
+        if tls:
+            self.ca = make_certificates(tmp)
+            conf += [f"cafile {tmp / 'ca.crt'}", f"certfile {tmp / 'server.crt'}",
+                     f"keyfile {tmp / 'server.key'}"]
         self.conf = tmp / f"mosquitto-{self.port}.conf"
         self.conf.write_text("\n".join(conf) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None

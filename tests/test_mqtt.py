@@ -340,3 +340,72 @@ def test_wrong_credentials_are_refused(tmp_path: Path, eeg: str) -> None:
         assert "authori" in lost[-1]["error"].lower()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+def test_local_brokers_for_the_demo(tmp_path: Path, eeg: str, kind: str) -> None:
+    """The demo's brokers, including MQTT 3.1.1 (replies on reply/<verb>)."""
+    from closedloop.mqtt.ctl import send_command  # noqa: PLC0415
+    from closedloop.mqtt.local_broker import local_broker  # noqa: PLC0415
+
+    async def scenario() -> None:
+        async with local_broker(kinds=(kind,)) as broker:
+            assert broker.kind == kind
+            inst = unique("local")
+            cfg = mqtt_config(tmp_path, eeg, inst, f'mqtt.protocol="{broker.protocol}"',
+                              port=broker.port)
+            svc = await asyncio.to_thread(ThreadedService, cfg)
+            try:
+                await asyncio.to_thread(wait_connected, svc)
+                reply = await send_command(cfg.mqtt, "status", {})
+                assert reply["ok"]
+                assert reply["result"]["state"] == "idle"
+                reply = await send_command(cfg.mqtt, "set", {"target_phase_deg": 45})
+                assert reply["result"]["target_phase_deg"] == 45
+            finally:
+                await asyncio.to_thread(svc.stop)
+
+    asyncio.run(scenario())
+
+
+def test_demo_with_mqtt(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "closedloop", "demo", "--duration", "8", "--eeg-rate", "1000",
+         "--mqtt", "--json", "--events", str(tmp_path / "d.jsonl")],
+        capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["mqtt"]["commands"] == 3
+    assert s["mqtt"]["messages_seen"].get("status", 0) >= 1
+    events = read_events(tmp_path / "d.jsonl")
+    commands = [e for e in events if e["event"] == "command"]
+    assert [c["verb"] for c in commands] == ["status", "set", "status"]
+    assert all(c["ok"] for c in commands)
+
+
+def test_tls_with_credentials(tmp_path: Path, eeg: str) -> None:
+    broker = Broker(tmp_path, users={"rig": "pw"}, tls=True)
+    try:
+        inst = unique("tls")
+        cfg = mqtt_config(tmp_path, eeg, inst, 'mqtt.username="rig"', 'mqtt.password="pw"',
+                          f'mqtt.tls.ca="{broker.ca}"', port=broker.port)
+        svc = ThreadedService(cfg)
+        try:
+            wait_connected(svc)
+            ok = subprocess.run(
+                [sys.executable, "-m", "closedloop", "ctl", "status", "--port", str(broker.port),
+                 "--instance", inst, "--set", 'mqtt.username="rig"', "--set",
+                 'mqtt.password="pw"', "--set", f'mqtt.tls.ca="{broker.ca}"'],
+                capture_output=True, text=True, timeout=30, check=False)
+            assert ok.returncode == 0, ok.stderr
+            assert json.loads(ok.stdout)["result"]["state"] == "idle"
+            plain = subprocess.run(  # the same port without TLS does not get through
+                [sys.executable, "-m", "closedloop", "ctl", "status", "--port", str(broker.port),
+                 "--instance", inst, "--set", 'mqtt.username="rig"', "--set",
+                 'mqtt.password="pw"', "--timeout", "2"],
+                capture_output=True, text=True, timeout=30, check=False)
+            assert plain.returncode != 0
+        finally:
+            svc.stop()
+    finally:
+        broker.stop()

@@ -226,6 +226,7 @@ class _CoilListener(threading.Thread):
                     continue
                 inlet = pylsl.StreamInlet(found[0], recover=True,
                                           processing_flags=pylsl.proc_clocksync)
+                inlet.open_stream(timeout=2.0)
             try:
                 sample, ts = inlet.pull_sample(timeout=0.05)
             except LostError:
