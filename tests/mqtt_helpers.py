@@ -57,7 +57,7 @@ class Broker:
             pytest.skip("mosquitto is not installed (.ci/run installs it)")
         self.exe = exe
         self.port = free_port()
-        conf = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        conf = [f"listener {self.port} 127.0.0.1", "persistence false", "set_tcp_nodelay true"]
         if os.geteuid() == 0:  # mosquitto would drop to its own user, who cannot read tmp_path
             conf.append("user root")
         if users:

@@ -146,3 +146,17 @@ def test_tracker_auto_band_and_reset_after_gap() -> None:
     assert tracker.resets == 1
     assert tracker.status().state == "warming_up"
     assert tracker.estimate() is None
+
+
+def test_timestamp_jitter_is_not_a_gap() -> None:
+    """Chunks stamped at push time without dejitter jump by milliseconds: no reset."""
+    rng = np.random.default_rng(8)
+    fs = 5000.0
+    tracker = PhaseTracker(fs_in=fs, labels=["C3"], cfg=PhaseConfig(reference=()))
+    t = 0.0
+    for _ in range(600):
+        t += 0.002 + rng.uniform(-0.0015, 0.0015)  # push time of a 10-sample chunk
+        ts = t - np.arange(9, -1, -1) / fs
+        tracker.push(np.cos(2 * np.pi * 10 * ts)[:, None], ts)
+    assert tracker.resets == 0
+    assert tracker.estimate() is not None

@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,9 @@ def pusher(name: str, rate: float, chunk_ms: float, seconds: float) -> None:
         k += n
 
 
-async def measure(rate: float, seconds: float, chunk_ms: float) -> dict[str, object]:
+async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str, ...] = (),
+                  during: Any = None) -> dict[str, object]:
+    """One service run against a fresh pusher; ``during(service)`` runs while measuring."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
     child = subprocess.Popen([sys.executable, __file__, "--pusher", name, "--rate", str(rate),
                               "--chunk-ms", str(chunk_ms), "--seconds", str(seconds + 8)])
@@ -77,7 +80,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float) -> dict[str, obj
         "trigger.tolerance_deg=180", "trigger.scheduling_margin_ms=0",
         "trigger.amplitude_percentile=0", "trigger.min_interval_s=0.1", "trigger.jitter_s=0",
         "safety.min_interval_s=0.1", "safety.max_pulses_per_window=1000",
-        "safety.max_pulses=10000"])
+        "safety.max_pulses=10000", *extra])
     service = ClosedLoopService(cfg)
     stop = asyncio.Event()
     try:
@@ -89,7 +92,10 @@ async def measure(rate: float, seconds: float, chunk_ms: float) -> dict[str, obj
             ring.reset()  # measure after the warm-up only
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         w0 = time.perf_counter()
-        await asyncio.sleep(seconds)
+        extra_result = await during(service) if during is not None else None
+        remaining = seconds - (time.perf_counter() - w0)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         w1 = time.perf_counter()
         t_end = pylsl.local_clock()
@@ -114,6 +120,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float) -> dict[str, obj
         "update_cost_us": stats.update_cost_us.summary(),
         "cpu_pct_of_one_core": round(cpu, 1),
         "pulses": stats.fired, "refused": dict(stats.refused),
+        **({"during": extra_result} if extra_result is not None else {}),
     }
 
 

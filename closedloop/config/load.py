@@ -9,6 +9,7 @@ a default). The same machinery validates ``--set KEY=VALUE`` overrides.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
 import types
@@ -84,7 +85,7 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     cls: Any = Config
     node = data
     for i, part in enumerate(parts):
-        hints = get_type_hints(cls)
+        hints = _hints(cls)
         if part not in hints:
             raise ConfigError(source="--set", key=key,
                               problem=f"unknown key '{part}' (known: {', '.join(hints)})")
@@ -105,8 +106,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: str
     if not isinstance(data, Mapping):
         raise ConfigError(source=source, key=prefix.rstrip("."),
                           problem=f"expected a table, got {_show(data)}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    klass: Any = cls  # classes are hashable; mypy cannot see it through the TypeVar
+    hints = _hints(klass)
+    fields = _fields(klass)
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(source=source, key=prefix + unknown[0],
@@ -129,6 +131,17 @@ def config_to_dict(obj: Any) -> Any:
     if isinstance(obj, tuple | list):
         return [config_to_dict(v) for v in obj]
     return obj
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    """Resolved annotations of a config class (resolving them is slow; they never change)."""
+    return get_type_hints(cls)
+
+
+@functools.cache
+def _fields(cls: Any) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _dataclass_in(tp: Any) -> Any:

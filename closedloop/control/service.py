@@ -137,11 +137,11 @@ class ClosedLoopService:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
                          tg.create_task(self._housekeeping(), name="housekeeping")]
-                if cfg.mqtt.enabled:
+                if cfg.mqtt.enabled:  # in its own thread: MQTT never shares this loop
                     from closedloop.mqtt.plane import MqttControlPlane  # noqa: PLC0415
 
                     self.control_plane = MqttControlPlane(self, cfg.mqtt)
-                    tasks.append(tg.create_task(self.control_plane.run(), name="mqtt"))
+                    self.control_plane.start()
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -154,6 +154,10 @@ class ClosedLoopService:
             await self._shutdown()
             sys.setswitchinterval(old_switch)
         return self.stats
+
+    def fail(self, exc: BaseException) -> None:
+        """A fault that stops the service: disarm at once, record, stop (on the loop)."""
+        self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         """A fault that stops the service: disarm at once, record, stop."""
@@ -234,6 +238,8 @@ class ClosedLoopService:
     async def _shutdown(self) -> None:
         if self.stim is not None:
             self.stim.disarm()
+        if self.control_plane is not None:
+            await asyncio.to_thread(self.control_plane.stop)
         if self.scheduler is not None:
             self.scheduler.cancel("shutdown")
             await asyncio.to_thread(self.scheduler.stop)
@@ -563,10 +569,11 @@ class ClosedLoopService:
             ConfigError: naming the bad key; nothing is changed then.
         """
         new = apply_live_settings(self.cfg, changes, source=by)
-        self._apply_config(new, by=by)
+        self.apply_config(new, by=by)
         return self.settings()
 
-    def _apply_config(self, new: Config, *, by: str) -> None:
+    def apply_config(self, new: Config, *, by: str) -> None:
+        """Swap in an already validated config that differs only in live settings."""
         old = self.cfg
         if self.stim is not None and new.stimulator.intensity_pct != old.stimulator.intensity_pct:
             try:
@@ -650,7 +657,7 @@ class ClosedLoopService:
         blocked = restart_keys(self.cfg, new)
         if blocked:
             raise ControlError("reload: these keys need a restart: " + ", ".join(blocked))
-        self._apply_config(new, by=by)
+        self.apply_config(new, by=by)
         return self.settings()
 
     def status(self) -> dict[str, Any]:

@@ -68,7 +68,7 @@ async def local_broker(kinds: Sequence[str] = ("existing", "mosquitto", "amqtt")
         with tempfile.TemporaryDirectory() as tmp:
             conf = Path(tmp) / "mosquitto.conf"
             conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                            "persistence false\n")
+                            "persistence false\nset_tcp_nodelay true\n")
             proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             try:

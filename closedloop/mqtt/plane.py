@@ -16,11 +16,15 @@ Topics, under ``mqtt.topic_prefix()`` (default ``closedloop/<instance>/``):
 - ``metrics``: :meth:`ClosedLoopService.metrics` every ``metrics_interval_s``, with the
   telemetry counters of this plane.
 
-The real-time path never waits for the broker: events go into a bounded queue that a
-publisher task drains; while disconnected or when the queue is full, telemetry is dropped
-and counted (``telemetry_dropped`` in metrics). A lost broker is retried with jittered
-exponential backoff (as aiomqtt's own examples recommend); ``on_disconnect = "disarm"``
-disarms the stimulator the moment control is lost.
+The real-time path never waits for the broker, nor shares its event loop with MQTT: the
+plane runs in its own thread with its own event loop (:meth:`MqttControlPlane.start`).
+Payload parsing and config validation happen in that thread; only the final, cheap step
+of a command (arm, swap in a validated config, build the status) runs on the service's
+loop. Events go into a bounded queue that a publisher task drains; while disconnected or
+when the queue is full, telemetry is dropped and counted (``telemetry_dropped``). A lost
+broker is retried with jittered exponential backoff (as aiomqtt's own examples
+recommend); ``on_disconnect = "disarm"`` disarms the stimulator the moment control is
+lost.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import contextlib
 import json
 import os
 import random
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +47,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from closedloop.config.schema import MqttConfig
+from closedloop.control.runtime import apply_live_settings
 from closedloop.control.service import ClosedLoopService
 from closedloop.errors import ConfigError, ControlError
 from closedloop.mqtt.commands import Command, CommandError, parse_command
@@ -65,13 +72,16 @@ def client_kwargs(cfg: MqttConfig, *, identifier: str,
         tls = aiomqtt.TLSParameters(ca_certs=cfg.tls.ca, certfile=cfg.tls.cert,
                                     keyfile=cfg.tls.key)
     proto = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    # TCP_NODELAY: without it a QoS 1 publish waits ~40 ms for its PUBACK (Nagle's
+    # algorithm against delayed ACKs); the broker should set it too (set_tcp_nodelay)
     return {"hostname": cfg.host, "port": cfg.port, "username": cfg.username,
             "password": cfg.password, "identifier": identifier, "protocol": proto,
-            "keepalive": cfg.keepalive_s, "tls_params": tls, "will": will, "timeout": 5.0}
+            "keepalive": cfg.keepalive_s, "tls_params": tls, "will": will, "timeout": 5.0,
+            "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]}
 
 
 class MqttControlPlane:
-    """Runs beside a :class:`ClosedLoopService` until cancelled."""
+    """Runs beside a :class:`ClosedLoopService`, in its own thread (:meth:`start`)."""
 
     def __init__(self, service: ClosedLoopService, cfg: MqttConfig,
                  *, wall_clock: Callable[[], float] = time.time) -> None:
@@ -82,6 +92,11 @@ class MqttControlPlane:
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()
         self._queue_ready = asyncio.Event()
         self._status_changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the plane's own loop
+        self._service_loop = asyncio.get_running_loop()
+        self._main: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._signalled = False
         self._client: aiomqtt.Client | None = None
         self.connected = False
         self.dropped = 0
@@ -93,10 +108,59 @@ class MqttControlPlane:
         self._decision_last = time.monotonic()
         service.add_listener(self._on_event)
 
-    # -- telemetry from the service (event loop, never blocks) ------------------------
+    # -- thread life cycle ----------------------------------------------------------------
+    def start(self) -> None:
+        """Run the plane in its own thread (call from the service's event loop)."""
+        started = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._main = loop.create_task(self.run(), name="mqtt-plane")
+            started.set()
+            try:
+                loop.run_until_complete(self._main)
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # a bug in the plane: the service must hear of it
+                self._service_loop.call_soon_threadsafe(self.service.fail, exc)
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="mqtt-plane", daemon=True)
+        self._thread.start()
+        started.wait(5.0)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish the final status, disconnect and end the thread (blocking)."""
+        loop, task = self._loop, self._main
+        if loop is not None and task is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may have ended already
+                loop.call_soon_threadsafe(task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    async def _on_service(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on the service's event loop and return its result here."""
+        async def call() -> Any:
+            return fn(*args, **kwargs)
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(call(), self._service_loop))
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        self._service_loop.call_soon_threadsafe(lambda: self.service.record(kind, **fields))
+
+    def _wake(self, event: asyncio.Event) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    # -- telemetry from the service (called on the service's loop, never blocks) --------
     def _on_event(self, kind: str, fields: dict[str, Any]) -> None:
         if kind in _STATE_EVENTS:
-            self._status_changed.set()
+            self._wake(self._status_changed)
         if kind == "pulse":
             topic = "events/pulse"
         elif kind == "mep":
@@ -112,8 +176,10 @@ class MqttControlPlane:
         if not self.connected or len(self._queue) >= self.cfg.telemetry_queue:
             self.dropped += 1
             return
+        was_empty = not self._queue
         self._queue.append((topic, {"event": kind, **fields}))
-        self._queue_ready.set()
+        if was_empty:  # one wake-up per batch, not per event
+            self._wake(self._queue_ready)
 
     def _decision_allowed(self) -> bool:
         rate = self.cfg.decision_rate_hz
@@ -141,7 +207,7 @@ class MqttControlPlane:
                     self.connected = True
                     self.connections += 1
                     if attempt:
-                        self.service.record("control_restored", after_attempts=attempt)
+                        self._record("control_restored", after_attempts=attempt)
                     attempt = 0
                     if self.cfg.protocol == "5":  # see the retain flag as published
                         await client.subscribe(self.prefix + "cmd/#", options=SubscribeOptions(
@@ -155,8 +221,7 @@ class MqttControlPlane:
                             tg.create_task(self._publisher(client), name="mqtt-publisher")
                             tg.create_task(self._periodic(), name="mqtt-periodic")
                     except asyncio.CancelledError:  # a clean stop: say so in the status
-                        stopped = {**self.service.status(), "state": "offline",
-                                   "reason": "stopped"}
+                        stopped = {"state": "offline", "reason": "stopped", "pid": os.getpid()}
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(client.publish(
                                 self.prefix + "status", _dumps(stopped), qos=1, retain=True), 2)
@@ -170,9 +235,10 @@ class MqttControlPlane:
                 self.last_error = str(exc)
                 attempt += 1
                 if was_connected or attempt == 1:
-                    self.service.record("control_lost", error=str(exc), attempt=attempt)
+                    self._record("control_lost", error=str(exc), attempt=attempt)
                     if self.cfg.on_disconnect == "disarm":
-                        self.service.disarm(by="mqtt_disconnected")
+                        self._service_loop.call_soon_threadsafe(
+                            lambda: self.service.disarm(by="mqtt_disconnected"))
                 delay = min(self.cfg.reconnect_max_s, 0.2 * 2 ** min(attempt, 10))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
@@ -188,6 +254,7 @@ class MqttControlPlane:
                 topic, payload = self._queue.popleft()
                 await client.publish(self.prefix + topic, _dumps(payload), qos=0)
                 self.published += 1
+                await asyncio.sleep(0)  # let commands in between
 
     async def _periodic(self) -> None:
         next_metrics = time.monotonic() + self.cfg.metrics_interval_s
@@ -202,17 +269,17 @@ class MqttControlPlane:
                 await self._publish_status()
                 next_status = now + self.cfg.status_interval_s
             if now >= next_metrics:
-                await self._publish(self.prefix + "metrics", self.metrics())
+                await self._publish(self.prefix + "metrics", await self.metrics())
                 next_metrics = now + self.cfg.metrics_interval_s
 
-    def metrics(self) -> dict[str, Any]:
+    async def metrics(self) -> dict[str, Any]:
         """The service's metrics plus this plane's counters."""
-        return {**self.service.metrics(),
+        return {**await self._on_service(self.service.metrics),
                 "mqtt": {"telemetry_dropped": self.dropped, "published": self.published,
                          "commands": self.commands, "connections": self.connections}}
 
     async def _publish_status(self) -> None:
-        status = self.service.status()
+        status = await self._on_service(self.service.status)
         status["mqtt"] = {"telemetry_dropped": self.dropped, "connections": self.connections}
         await self._publish(self.prefix + "status", status, qos=1, retain=True)
 
@@ -241,7 +308,7 @@ class MqttControlPlane:
             cmd = parse_command(verb, raw, now_s=self._now(), max_age_s=self.cfg.max_command_age_s,
                                 max_bytes=self.cfg.max_payload_bytes, retained=message.retain)
             cid = cmd.id
-            result = self._execute(cmd)
+            result = await self._execute(cmd)
             reply: dict[str, Any] = {"ok": True, "verb": verb, "id": cid, "result": result}
         except CommandError as exc:
             reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": exc.key}
@@ -249,8 +316,7 @@ class MqttControlPlane:
             reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": exc.key}
         except ControlError as exc:
             reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": ""}
-        self.service.record("command", verb=verb[:40], ok=reply["ok"],
-                            error=reply.get("error"))
+        self._record("command", verb=verb[:40], ok=reply["ok"], error=reply.get("error"))
         properties = None
         if self.cfg.protocol == "5" and correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -258,28 +324,30 @@ class MqttControlPlane:
         target = response_topic or f"{self.prefix}reply/{verb[:64] or 'unknown'}"
         await client.publish(target, _dumps(reply), qos=1, properties=properties)
 
-    def _execute(self, cmd: Command) -> Any:
+    async def _execute(self, cmd: Command) -> Any:
         svc = self.service
         by = f"mqtt:{cmd.verb}"
+        on = self._on_service
         if cmd.verb == "arm":
-            svc.arm(by=by)
-            return {"state": svc.state}
-        if cmd.verb == "disarm":
-            svc.disarm(by=by)
-            return {"state": svc.state}
-        if cmd.verb == "start":
-            svc.start_protocol(cmd.args["protocol"], pulses=cmd.args["pulses"], by=by)
-            return {"state": svc.state}
-        if cmd.verb == "stop":
-            svc.stop_protocol(by=by)
-            return {"state": svc.state}
-        if cmd.verb == "set":
-            return svc.apply_settings(cmd.args, by=by)
-        if cmd.verb == "calibrate":
-            return svc.calibrate(seconds=cmd.args["seconds"], by=by)
-        if cmd.verb == "reload":
-            return svc.reload(by=by)
-        return svc.status()  # "status"
+            await on(svc.arm, by=by)
+        elif cmd.verb == "disarm":
+            await on(svc.disarm, by=by)
+        elif cmd.verb == "start":
+            await on(svc.start_protocol, cmd.args["protocol"], pulses=cmd.args["pulses"], by=by)
+        elif cmd.verb == "stop":
+            await on(svc.stop_protocol, by=by)
+        elif cmd.verb == "set":
+            # validated here, in this thread; only the swap runs on the service's loop
+            new = apply_live_settings(svc.cfg, cmd.args, source=by)
+            await on(svc.apply_config, new, by=by)
+            return await on(svc.settings)
+        elif cmd.verb == "calibrate":
+            return await on(svc.calibrate, seconds=cmd.args["seconds"], by=by)
+        elif cmd.verb == "reload":
+            return await on(svc.reload, by=by)
+        else:
+            return await on(svc.status)
+        return {"state": await on(lambda: svc.state)}
 
 
 def _dumps(payload: dict[str, Any]) -> str:

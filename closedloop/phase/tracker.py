@@ -32,7 +32,10 @@ __all__ = ["PhaseTracker", "TrackerStatus"]
 
 Array = npt.NDArray[np.float64]
 
-_GAP_SAMPLES = 5.0  # a jump of more than this many sample periods resets the filters
+# Timestamps jump forward or back by a few milliseconds when chunks are stamped at push
+# time without dejitter; only a jump beyond this is a gap (lost data, a restart) that
+# resets the filters. Loss and recovery of the stream reset them explicitly anyway.
+_GAP_S = 0.05
 _RECALIBRATION_MAX_S = 60.0
 
 
@@ -119,7 +122,7 @@ class PhaseTracker:
             return
         if self._last_ts is not None:
             step = ts[0] - self._last_ts
-            if step > _GAP_SAMPLES / self.fs_in or step <= 0:  # a gap, or time ran backwards
+            if abs(step) > max(_GAP_S, 5.0 / self.fs_in):  # a gap, or time ran backwards
                 self.reset()
         self._last_ts = float(ts[-1])
         x, xt = self.decimator.process(self.spatial.apply(data), ts)

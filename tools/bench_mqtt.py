@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Does the MQTT control plane cost the real-time path anything? JSON on stdout.
+
+In one run, alternating blocks (off, on, off, on) of the service at 5000 Hz x 64 EEG
+channels (as in ``bench_latency.py``): *off* with MQTT disabled, *on* with MQTT enabled,
+telemetry on (decisions, pulses, metrics every second), and a separate commander process
+sending ``1000`` commands per minute (``status`` and ``set`` alternately) over a
+persistent connection to the broker on 127.0.0.1:1883, measuring each round trip.
+
+Reported: the EEG-chunk-to-decision p50/p99 with MQTT off and on (the target: p99 "on"
+within 10% of "off"), and the command round-trip p50/p99.
+
+Usage: ``python tools/bench_mqtt.py [--seconds 20] [--rate 5000] [--per-minute 1000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_here = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("bench_latency", _here / "bench_latency.py")
+assert _spec is not None and _spec.loader is not None
+bench_latency = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_latency)
+
+
+async def commander(prefix: str, per_minute: float, seconds: float, port: int) -> None:
+    """Child process: send commands at a steady rate and print the round trips."""
+    import aiomqtt  # noqa: PLC0415
+    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+    from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+    rtts: list[float] = []
+    errors = 0
+    reply_topic = f"{prefix}reply/bench-{uuid.uuid4().hex[:8]}"
+    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5,
+                              socket_options=nodelay) as c:
+        await c.subscribe(reply_topic, qos=1)
+        period = 60.0 / per_minute
+        t_next = time.perf_counter()
+        end = t_next + seconds
+        n = 0
+        messages = aiomqtt.Client.messages.__get__(c)  # one iterator for the whole run
+        while time.perf_counter() < end:
+            await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+            t_next += period
+            verb = "status" if n % 2 == 0 else "set"
+            body: dict[str, Any] = {"ts": time.time(), "id": n}
+            if verb == "set":
+                body["tolerance_deg"] = 170 + n % 10
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = str(n).encode()
+            t0 = time.perf_counter()
+            await c.publish(f"{prefix}cmd/{verb}", json.dumps(body), qos=1, properties=props)
+            try:
+                async with asyncio.timeout(2.0):
+                    async for m in messages:
+                        if json.loads(bytes(m.payload)).get("id") == n:  # type: ignore[arg-type]
+                            break
+                rtts.append((time.perf_counter() - t0) * 1000.0)
+            except TimeoutError:
+                errors += 1
+            n += 1
+    print(json.dumps({"sent": n, "timeouts": errors, "rtts": rtts}))
+
+
+async def block(mqtt_on: bool, rate: float, seconds: float, per_minute: float, port: int
+                ) -> dict[str, Any]:
+    inst = f"bench-{uuid.uuid4().hex[:6]}"
+    prefix = f"closedloop/{inst}/"
+    extra: tuple[str, ...] = ()
+    if mqtt_on:
+        extra = ("mqtt.enabled=true", f'mqtt.instance="{inst}"', f"mqtt.port={port}",
+                 "mqtt.metrics_interval_s=1",
+                 "mqtt.status_interval_s=1")
+
+    async def load(_service: Any) -> dict[str, Any] | None:
+        if not mqtt_on:
+            return None
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--commander", prefix, "--per-minute", str(per_minute),
+            "--seconds", str(seconds - 1.0), "--port", str(port), stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        return dict(json.loads(out))
+
+    return dict(await bench_latency.measure(rate, seconds, 2.0, extra, load))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="per block")
+    ap.add_argument("--rate", type=float, default=5000.0)
+    ap.add_argument("--per-minute", type=float, default=1000.0)
+    ap.add_argument("--port", type=int, default=None,
+                    help="broker on 127.0.0.1 (default: a private mosquitto with "
+                         "set_tcp_nodelay, as configs/mosquitto recommends)")
+    ap.add_argument("--commander", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.commander:
+        asyncio.run(commander(args.commander, args.per_minute, args.seconds, args.port))
+        return
+    from closedloop.mqtt.local_broker import local_broker  # noqa: PLC0415
+
+    async def with_broker() -> list[tuple[bool, dict[str, Any]]]:
+        kinds = ("existing",) if args.port == 1883 else ("mosquitto",)
+        async with local_broker(kinds=kinds) as broker:
+            port = args.port or broker.port
+            out = []
+            for on in (False, True, False, True):
+                out.append((on, await block(on, args.rate, args.seconds, args.per_minute, port)))
+            return out
+
+    blocks = asyncio.run(with_broker())
+
+    def p99(on: bool) -> float:
+        return float(np.mean([b["chunk_to_decision"]["p99"] for o, b in blocks if o == on]))
+
+    def p50(on: bool) -> float:
+        return float(np.mean([b["chunk_to_decision"]["p50"] for o, b in blocks if o == on]))
+
+    rtts = [r for o, b in blocks if o for r in b["during"]["rtts"]]
+    sent = sum(b["during"]["sent"] for o, b in blocks if o)
+    timeouts = sum(b["during"]["timeouts"] for o, b in blocks if o)
+    result = {
+        "benchmark": "mqtt", "rate_hz": args.rate, "channels": 64,
+        "commands_per_minute": args.per_minute, "seconds_per_block": args.seconds,
+        "chunk_to_decision_ms": {"off": {"p50": round(p50(False), 4), "p99": round(p99(False), 4)},
+                                 "on": {"p50": round(p50(True), 4), "p99": round(p99(True), 4)}},
+        "p99_on_over_off": round(p99(True) / p99(False), 3),
+        "command_round_trip_ms": {
+            "count": len(rtts), "sent": sent, "timeouts": timeouts,
+            "p50": round(float(np.percentile(rtts, 50)), 3) if rtts else None,
+            "p99": round(float(np.percentile(rtts, 99)), 3) if rtts else None},
+        "cpu_pct_of_one_core": {"off": [b["cpu_pct_of_one_core"] for o, b in blocks if not o],
+                                "on": [b["cpu_pct_of_one_core"] for o, b in blocks if o]},
+        "blocks": [{"mqtt": o, "chunk_to_decision": b["chunk_to_decision"]} for o, b in blocks],
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
