@@ -24,7 +24,7 @@ import platform
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,9 +71,10 @@ class ServiceStats:
     estimates: int = 0
     fired: int = 0
     refused: Counter[str] = field(default_factory=Counter)
-    pulses: list[dict[str, Any]] = field(default_factory=list)
-    meps: list[dict[str, Any]] = field(default_factory=list)
-    stream_events: list[dict[str, Any]] = field(default_factory=list)
+    # bounded: a daemon runs for months (the event log keeps everything)
+    pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
+    meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=40_000))
+    stream_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
     chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
     chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
     fire_error_ms: LatencyRing = field(default_factory=LatencyRing)
@@ -695,7 +696,8 @@ class ClosedLoopService:
         fill = None
         if ring is not None:
             fill = round(min(ring.count, ring.capacity) / ring.capacity, 3)
-        predicted = [p["predicted_phase_deg"] - p["target_phase_deg"] for p in s.pulses[-200:]]
+        recent = list(s.pulses)[-200:]
+        predicted = [p["predicted_phase_deg"] - p["target_phase_deg"] for p in recent]
         return {
             "latency_ms": {"chunk_to_decision": s.chunk_to_decision_ms.summary(),
                            "chunk_to_fire_request": s.chunk_to_handoff_ms.summary(),
