@@ -55,6 +55,7 @@ class Pusher:
         self._paused = threading.Event()
         self._lock = threading.Lock()
         self.last_push: float | None = None
+        self.time_shift = 0.0  # added to the timestamps: a clock jump of the source
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -70,7 +71,8 @@ class Pusher:
                 continue
             with self._lock:
                 if self.outlet is not None:
-                    self.outlet.push_chunk(self.signal(t).astype(np.float32), float(t[-1]))
+                    self.outlet.push_chunk(self.signal(t).astype(np.float32),
+                                           float(t[-1]) + self.time_shift)
                     self.last_push = pylsl.local_clock()
 
     def pause(self) -> None:

@@ -34,7 +34,7 @@ import pylsl
 
 from closedloop import __version__
 from closedloop.config.load import config_to_dict, load_config
-from closedloop.config.schema import Config
+from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
 from closedloop.control.runtime import LIVE_KEYS, apply_live_settings, restart_keys
 from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
@@ -57,6 +57,10 @@ __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
 PROTOCOLS = ("phase-single",)
 
 _HOUSEKEEPING_S = 0.01
+_MAX_MARKER_CHARS = 1000
+_MAX_MARKER_AGE_S = 60.0
+_MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
+_CLOCK_GRACE_S = 2.0  # EEG stamped too old for this long is a clock problem, not a backlog
 _AMPLITUDE_WARMUP = 200  # amplitude values needed before the gate trusts its percentile
 _GIL_SWITCH_S = 0.0005
 _QUIET_BEFORE_S = 0.0015  # no pipeline update starts this close before a fire command
@@ -111,6 +115,7 @@ class ClosedLoopService:
         self._markers: PulseMarkerOutlet | None = None
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.control_plane: Any = None  # the MqttControlPlane when mqtt.enabled
+        self._last_external = -math.inf
         self._protocol: dict[str, Any] | None = None
         self.started_wall = time.time()
 
@@ -150,7 +155,10 @@ class ClosedLoopService:
                 raise self._fatal
         except BaseExceptionGroup as group:
             first = group.exceptions[0]
-            raise first from None
+            if isinstance(first, ClosedLoopError):
+                raise first from None
+            raise ClosedLoopError(f"internal error in the service ({type(first).__name__}: "
+                                  f"{first}); disarmed and stopped") from first
         finally:
             await self._shutdown()
             sys.setswitchinterval(old_switch)
@@ -290,6 +298,15 @@ class ClosedLoopService:
             lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0)
 
     async def _eeg_loop(self) -> None:
+        try:
+            await self._eeg_pipeline()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # in the pulse path: disarm, record, stop visibly
+            self._fail(exc)
+            raise
+
+    async def _eeg_pipeline(self) -> None:
         cfg = self.cfg
         assert self.eeg is not None and self.eeg.ring is not None and self.tracker is not None
         assert self.stim is not None
@@ -310,6 +327,9 @@ class ClosedLoopService:
         calibrated = tracker.band is not None
         interval_s = cfg.phase.update_interval_ms / 1000.0
         perf = time.perf_counter_ns
+        clock_bad = False
+        behind_since: float | None = None
+        last_reopen = -math.inf
         scheduler = self.scheduler
         assert scheduler is not None
         while True:
@@ -358,6 +378,30 @@ class ClosedLoopService:
                          amp_hist.threshold() if amp_hist.count >= _AMPLITUDE_WARMUP
                          else math.inf)
             now = pylsl.local_clock()
+            skew = now - newest  # how old the newest sample's timestamp claims to be
+            if not -_MAX_FUTURE_S <= skew <= cfg.safety.max_eeg_age_ms / 1000.0:
+                # no decision on data stamped in the future (a clock jump, a wrong
+                # time_offset_ms) or too old (a backlog, a clock that went back): a phase
+                # at such a time cannot be trusted. A backlog passes; a lasting mismatch
+                # is a fault, said once per episode.
+                self.stats.refused["eeg_timestamps"] += 1
+                behind_since = now if behind_since is None else behind_since
+                if not clock_bad and (skew < 0 or now - behind_since > _CLOCK_GRACE_S):
+                    clock_bad = True
+                    self._event("fault", error="eeg_clock_mismatch", message=(
+                        f"newest EEG timestamp is {-skew * 1000:+.1f} ms from now; no "
+                        "decisions until it is consistent again; reopening the EEG inlet"),
+                        skew_ms=round(skew * 1e3, 2))
+                if clock_bad and now - last_reopen > _CLOCK_GRACE_S:
+                    # LSL's dejitter and monotonize would take minutes to forget a jump
+                    last_reopen = now
+                    self.eeg.request_reopen()
+                    tracker.reset()
+                continue
+            behind_since = None
+            if clock_bad:
+                clock_bad = False
+                self._event("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
             decision, state = decide(est, now=now, params=params, state=state,
                                      armed=self.stim.armed,
                                      horizon_s=max(min_horizon, 1.5 * spacing),
@@ -467,9 +511,22 @@ class ClosedLoopService:
                 self.stop_protocol(by="protocol_complete")
 
     def _on_external_pulse(self, text: str, t: float) -> None:
+        now = pylsl.local_clock()
+        reason = None
+        if not text.strip() or len(text) > _MAX_MARKER_CHARS or not text.isprintable():
+            reason = "not a pulse marker (empty, over-long or binary)"
+        elif not math.isfinite(t) or abs(now - t) > _MAX_MARKER_AGE_S:
+            reason = f"time {t:.3f} is not within {_MAX_MARKER_AGE_S:g} s of now"
+        elif t - self._last_external < HARD_MIN_INTERVAL_S:
+            reason = "closer than any pulse interval to the previous marker"
+        if reason is not None:
+            self._event("external_pulse_ignored", pulse_lsl_time=t, marker=text[:80],
+                        reason=reason)
+            return
+        self._last_external = t
         self._event("external_pulse", pulse_lsl_time=t, marker=text[:200])
         if self.meps is not None:
-            self.meps.add_pulse(t, "marker", pylsl.local_clock())
+            self.meps.add_pulse(t, "marker", now)
 
     def _on_stream_event(self, ev: StreamEvent) -> None:
         rec = {"role": ev.role, "at_lsl_time": ev.lsl_time, **ev.detail}
@@ -479,8 +536,15 @@ class ClosedLoopService:
             reader = {"eeg": self.eeg, "emg": self.emg, "pulses": self.pulse_markers}[ev.role]
             err = reader.error if reader is not None and reader.error else ClosedLoopError(
                 str(ev.detail))
-            if ev.role == "eeg" or self.ready.is_set():
-                self._fail(err)
+            if ev.role == "eeg":
+                self._fail(err)  # no trustworthy phase without the EEG: stop, visibly
+            else:
+                # EMG and pulse markers are for measuring, not for firing: carry on without
+                # them (MEPs become 'emg_unavailable'), and say so
+                self._event("fault", error=type(err).__name__, message=str(err),
+                            role=ev.role, action="continuing without this stream")
+                if ev.role == "emg":
+                    self.emg = None
         elif ev.role == "eeg" and ev.kind == "lost" and self.scheduler is not None:
             self.scheduler.cancel("eeg_lost")
         elif ev.role == "eeg" and ev.kind == "recovered" and self.tracker is not None:

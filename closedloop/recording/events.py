@@ -56,7 +56,10 @@ class EventLog:
         """Write everything queued, then close the file."""
         self._q.put(None)
         self._thread.join(10.0)
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError as exc:  # the last flush failed: keep it as the log's error
+            self.error = self.error or exc
 
     def _run(self) -> None:
         while True:

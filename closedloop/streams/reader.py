@@ -73,6 +73,7 @@ class _LslThread:
         self._on_event = on_event
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._reopen = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lsl-{role}", daemon=True)
         self.summary: StreamSummary | None = None
         self.error: BaseException | None = None
@@ -86,6 +87,10 @@ class _LslThread:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def request_reopen(self) -> None:
+        """Close and re-resolve the inlet (resets LSL's clock sync, dejitter, monotonize)."""
+        self._reopen.set()
 
     def wait_connected(self, timeout: float) -> StreamSummary:
         """Block until the stream is open; raise what went wrong otherwise."""
@@ -149,6 +154,11 @@ class _LslThread:
                     n = 0
                     self._stop.wait(_POLL_S)  # the source is gone: do not spin
                 now = pylsl.local_clock()
+                if n > 0 and self._reopen.is_set():
+                    self._reopen.clear()
+                    inlet.close_stream()
+                    inlet = None
+                    continue
                 if n > 0:
                     self.last_arrival = now
                     if self.lost:
@@ -166,6 +176,10 @@ class _LslThread:
                 if self.lost and lost_since is not None and now - lost_since > _REOPEN_AFTER_LOST_S:
                     inlet.close_stream()
                     inlet = None  # look again: the source may come back under a new id
+                if self._reopen.is_set() and inlet is not None:
+                    self._reopen.clear()
+                    inlet.close_stream()
+                    inlet = None
         except Exception as exc:  # reported, never swallowed: the service stops on it
             self.error = exc if isinstance(exc, StreamError) else StreamError(
                 f"streams.{self.role}: {type(exc).__name__}: {exc}")
