@@ -14,7 +14,7 @@ from pathlib import Path
 
 from closedloop import __version__
 from closedloop.config.load import config_to_dict, load_config, parse_overrides
-from closedloop.errors import ClosedLoopError, ConfigError
+from closedloop.errors import ClosedLoopError, ConfigError, ControlError
 
 __all__ = ["main"]
 
@@ -31,8 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"closedloop {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the service until SIGINT/SIGTERM")
+    p = sub.add_parser("run", help="run the service until SIGINT/SIGTERM (SIGHUP reloads)")
     _add_config_args(p, required=True)
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="logs on stdout as text lines or JSON objects")
 
     p = sub.add_parser("demo", help="simulator + service + simulated stimulator, then a summary")
     p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
@@ -83,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     p.add_argument("--count", type=int, default=None, help="watch: stop after N messages")
 
+    p = sub.add_parser("status", help="print the health summary of a running service")
+    p.add_argument("--config", "-c", default=None, help="the service's config (finds the file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--file", default=None, help="the status file itself")
+
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", help="TOML configuration file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -91,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from closedloop.control.logs import log_event, setup_logging  # noqa: PLC0415
     from closedloop.control.service import ClosedLoopService  # noqa: PLC0415 - heavy import
 
     cfg = load_config(args.config, args.overrides)
+    setup_logging(args.log_format)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -102,6 +111,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         service = ClosedLoopService(cfg, config_source=str(args.config),
                                     config_overrides=tuple(args.overrides))
+        service.add_listener(log_event)
+
+        def reload() -> None:  # SIGHUP: a bad config is refused and the old one kept
+            try:
+                service.record("reloaded", by="SIGHUP", settings=service.reload(by="SIGHUP"))
+            except (ConfigError, ControlError) as exc:
+                service.record("reload_refused", by="SIGHUP", error=str(exc))
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         stats = await service.run(stop)
         print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
                           "decisions": stats.decisions,
@@ -182,6 +200,27 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    path = args.file or load_config(args.config, args.overrides).recording.status_path()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            status = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"closedloop: no status at {path}: {exc}", file=sys.stderr)
+        return 1
+    age = time.time() - float(status.get("written_wall_time", 0.0))
+    print(json.dumps(status, indent=2))
+    if status.get("state") == "stopped":
+        print(f"closedloop: the service stopped ({age:.0f} s ago)", file=sys.stderr)
+        return 1
+    if age > 5.0:
+        print(f"closedloop: status is {age:.0f} s old: is the service running?", file=sys.stderr)
+        return 1
+    return 0 if status.get("state") != "fault" else 1
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     if args.print:
@@ -205,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LSLAPICFG", str(Path(__file__).parent / "resources" / "lsl_api.cfg"))
     handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,
                 "check-config": _cmd_check_config, "replay": _cmd_replay,
-                "ctl": _cmd_ctl}
+                "ctl": _cmd_ctl, "status": _cmd_status}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -99,3 +99,55 @@ def test_every_public_name_exists() -> None:
         module = importlib.import_module(mod.name)
         for name in getattr(module, "__all__", []):
             assert hasattr(module, name), f"{mod.name}.__all__ names missing {name}"
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+def test_daemon_sighup_reload_json_logs_and_status(tmp_path: Path) -> None:
+    prefix = unique("daemon")
+    events = tmp_path / "d.jsonl"
+    cfg = tmp_path / "d.toml"
+    base = (f'[streams.eeg]\nname = "{prefix}-EEG"\n[stimulator]\ncoil_stream = "{prefix}-coil"\n'
+            f'arm_on_start = true\n[recording]\nevents = "{events}"\nmarker_stream = ""\n'
+            "[trigger]\nmin_interval_s = 0.5\namplitude_percentile = 0\n")
+    cfg.write_text(base + "target_phase_deg = 0\n")
+    sim = subprocess.Popen([sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
+                            "--eeg-rate", "1000", "--emg-rate", "1000", "--coil-stream",
+                            f"{prefix}-coil", "--seed", "2"], stdin=subprocess.DEVNULL)
+    run = subprocess.Popen([sys.executable, "-m", "closedloop", "run", "--config", str(cfg),
+                            "--log-format", "json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (tmp_path / "status.json").exists():
+            time.sleep(0.2)
+        status = subprocess.run([sys.executable, "-m", "closedloop", "status", "-c", str(cfg)],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["state"] == "armed"
+        cfg.write_text(base + "target_phase_deg = 90\n")
+        run.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        cfg.write_text(base + "target_phase_deg = 900\n")  # invalid: refused, old kept
+        run.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=20)
+    finally:
+        sim.terminate()
+        sim.wait(5)
+    assert run.returncode == 0, err
+    kinds = [e["event"] for e in read_events(events)]
+    assert "reloaded" in kinds
+    assert "reload_refused" in kinds
+    changed = [e for e in read_events(events) if e["event"] == "settings_changed"]
+    assert changed[-1]["changes"] == {"target_phase_deg": 90.0}
+    lines = [json.loads(line) for line in out.strip().splitlines()[:-1]]
+    assert {"session_start", "armed", "reloaded", "reload_refused", "session_end"} <= {
+        line.get("event") for line in lines}
+    assert all({"time", "level"} <= set(line) for line in lines)
+    stopped = subprocess.run([sys.executable, "-m", "closedloop", "status", "--file",
+                              str(tmp_path / "status.json")],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert stopped.returncode == 1
+    assert "stopped" in stopped.stderr

@@ -197,6 +197,15 @@ class RecordingConfig:
     events: str = opt("sessions/events.jsonl", "append-only JSONL event log")
     marker_stream: str = opt("closedloop-pulses", "LSL marker stream of fired pulses "
                              "(\"\" = none)")
+    status_file: str = opt("", "health summary rewritten every second (\"\" = status.json "
+                           "beside the event log)")
+
+    def status_path(self) -> str:
+        """Where the health summary is written."""
+        import os  # noqa: PLC0415
+
+        return self.status_file or os.path.join(os.path.dirname(self.events) or ".",
+                                                "status.json")
 
 
 @dataclass(frozen=True, kw_only=True)

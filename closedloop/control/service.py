@@ -18,6 +18,8 @@ stream cancels a pending pulse, and the gate independently refuses to fire on st
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import os
 import platform
@@ -42,7 +44,7 @@ from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, St
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.amplitude import RunningPercentile
 from closedloop.phase.tracker import PhaseTracker
-from closedloop.recording.events import EventLog
+from closedloop.recording.events import EventLog, clean_json
 from closedloop.recording.markers import PulseMarkerOutlet
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.safety import SafetyGate, SafetyLimits
@@ -57,6 +59,7 @@ __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
 PROTOCOLS = ("phase-single",)
 
 _HOUSEKEEPING_S = 0.01
+_STATUS_FILE_S = 1.0
 _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
 _MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
@@ -133,7 +136,7 @@ class ClosedLoopService:
         old_switch = sys.getswitchinterval()
         sys.setswitchinterval(_GIL_SWITCH_S)  # the fire thread must get the GIL promptly
         self.log = EventLog(cfg.recording.events)
-        self.log.write("session_start", lsl_time=pylsl.local_clock(), version=__version__,
+        self._event("session_start", version=__version__,
                        python=platform.python_version(), liblsl=pylsl.library_version(),
                        host=socket.gethostname(), pid=os.getpid(),
                        config_source=self.config_source, config=config_to_dict(cfg))
@@ -177,7 +180,7 @@ class ClosedLoopService:
         if self._fatal is None:
             self._fatal = exc
         if self.log is not None:
-            self.log.write("fault", lsl_time=pylsl.local_clock(), error=type(exc).__name__,
+            self._event("fault", error=type(exc).__name__,
                            message=str(exc))
         if self._stop is not None:
             self._stop.set()
@@ -217,7 +220,7 @@ class ClosedLoopService:
                 emg_labels = (await asyncio.to_thread(self.emg.wait_connected, timeout)).labels
             except StreamNotFoundError as exc:
                 # EMG is not needed to stimulate: carry on, MEPs are marked unavailable
-                self.log.write("stream_missing", lsl_time=pylsl.local_clock(), role="emg",
+                self._event("stream_missing", role="emg",
                                message=str(exc))
                 self.emg.stop()
                 self.emg = None
@@ -236,13 +239,13 @@ class ClosedLoopService:
         if cfg.recording.marker_stream:
             self._markers = PulseMarkerOutlet(cfg.recording.marker_stream,
                                               f"closedloop-{socket.gethostname()}-{os.getpid()}")
-        self.log.write("ready", lsl_time=pylsl.local_clock(), eeg=eeg.name,
+        self._event("ready", eeg=eeg.name,
                        eeg_rate_hz=eeg.rate_hz, eeg_channels=eeg.n_channels,
                        processing_rate_hz=self.tracker.fs,
                        band_hz=list(self.tracker.band) if self.tracker.band else "auto")
         if cfg.stimulator.arm_on_start:
             self.stim.arm()
-            self.log.write("armed", lsl_time=pylsl.local_clock(), by="arm_on_start")
+            self._event("armed", by="arm_on_start")
 
     async def _shutdown(self) -> None:
         if self.stim is not None:
@@ -254,7 +257,7 @@ class ClosedLoopService:
             await asyncio.to_thread(self.scheduler.stop)
         await asyncio.sleep(0)  # deliver outcomes queued by the fire thread
         if self.log is not None and self.stim is not None:
-            self.log.write("disarmed", lsl_time=pylsl.local_clock(), by="shutdown")
+            self._event("disarmed", by="shutdown")
         if self.meps is not None:
             # give MEP windows still open a moment to complete, then record the rest
             deadline = time.monotonic() + self.cfg.mep.window_ms[1] / 1000.0 + 0.1
@@ -268,9 +271,12 @@ class ClosedLoopService:
                 await asyncio.to_thread(reader.stop)
         if self.stim is not None:
             self.stim.driver.close()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(_write_status, self.cfg.recording.status_path(),
+                                    {**self.status(), "state": "stopped"})
         if self.log is not None:
             s = self.stats
-            self.log.write("session_end", lsl_time=pylsl.local_clock(), fired=s.fired,
+            self._event("session_end", fired=s.fired,
                            refused=dict(s.refused), decisions=s.decisions,
                            error=str(self._fatal) if self._fatal else None)
             await asyncio.to_thread(self.log.close)
@@ -552,9 +558,19 @@ class ClosedLoopService:
 
     # -- housekeeping ------------------------------------------------------------------
     async def _housekeeping(self) -> None:
+        next_status = 0.0
+        status_error_said = False
         while True:
             await asyncio.sleep(_HOUSEKEEPING_S)
             self._poll_meps()
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + _STATUS_FILE_S
+                status = self.status()
+                error = await asyncio.to_thread(_write_status, self.cfg.recording.status_path(),
+                                                status)
+                if error is not None and not status_error_said:
+                    status_error_said = True  # once: it would repeat every second
+                    self._event("status_file_error", message=error)
             if self.log is not None and self.log.error is not None:
                 self._fail(ClosedLoopError(f"recording.events: cannot write "
                                            f"{self.log.path}: {self.log.error}"))
@@ -771,6 +787,23 @@ class ClosedLoopService:
             "eeg_buffer_fill": fill, "samples_lost": s.samples_lost,
             "pulses": s.fired, "refused": dict(s.refused),
         }
+
+
+def _write_status(path: str, status: dict[str, Any]) -> str | None:
+    """Replace the health summary atomically (a reader never sees half a file).
+
+    Returns:
+        None, or the error (the caller records it once).
+    """
+    status = {**status, "written_wall_time": time.time()}
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(clean_json(status), fh, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        return f"{path}: {exc}"
+    return None
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
