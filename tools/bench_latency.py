@@ -13,9 +13,15 @@ pipeline allows. Reported, in milliseconds from the chunk's push:
   policy fired at once (the others wait, on purpose, for the predicted phase crossing);
 - ``fire_error``: actual minus scheduled pulse time;
 - ``update_cost_us``: CPU time of one pipeline update (read, DSP, estimate, decide);
-- ``cpu_pct_of_one_core``: the service process's CPU use during the run.
+- ``cpu_pct_of_one_core``: the service process's CPU use during the run;
+- ``stage_cost_us``: each stage of a decision (read + DSP, estimate, decide) and the
+  fire thread's wake-up after the hand-over, from the event log.
 
-Usage: ``python tools/bench_latency.py [--seconds 20] [--rates 1000 5000]``
+A last configuration is the latency budget of a lab daemon: 5000 Hz x 64 EEG channels
+plus 4 EMG channels, with MQTT telemetry on (targets: chunk to decision p99 < 1 ms, to
+fire call p99 < 2 ms, CPU < 30% of one core).
+
+Usage: ``python tools/bench_latency.py [--seconds 20] [--rates 1000 5000] [--no-budget]``
 """
 
 from __future__ import annotations
@@ -43,17 +49,23 @@ import pylsl
 from closedloop.config import load_config
 from closedloop.control.service import ClosedLoopService
 from closedloop.control.stats import LatencyRing
+from closedloop.mqtt.local_broker import local_broker
 from closedloop.recording.events import read_events
 from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.sim.simulator import make_outlet
 
 
-def pusher(name: str, rate: float, chunk_ms: float, seconds: float) -> None:
-    """Child process: push synthetic 64-channel EEG stamped at push time."""
+def pusher(name: str, rate: float, chunk_ms: float, seconds: float, emg_channels: int) -> None:
+    """Child process: push synthetic 64-channel EEG (and EMG) stamped at push time."""
     gen = EegGenerator(EegSimParams(fs=rate), np.random.default_rng(0))
     out = make_outlet(name, "EEG", LABELS_10_10_64, rate, name)
+    emg_labels = ("FDI", "APB", "ADM", "ECR")[:emg_channels]
+    emg = make_outlet(f"{name}-EMG", "EMG", emg_labels, rate, f"{name}-emg") \
+        if emg_channels else None
     n = max(1, round(chunk_ms / 1000 * rate))
     block = gen.generate(int(rate * 2)).data
+    emg_block = np.random.default_rng(1).normal(0, 5, (len(block), max(1, emg_channels))
+                                                ).astype(np.float32)
     t0 = pylsl.local_clock()
     k = 0
     end = t0 + seconds
@@ -63,15 +75,21 @@ def pusher(name: str, rate: float, chunk_ms: float, seconds: float) -> None:
             time.sleep(min(wait, 0.0005))
         i = k % (len(block) - n)
         out.push_chunk(block[i:i + n], pylsl.local_clock())
+        if emg is not None:
+            emg.push_chunk(emg_block[i:i + n], pylsl.local_clock())
         k += n
 
 
 async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str, ...] = (),
-                  during: Any = None) -> dict[str, object]:
+                  during: Any = None, emg_channels: int = 0) -> dict[str, object]:
     """One service run against a fresh pusher; ``during(service)`` runs while measuring."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
     child = subprocess.Popen([sys.executable, __file__, "--pusher", name, "--rate", str(rate),
-                              "--chunk-ms", str(chunk_ms), "--seconds", str(seconds + 8)])
+                              "--chunk-ms", str(chunk_ms), "--seconds", str(seconds + 8),
+                              "--emg-channels", str(emg_channels)])
+    if emg_channels:
+        labels = json.dumps(["FDI", "APB", "ADM", "ECR"][:emg_channels])
+        extra = (f'streams.emg.name="{name}-EMG"', f"mep.channels={labels}", *extra)
     events = Path(tempfile.gettempdir()) / f"{name}.jsonl"
     cfg = load_config(None, [
         f'streams.eeg.name="{name}"', "streams.eeg.dejitter=false",
@@ -102,10 +120,18 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
         stop.set()
         stats = await task
         immediate = LatencyRing()
+        stages: dict[str, LatencyRing] = {}
         for e in read_events(events):
-            if (e["event"] == "pulse" and e["chunk_lsl_time"] > t_end - seconds
+            if e.get("lsl_time", 0) < t_end - seconds:
+                continue
+            if (e["event"] == "pulse"
                     and e["scheduled_lsl_time"] <= e["decision_lsl_time"]):
                 immediate.add((e["command_lsl_time"] - e["chunk_lsl_time"]) * 1000.0)
+            if e["event"] in ("decision", "pulse"):
+                for stage, us in e["stages_us"].items():
+                    if e["event"] == "pulse" and stage != "handoff_to_fire_us":
+                        continue
+                    stages.setdefault(stage, LatencyRing()).add(us)
     finally:
         child.terminate()
         child.wait(5)
@@ -118,6 +144,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
         "chunk_to_fire_call": immediate.summary(),
         "fire_error": stats.fire_error_ms.summary(),
         "update_cost_us": stats.update_cost_us.summary(),
+        "stage_cost_us": {k: v.summary() for k, v in stages.items()},
         "cpu_pct_of_one_core": round(cpu, 1),
         "pulses": stats.fired, "refused": dict(stats.refused),
         **({"during": extra_result} if extra_result is not None else {}),
@@ -129,13 +156,31 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 5000.0])
     ap.add_argument("--chunk-ms", type=float, default=2.0)
+    ap.add_argument("--no-budget", action="store_true",
+                    help="skip the latency-budget configuration (5000 Hz, 4 EMG, MQTT on)")
     ap.add_argument("--pusher", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--emg-channels", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pusher:
-        pusher(args.pusher, args.rate, args.chunk_ms, args.seconds)
+        pusher(args.pusher, args.rate, args.chunk_ms, args.seconds, args.emg_channels)
         return
-    results = [asyncio.run(measure(r, args.seconds, args.chunk_ms)) for r in args.rates]
+
+    async def run_all() -> list[dict[str, object]]:
+        out = []
+        for r in args.rates:
+            res = await measure(r, args.seconds, args.chunk_ms)
+            out.append({"configuration": f"{r:g} Hz x 64 EEG", **res})
+        if not args.no_budget:  # the issue's latency budget: EMG and MQTT telemetry too
+            async with local_broker(kinds=("existing", "mosquitto")) as broker:
+                mqtt = ("mqtt.enabled=true", f'mqtt.instance="bench-{uuid.uuid4().hex[:6]}"',
+                        f"mqtt.port={broker.port}", "mqtt.metrics_interval_s=1")
+                res = await measure(5000.0, args.seconds, args.chunk_ms, mqtt, emg_channels=4)
+            out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on",
+                        **res})
+        return out
+
+    results = asyncio.run(run_all())
     print(json.dumps({"benchmark": "latency", "unit": "ms", "machine_cores": os.cpu_count(),
                       "results": results}, indent=2))
 
