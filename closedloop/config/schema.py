@@ -102,6 +102,11 @@ class PhaseConfig:
                             "individual peak ± 2 Hz found during calibration_s")
     calibration_s: float = opt(30.0, "seconds of data used to find the peak when band_hz is "
                                "\"auto\"", lo=5.0, hi=600.0)
+    estimator: Literal["ar", "echt"] = opt("ar", "phase estimator: \"ar\" (AR forward "
+                                           "prediction, Zrenner et al. 2018) or \"echt\" "
+                                           "(endpoint-corrected Hilbert transform, "
+                                           "Schreglmann et al. 2021)")
+    echt_window_ms: float = opt(1000.0, "ecHT: analysis window", lo=200.0, hi=4000.0)
     processing_rate_hz: float = opt(500.0, "EEG is low-passed and decimated to about this "
                                     "rate before phase estimation", lo=100.0, hi=5000.0)
     update_interval_ms: float = opt(2.0, "run the estimator at most this often",

@@ -25,6 +25,7 @@ from closedloop.dsp.filters import Decimator
 from closedloop.dsp.spatial import hjorth
 from closedloop.phase.amplitude import BandAmplitude
 from closedloop.phase.ar_forecast import ARForecaster, ARParams
+from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.peak import PeakFit, find_peak
 
@@ -66,7 +67,7 @@ class PhaseTracker:
         self._last_ts: float | None = None
         self.peak: PeakFit | None = None
         self.band: tuple[float, float] | None = None
-        self.estimator: ARForecaster | None = None
+        self.estimator: ARForecaster | EcHT | None = None
         self.amplitude: BandAmplitude | None = None
         self._delay_s = 0.0
         self.resets = 0
@@ -103,7 +104,12 @@ class PhaseTracker:
         params = ARParams.from_ms(fs=self.fs, band_hz=band, window_ms=c.window_ms,
                                   fir_ms=c.fir_ms, edge_ms=c.edge_ms, order=c.ar_order,
                                   hilbert_window_ms=c.hilbert_window_ms)
-        self.estimator = ARForecaster(params)
+        if c.estimator == "echt":  # centred on the band's middle (the peak), same width
+            self.estimator = EcHT(fs=self.fs, centre_hz=(band[0] + band[1]) / 2.0,
+                                  width_hz=band[1] - band[0],
+                                  window=round(c.echt_window_ms * self.fs / 1000.0))
+        else:
+            self.estimator = ARForecaster(params)
         self.amplitude = BandAmplitude(self.fs, band)
         self._delay_s = self.decimator.phase_delay_s(math.sqrt(band[0] * band[1]))
 

@@ -1,0 +1,137 @@
+"""Offline evaluation of causal phase estimators against the Zrenner 2020 ground truth.
+
+Every estimator runs causally over a recording, asked for the phase at the newest sample
+every ``step`` samples (10 ms by default); errors are scored after a training period
+(ETP learns from it; the individual peak is found in it) at all points and where the
+ground-truth amplitude is above its median and 75th percentile, as in the published
+comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from closedloop.phase.ar_forecast import ARForecaster, ARParams
+from closedloop.phase.echt import EcHT
+from closedloop.phase.estimate import PhaseEstimate
+from closedloop.phase.etp import ETP
+from closedloop.phase.peak import find_peak
+from closedloop.phase.resonator import Resonator
+from closedloop.phase.truth import ground_truth
+
+__all__ = ["ESTIMATORS", "EvaluationResult", "evaluate_signal", "score"]
+
+Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Scores of one estimator on one signal."""
+
+    name: str
+    scores: dict[str, dict[str, float | int | None]]
+    cost_us: dict[str, float]
+
+
+def score(errors: Array) -> dict[str, float | int | None]:
+    """Bias (circular mean), circular SD and mean absolute error, in degrees."""
+    e = errors[np.isfinite(errors)]
+    if not len(e):
+        return {"n": 0, "bias_deg": None, "circ_sd_deg": None, "mae_deg": None}
+    z = np.mean(np.exp(1j * e))
+    r = max(float(abs(z)), 1e-12)
+    return {"n": len(e), "bias_deg": round(math.degrees(float(np.angle(z))), 2),
+            "circ_sd_deg": round(math.degrees(math.sqrt(-2 * math.log(r))), 2),
+            "mae_deg": round(math.degrees(float(np.mean(np.abs(np.angle(np.exp(1j * e)))))),
+                             2)}
+
+
+Runner = Callable[[Array, int], PhaseEstimate | None]
+
+
+def _window_runner(est: Any) -> Runner:
+    def run(x: Array, i: int) -> PhaseEstimate | None:
+        if i < est.window:
+            return None
+        result: PhaseEstimate | None = est.estimate(x[i - est.window:i], float(i - 1))
+        return result
+    return run
+
+
+def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
+          train: Array, step: int) -> Runner:
+    if name == "ar":
+        ar = ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=500, fir_ms=128,
+                                           edge_ms=64, order=20, hilbert_window_ms=128))
+        return _window_runner(ar)
+    if name == "echt":
+        return _window_runner(EcHT(fs=fs, centre_hz=peak_hz, window=int(fs)))
+    if name == "etp":
+        etp = ETP(fs=fs, band_hz=band, window=int(0.5 * fs), edge=int(0.064 * fs))
+        etp.train(train, step)
+        return _window_runner(etp)
+    if name == "resonator":
+        res = Resonator(fs=fs, centre_hz=peak_hz)
+        pos = {"n": 0}
+
+        def run(x: Array, i: int) -> PhaseEstimate | None:
+            res.push(x[pos["n"]:i])
+            pos["n"] = i
+            return res.estimate(float(i - 1))
+        return run
+    raise ValueError(f"unknown estimator {name}")
+
+
+ESTIMATORS = ("ar", "etp", "echt", "resonator")
+
+
+def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMATORS,
+                    train_s: float = 60.0, step: int | None = None
+                    ) -> tuple[dict[str, Any], list[EvaluationResult]]:
+    """Run each estimator causally over ``x``; score after ``train_s``.
+
+    Returns:
+        ``(info, results)``: the peak, bands and ground-truth spread, and per-estimator
+        scores at all points, amplitude above the median and above the 75th percentile.
+    """
+    step = step or max(1, int(0.01 * fs + 0.5))
+    n_train = int(train_s * fs)
+    whole_peak = find_peak(x, fs)
+    truth = ground_truth(x, fs, whole_peak.band_hz)
+    train_peak = find_peak(x[:n_train], fs)
+    idx = np.arange(n_train, len(x) + 1, step)  # estimate at sample idx-1 with data [:idx]
+    amp = truth.amplitude[idx - 1]
+    gates = {"all": np.ones(len(idx), bool), "amp>median": amp > np.median(amp),
+             "amp>p75": amp > np.percentile(amp, 75)}
+    results = []
+    for name in estimators:
+        run = _make(name, fs, train_peak.band_hz, train_peak.peak_hz, x[:n_train], step)
+        if name == "resonator":  # let it settle on the training data first
+            for j in range(step, n_train, step):
+                run(x, j)
+        errors = np.full(len(idx), np.nan)
+        costs = []
+        for k, i in enumerate(idx):
+            t0 = time.perf_counter_ns()
+            est = run(x, int(i))
+            costs.append(time.perf_counter_ns() - t0)
+            if est is not None:
+                errors[k] = est.phase_rad - truth.phase[i - 1]
+        c = np.array(costs) / 1000.0
+        results.append(EvaluationResult(
+            name=name, scores={g: score(errors[m]) for g, m in gates.items()},
+            cost_us={"median": round(float(np.median(c)), 1),
+                     "p99": round(float(np.percentile(c, 99)), 1)}))
+    info = {"peak_hz": whole_peak.peak_hz, "snr_db": round(whole_peak.snr_db, 2),
+            "truth_band_hz": list(whole_peak.band_hz),
+            "estimator_band_hz": list(train_peak.band_hz),
+            "truth_spread_deg_median": round(math.degrees(float(np.median(
+                truth.spread[idx - 1]))), 2)}
+    return info, results
