@@ -90,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--file", default=None, help="the status file itself")
 
+    p = sub.add_parser("evaluate-phase", help="score the phase estimators on a recording "
+                       "against the Zrenner 2020 ground truth")
+    p.add_argument("file", help="EDF, BDF, or .npz (data, labels, fs)")
+    p.add_argument("--channel", default="C3")
+    p.add_argument("--reference", nargs="*", default=[], help="Hjorth reference channels")
+    p.add_argument("--estimators", nargs="+", default=None)
+    p.add_argument("--train-s", type=float, default=60.0,
+                   help="seconds that train ETP and give the peak; scored after them")
+    p.add_argument("--json", dest="json_out", default=None, help="write the report here")
+    p.add_argument("--png", dest="png_out", default=None, help="polar histogram PNG")
+
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", help="TOML configuration file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -221,6 +232,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if status.get("state") != "fault" else 1
 
 
+def _cmd_evaluate_phase(args: argparse.Namespace) -> int:
+    from closedloop.phase.evaluate import ESTIMATORS  # noqa: PLC0415
+    from closedloop.phase.report import evaluate_file  # noqa: PLC0415
+
+    names = args.estimators or list(ESTIMATORS)
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown:
+        print(f"closedloop: unknown estimator(s) {', '.join(unknown)} (known: "
+              f"{', '.join(ESTIMATORS)})", file=sys.stderr)
+        return 2
+    report = evaluate_file(Path(args.file), channel=args.channel, reference=args.reference,
+                           estimators=names, train_s=args.train_s,
+                           json_out=Path(args.json_out) if args.json_out else None,
+                           png_out=Path(args.png_out) if args.png_out else None)
+    print(f"{report['file']}: {report['signal']}, peak {report['peak_hz']} Hz, SNR "
+          f"{report['snr_db']} dB; ground-truth spread {report['truth_spread_deg_median']}°")
+    print(f"{'estimator':<11} {'gate':<11} {'bias°':>7} {'circ SD°':>9} {'MAE°':>7} {'µs':>7}")
+    for name, r in report["estimators"].items():
+        for gate, s in r["scores"].items():
+            print(f"{name:<11} {gate:<11} {s['bias_deg']:>7} {s['circ_sd_deg']:>9} "
+                  f"{s['mae_deg']:>7} {r['cost_us']['median']:>7}")
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     if args.print:
@@ -244,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LSLAPICFG", str(Path(__file__).parent / "resources" / "lsl_api.cfg"))
     handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,
                 "check-config": _cmd_check_config, "replay": _cmd_replay,
-                "ctl": _cmd_ctl, "status": _cmd_status}
+                "ctl": _cmd_ctl, "status": _cmd_status,
+                "evaluate-phase": _cmd_evaluate_phase}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import closedloop
@@ -151,3 +152,33 @@ def test_daemon_sighup_reload_json_logs_and_status(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=30, check=False)
     assert stopped.returncode == 1
     assert "stopped" in stopped.stderr
+
+
+def test_evaluate_phase_on_an_npz_recording(tmp_path: Path) -> None:
+    fs = 250.0
+    t = np.arange(int(90 * fs)) / fs
+    rng = np.random.default_rng(4)
+    env = 1.0 + 0.8 * np.sin(2 * np.pi * 0.2 * t)
+    c3 = 15 * env * np.cos(2 * np.pi * 10.5 * t) + rng.normal(0, 5, len(t))
+    data = np.column_stack([c3, rng.normal(0, 5, len(t))])
+    rec = tmp_path / "rec.npz"
+    np.savez(rec, data=data, labels=np.array(["C3", "Cz"]), fs=fs)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    proc = subprocess.run([sys.executable, "-m", "closedloop", "evaluate-phase", str(rec),
+                           "--reference", "Cz", "--train-s", "30", "--json", str(out),
+                           "--png", str(png)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert abs(report["peak_hz"] - 10.5) <= 0.25
+    for name in ("ar", "etp", "echt", "resonator"):
+        s = report["estimators"][name]["scores"]["amp>median"]
+        assert s["circ_sd_deg"] < 40, (name, s)
+        assert abs(s["bias_deg"]) < 15, (name, s)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, "-m", "closedloop", "evaluate-phase", str(rec),
+                          "--channel", "C4"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert bad.returncode == 1
+    assert "no channel(s) C4" in bad.stderr
+    assert "it has C3, Cz" in bad.stderr

@@ -38,6 +38,8 @@ class EvaluationResult:
     name: str
     scores: dict[str, dict[str, float | int | None]]
     cost_us: dict[str, float]
+    errors: Array  # radians, at every scored point (NaN where no estimate)
+    gates: dict[str, npt.NDArray[np.bool_]]
 
 
 def score(errors: Array) -> dict[str, float | int | None]:
@@ -128,7 +130,8 @@ def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMA
         results.append(EvaluationResult(
             name=name, scores={g: score(errors[m]) for g, m in gates.items()},
             cost_us={"median": round(float(np.median(c)), 1),
-                     "p99": round(float(np.percentile(c, 99)), 1)}))
+                     "p99": round(float(np.percentile(c, 99)), 1)},
+            errors=errors, gates=gates))
     info = {"peak_hz": whole_peak.peak_hz, "snr_db": round(whole_peak.snr_db, 2),
             "truth_band_hz": list(whole_peak.band_hz),
             "estimator_band_hz": list(train_peak.band_hz),
