@@ -226,24 +226,11 @@ def test_retained_status_and_last_will_after_kill(tmp_path: Path, eeg: str) -> N
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     topic = f"closedloop/{inst}/status"
     try:
-        status = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            status = asyncio.run(retained(topic, timeout=1.0))
-            if status is not None and status.get("state") == "idle":
-                break
-        assert status is not None
-        assert status["state"] == "idle"
+        status = wait_retained_state(topic, "idle", 20.0)
         assert status["pid"] == proc.pid
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            status = asyncio.run(retained(topic, timeout=1.0))
-            if status is not None and status.get("state") == "offline":
-                break
-        assert status is not None
-        assert status["state"] == "offline"  # the last will
+        wait_retained_state(topic, "offline", 10.0)  # the last will
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -251,6 +238,17 @@ def test_retained_status_and_last_will_after_kill(tmp_path: Path, eeg: str) -> N
         assert proc.stderr is not None
         proc.stderr.close()
         asyncio.run(_clear(topic))
+
+
+def wait_retained_state(topic: str, state: str, timeout: float) -> dict[str, object]:
+    """Poll the retained message on ``topic`` until its state is ``state``."""
+    status = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = asyncio.run(retained(topic, timeout=1.0))
+        if status is not None and status.get("state") == state:
+            return status
+    raise AssertionError(f"retained {topic} never said {state!r}; last: {status}")
 
 
 async def _clear(topic: str) -> None:
