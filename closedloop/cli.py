@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="simulator seed")
     p.add_argument("--events", default=None, help="event log path (default: a temp file)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--protocol", default=None, help="run an MEP protocol (mt-mlpest, "
+                   "mt-ifcn, io-curve, phase-map) instead of phase-triggered single pulses")
     p.add_argument("--mqtt", action="store_true", help="also run the MQTT control plane, "
                    "driven by a scripted operator (uses a local broker, or starts one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -167,7 +169,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from closedloop.demo import run_demo  # noqa: PLC0415
 
     return run_demo(duration_s=args.duration, eeg_rate=args.eeg_rate, overrides=args.overrides,
-                    seed=args.seed, events=args.events, as_json=args.json, mqtt=args.mqtt)
+                    seed=args.seed, events=args.events, as_json=args.json, mqtt=args.mqtt,
+                    protocol=args.protocol)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

@@ -85,8 +85,8 @@ async def _operator(cfg: Config, duration_s: float, report: dict[str, Any],
 
 
 async def _demo(cfg_overrides: list[str], duration_s: float, truth: list[dict[str, Any]],
-                prefix: str, mqtt: bool, echo: bool, report: dict[str, Any]
-                ) -> tuple[ServiceStats, Config]:
+                prefix: str, mqtt: bool, echo: bool, report: dict[str, Any],
+                protocol: str | None = None) -> tuple[ServiceStats, Config]:
     broker_cm = local_broker() if mqtt else contextlib.nullcontext(None)
     async with broker_cm as broker:
         extra = []
@@ -102,13 +102,13 @@ async def _demo(cfg_overrides: list[str], duration_s: float, truth: list[dict[st
         cfg = load_config(None, [*cfg_overrides, *extra])
         stats = await _run_service(cfg, duration_s, truth, prefix,
                                    operator=_operator(cfg, duration_s, report, echo)
-                                   if mqtt else None)
+                                   if mqtt else None, protocol=protocol)
         return stats, cfg
 
 
 async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any]],
-                       prefix: str, operator: Coroutine[Any, Any, None] | None = None
-                       ) -> ServiceStats:
+                       prefix: str, operator: Coroutine[Any, Any, None] | None = None,
+                       protocol: str | None = None) -> ServiceStats:
     service = ClosedLoopService(cfg, config_source="demo")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -129,6 +129,8 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
         done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
+        if protocol is not None:
+            service.start_protocol(protocol, pulses=None, by="demo")
         if operator is not None:
             helper = asyncio.create_task(operator)
         await asyncio.wait({task}, timeout=duration_s)
@@ -150,7 +152,8 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
 
 
 def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: int | None,
-             events: str | None, as_json: bool, mqtt: bool = False) -> int:
+             events: str | None, as_json: bool, mqtt: bool = False,
+             protocol: str | None = None) -> int:
     """Run the demo; print the summary; return the exit code."""
     prefix = f"cl-demo-{os.getpid()}"
     events = events or str(Path(tempfile.gettempdir()) / f"{prefix}-events.jsonl")
@@ -170,7 +173,7 @@ def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: 
     report: dict[str, Any] = {}
     try:
         stats, cfg = asyncio.run(_demo(overrides, duration_s, truth, prefix, mqtt,
-                                       not as_json, report))
+                                       not as_json, report, protocol))
     finally:
         sim.send_signal(signal.SIGINT)
         try:
@@ -227,6 +230,7 @@ def summarize(stats: ServiceStats, truth: list[dict[str, Any]], cfg: Config) -> 
         "update_cost_us": stats.update_cost_us.summary(),
         "samples_lost": stats.samples_lost,
         "calibration": stats.calibration,
+        "protocol_results": stats.protocol_results,
     }
 
 
@@ -258,6 +262,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"fire error (actual−scheduled) ms: {pct(lat['fire_error'])}",
         f"event log:           {s['events']}",
     ]
+    for r in s.get("protocol_results", []):
+        shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                 if k not in ("ci95",)}
+        lines.append(f"protocol result:     {shown}")
     if "mqtt" in s:
         m = s["mqtt"]
         lines.append(f"MQTT:                {m.get('broker')}; {m.get('commands', 0)} commands, "

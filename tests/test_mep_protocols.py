@@ -35,6 +35,18 @@ def test_ml_pest_finds_the_threshold_in_few_pulses() -> None:
     assert hits >= 14  # the benchmark's 50 runs: 92% within ±2 %MSO
 
 
+def test_ml_pest_survives_a_lost_pulse() -> None:
+    """A miss at a high intensity (a pulse that never reached the coil) is an outlier."""
+    close = 0
+    for seed in range(10):
+        hunt = MlPest(start_pct=50.0)
+        hunt.record(50.0, 0.0)  # lost: no MEP at a clearly suprathreshold intensity
+        result = bench.run_hunt(hunt, MODEL, np.random.default_rng(seed))
+        assert result.pulses <= 20
+        close += abs(result.threshold_pct - MT) <= 3.0
+    assert close >= 7  # without the lapse rate: none of them
+
+
 def test_ifcn_relative_frequency() -> None:
     errors = [bench.run_hunt(IfcnRelativeFrequency(start_pct=50.0), MODEL,
                              np.random.default_rng(seed)).threshold_pct - MT

@@ -297,3 +297,44 @@ async def test_start_up_errors_are_clear(tmp_path: Path, pushers: list[Pusher]) 
     events = read_events(tmp_path / "events.jsonl")
     assert events[-1]["event"] == "session_end"
     assert "C3" in events[-1]["error"] or events[-1]["error"] is None
+
+
+async def test_mep_protocols_run_live_on_the_simulator(tmp_path: Path) -> None:
+    """ML-PEST, an I/O curve and phase mapping, each pulse chosen from the last MEP."""
+    prefix = unique("proto")
+    cfg = config(tmp_path, f'streams.eeg.name="{prefix}-EEG"', f'streams.emg.name="{prefix}-EMG"',
+                 "trigger.min_interval_s=0.3", "trigger.jitter_s=0", "safety.min_interval_s=0.3",
+                 "trigger.amplitude_percentile=0", "stimulator.intensity_pct=50",
+                 "mep.preactivation_uv=1000", "trigger.seed=1")
+    sim = spawn("simulate", "--prefix", prefix, "--eeg-rate", "1000", "--emg-rate", "1000",
+                "--coil-stream", cfg.stimulator.coil_stream, "--seed", "5")
+    try:
+        async def scenario(service: ClosedLoopService) -> None:
+            await asyncio.sleep(2.0)  # the simulator connects to the new coil stream
+            for name, pulses in (("mt-mlpest", None), ("io-curve", 9), ("phase-map", 8)):
+                service.start_protocol(name, pulses=pulses, by="test")
+                for _ in range(600):
+                    if service.state != "running":
+                        break
+                    await asyncio.sleep(0.05)
+                assert service.state == "idle", name
+
+        stats, _ = await run_service(cfg, 0, scenario)
+    finally:
+        end(sim)
+    results = {r["protocol"]: r for r in stats.protocol_results}
+    mt = results["mt-mlpest"]
+    assert mt["pulses"] <= 20
+    # the simulated participant at the mu peak (0°): about 39 %MSO (phase modulation 0.5)
+    assert 33.0 <= mt["threshold_pct"] <= 46.0
+    io = results["io-curve"]
+    assert io["pulses"] == 9
+    assert 40.0 <= io["s50_pct"] <= 60.0
+    pm = results["phase-map"]
+    assert sum(pm["pulses"]) == 8
+    events = read_events(tmp_path / "events.jsonl")
+    intensities = {e["intensity_pct"] for e in events if e["event"] == "pulse"}
+    assert len(intensities) >= 5  # the intensity followed the protocols
+    assert max(intensities) <= cfg.safety.max_intensity_pct
+    targets = {e["target_phase_deg"] for e in events if e["event"] == "pulse"}
+    assert len(targets) >= 2  # phase mapping moved the target

@@ -154,6 +154,8 @@ class StimulatorConfig:
                                hi=HARD_MAX_INTENSITY_PCT)
     arm_on_start: bool = opt(False, "arm as soon as the service is ready (otherwise it "
                              "decides but never fires)")
+    settle_ms: float = opt(0.0, "wait after an intensity change before the next pulse",
+                           lo=0.0, hi=10_000.0)
     latency_ms: float = opt(0.0, "simulated: delay from fire command to pulse",
                             lo=0.0, hi=100.0)
     coil_stream: str = opt("closedloop-sim-coil", "simulated: LSL stream on which the "

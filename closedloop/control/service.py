@@ -41,6 +41,7 @@ from closedloop.control.runtime import LIVE_KEYS, apply_live_settings, restart_k
 from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
+from closedloop.mep.protocols import MEP_PROTOCOLS, MepProtocol, make_mep_protocol
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.amplitude import RunningPercentile
 from closedloop.phase.tracker import PhaseTracker
@@ -56,7 +57,9 @@ __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
 
 # Protocols that `start` accepts. "phase-single": single pulses at the target phase, until
 # stopped or `pulses` have fired (the stimulator issue adds paired pulses, bursts, trains).
-PROTOCOLS = ("phase-single",)
+# The MEP-driven ones (closedloop.mep.protocols) choose each pulse from the last MEP.
+PROTOCOLS = ("phase-single", *MEP_PROTOCOLS)
+_MAX_REJECTED_IN_A_ROW = 5
 
 _HOUSEKEEPING_S = 0.01
 _STATUS_FILE_S = 1.0
@@ -88,6 +91,7 @@ class ServiceStats:
     update_cost_us: LatencyRing = field(default_factory=LatencyRing)
     samples_lost: int = 0
     calibration: dict[str, Any] | None = None
+    protocol_results: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ClosedLoopService:
@@ -384,6 +388,8 @@ class ClosedLoopService:
                          amp_hist.threshold() if amp_hist.count >= _AMPLITUDE_WARMUP
                          else math.inf)
             now = pylsl.local_clock()
+            if self._protocol_holds(now):
+                continue  # an MEP protocol waits for its last MEP before the next pulse
             skew = now - newest  # how old the newest sample's timestamp claims to be
             if not -_MAX_FUTURE_S <= skew <= cfg.safety.max_eeg_age_ms / 1000.0:
                 # no decision on data stamped in the future (a clock jump, a wrong
@@ -513,7 +519,9 @@ class ClosedLoopService:
         proto = self._protocol
         if proto is not None:
             proto["fired"] += 1
-            if proto["pulses"] is not None and proto["fired"] >= proto["pulses"]:
+            if proto["mep"] is not None:
+                proto["awaiting"] = o.lsl_time
+            elif proto["pulses"] is not None and proto["fired"] >= proto["pulses"]:
                 self.stop_protocol(by="protocol_complete")
 
     def _on_external_pulse(self, text: str, t: float) -> None:
@@ -592,6 +600,7 @@ class ClosedLoopService:
                   "rejected": m.rejected, "reason": m.reason}
         self.stats.meps.append(fields)
         self._event("mep", **fields)
+        self._protocol_mep(rec)
 
 
     # -- control: called on the event loop (MQTT control plane, tests) ---------------
@@ -695,10 +704,77 @@ class ClosedLoopService:
             raise ControlError(f"start: protocol '{self._protocol['name']}' is running; "
                                "stop it first")
         self._require_operational("start")
-        self._protocol = {"name": name, "pulses": pulses, "fired": 0,
-                          "started_lsl_time": pylsl.local_clock()}
+        mep: MepProtocol | None = None
+        if name in MEP_PROTOCOLS:
+            if self.emg is None:
+                raise ControlError(f"start: '{name}' needs the EMG stream (streams.emg), "
+                                   "which is not connected")
+            mep = make_mep_protocol(name, pulses=pulses,
+                                    intensity_pct=self.cfg.stimulator.intensity_pct,
+                                    max_intensity_pct=self.cfg.safety.max_intensity_pct,
+                                    seed=self.cfg.trigger.seed)
+        self._protocol = {"name": name, "pulses": None if mep else pulses, "fired": 0,
+                          "started_lsl_time": pylsl.local_clock(), "mep": mep,
+                          "plan": None, "awaiting": None, "hold_until": 0.0, "rejected": 0}
         self._event("protocol_started", by=by, protocol=name, pulses=pulses)
-        self.arm(by=by)
+        if mep is not None:
+            self._protocol_next()
+        if self._protocol is not None:
+            self.arm(by=by)
+
+    def _protocol_next(self) -> None:
+        """Set up the next pulse of an MEP protocol (intensity, maybe target phase)."""
+        proto = self._protocol
+        assert proto is not None and proto["mep"] is not None and self.stim is not None
+        plan = proto["mep"].next_pulse()
+        try:
+            if plan.intensity_pct != self.stim.intensity_pct:
+                self.stim.set_intensity(plan.intensity_pct)
+        except StimulatorError as exc:
+            self._event("protocol_error", protocol=proto["name"], error=str(exc))
+            self.stop_protocol(by="protocol_error")
+            return
+        if plan.target_phase_deg is not None:
+            self.apply_config(apply_live_settings(
+                self.cfg, {"target_phase_deg": plan.target_phase_deg}, source="protocol"),
+                by="protocol")
+        proto["plan"] = plan
+        proto["awaiting"] = None
+        proto["hold_until"] = pylsl.local_clock() + self.cfg.stimulator.settle_ms / 1000.0
+
+    def _protocol_holds(self, now: float) -> bool:
+        """An MEP protocol waits for the last MEP and for the stimulator to settle."""
+        proto = self._protocol
+        return (proto is not None and proto["mep"] is not None
+                and (proto["awaiting"] is not None or now < proto["hold_until"]))
+
+    def _protocol_mep(self, rec: MepRecord) -> None:
+        proto = self._protocol
+        if (proto is None or proto["mep"] is None or proto["awaiting"] is None
+                or rec.pulse_lsl_time != proto["awaiting"]
+                or rec.channel != self.cfg.mep.channels[0]):
+            return
+        if rec.measure.rejected:  # no usable MEP: give the same pulse again
+            proto["rejected"] += 1
+            proto["awaiting"] = None
+            if proto["rejected"] >= _MAX_REJECTED_IN_A_ROW:
+                self._event("protocol_error", protocol=proto["name"], error=(
+                    f"{proto['rejected']} MEPs in a row rejected ({rec.measure.reason})"))
+                self.stop_protocol(by="protocol_error")
+            return
+        proto["rejected"] = 0
+        mep: MepProtocol = proto["mep"]
+        mep.record(proto["plan"], rec.measure.p2p_uv)
+        if mep.done:
+            try:
+                result = mep.result()
+            except ValueError as exc:
+                result = {"error": str(exc)}
+            self.stats.protocol_results.append({"protocol": proto["name"], **result})
+            self._event("protocol_result", protocol=proto["name"], **result)
+            self.stop_protocol(by="protocol_complete")
+        else:
+            self._protocol_next()
 
     def stop_protocol(self, *, by: str) -> None:
         """Stop the running protocol (if any) and disarm."""
@@ -760,7 +836,9 @@ class ClosedLoopService:
             "uptime_s": round(time.time() - self.started_wall, 1),
             "streams": {"eeg": stream(self.eeg), "emg": stream(self.emg),
                         "pulses": stream(self.pulse_markers)},
-            "protocol": dict(self._protocol) if self._protocol else None,
+            "protocol": ({k: v for k, v in self._protocol.items()
+                          if k in ("name", "pulses", "fired", "started_lsl_time")}
+                         if self._protocol else None),
             "counts": {"pulses": s.fired, "decisions": s.decisions,
                        "refused": sum(s.refused.values()), "meps": len(s.meps),
                        "samples_lost": s.samples_lost},

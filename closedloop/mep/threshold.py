@@ -6,7 +6,9 @@ response (an MEP of at least ``response_uv``) is modelled as a cumulative Gaussi
 intensity centred on the threshold with a spread proportional to it (0.07 x threshold, the
 value Awiszus used); after each pulse the likelihood of every candidate threshold is
 updated and the next pulse is given at the most likely one. The uncertainty is the
-likelihood-ratio interval (95%: log-likelihood within 1.92 of its maximum).
+likelihood-ratio interval (95%: log-likelihood within 1.92 of its maximum). A small lapse
+rate (a response or a miss that has nothing to do with the threshold: a lost pulse, a
+twitch) keeps one such outlier from pinning the search far from the threshold.
 
 IFCN relative frequency (Rossini et al. 1994, 2015): the lowest intensity at which at least
 5 of 10 consecutive pulses evoke an MEP of 50 µV or more, approached from above in 1-2 %
@@ -47,6 +49,7 @@ class MlPest:
     step_pct: float = 0.5
     target_width_pct: float = 4.0
     max_pulses: int = 20
+    lapse: float = 0.03
     _grid: np.ndarray = field(init=False, repr=False)
     _ll: np.ndarray = field(init=False, repr=False)
     pulses: int = field(init=False, default=0)
@@ -68,7 +71,9 @@ class MlPest:
     def record(self, intensity_pct: float, p2p_uv: float) -> None:
         """Update with one pulse's outcome."""
         z = (intensity_pct - self._grid) / (self.spread * self._grid)
-        self._ll += log_ndtr(z) if p2p_uv >= self.response_uv else log_ndtr(-z)
+        p_resp = self.lapse / 2.0 + (1.0 - self.lapse) * np.exp(log_ndtr(z))
+        p = p_resp if p2p_uv >= self.response_uv else 1.0 - p_resp
+        self._ll += np.log(np.maximum(p, 1e-300))
         self.pulses += 1
 
     def result(self) -> ThresholdResult:

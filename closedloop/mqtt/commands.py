@@ -107,7 +107,7 @@ def parse_command(verb: str, raw: bytes, *, now_s: float, max_age_s: float, max_
                                      "sender's clock")
     args = {k: v for k, v in payload.items() if k not in _COMMON}
     if verb == "start":
-        protocol = args.get("protocol", "phase-single")
+        protocol = args.get("protocol", "phase-single")  # the service checks the name
         if not isinstance(protocol, str):
             raise CommandError("protocol", "expected a string")
         pulses = args.get("pulses")

@@ -165,6 +165,9 @@ class MqttControlPlane:
             topic = "events/pulse"
         elif kind == "mep":
             topic = "events/mep"
+        elif kind in ("protocol_started", "protocol_stopped", "protocol_result",
+                      "protocol_error"):
+            topic = "events/protocol"
         elif kind == "decision":
             if not self._decision_allowed():
                 return
