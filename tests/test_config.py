@@ -95,6 +95,8 @@ events = "sessions/events.jsonl"
     ("[mep]\nwindow_ms = [50, 15]", "mep.window_ms", "start < end"),
     ("[trigger]\nmin_interval_s = 0.001", "trigger.min_interval_s", ">= 0.05"),
     ("streams = 3", "streams", "expected a table"),
+    ("[mep]\nblank_ms = [-1, 20]", "mep.blank_ms", "must not erase"),
+    ("[mep]\nbandpass_hz = [1000, 10]", "mep.bandpass_hz", "0 < low < high"),
 ])
 def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, key: str,
                                           words: str) -> None:

@@ -101,3 +101,24 @@ def test_real_meps_match_a_direct_offline_computation(name: str, fs: float, puls
                            preactivation_uv=1e9, onset_sd=5.0,
                            no_response_uv=50.0).p2p_uv for k in range(epochs.shape[1])]
         assert 700 < np.median(p2p) < 1200  # the dataset's README: median about 960 µV
+
+
+def test_area_blanking_and_conditioning() -> None:
+    from closedloop.mep.measure import blank_artefact, condition_epoch  # noqa: PLC0415
+
+    t = np.arange(-0.2, 0.1, 1 / FS)
+    wave = mep_waveform(t, 1000.0, MepModel())
+    m = measure_mep(wave, t, **KW)  # type: ignore[arg-type]
+    win = (t >= 0.015) & (t <= 0.050)
+    expected = np.trapezoid(np.abs(wave[win]), t[win] * 1000.0)
+    assert m.area_uv_ms == pytest.approx(expected, rel=1e-6)
+    x = wave + tms_artefact(t)
+    blanked = blank_artefact(x, t, (-1.0, 8.0))
+    assert np.max(np.abs(blanked[(t > -0.001) & (t < 0.008)])) < 1.0
+    np.testing.assert_array_equal(blanked[t > 0.009], x[t > 0.009])
+    hum = wave + 80.0 * np.sin(2 * np.pi * 50 * t)
+    clean = condition_epoch(hum, t, FS, bandpass_hz=(10.0, 1000.0), notch_hz=50.0,
+                            background_ms=(-100.0, -5.0))
+    bg = (t > -0.1) & (t < -0.005)
+    assert np.ptp(clean[bg]) < 20.0  # the 50 Hz hum is gone from the background
+    assert measure_mep(clean, t, **KW).p2p_uv == pytest.approx(1000.0, rel=0.15)  # type: ignore[arg-type]

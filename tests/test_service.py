@@ -123,6 +123,8 @@ async def test_simulated_session_is_safe_complete_and_on_target(tmp_path: Path) 
                 assert key in m
     ok = [m for m in meps if m["reason"] == "ok" and m["channel"] == "FDI"]
     assert ok
+    for m in meps:  # recorded within 100 ms after its window (to 50 ms) closed
+        assert m["lsl_time"] - (m["pulse_lsl_time"] + 0.050) < 0.100
     assert all(15 <= m["latency_ms"] <= 30 for m in ok)
     # phase error against the simulator's truth
     errors = []
@@ -280,6 +282,9 @@ async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
     for k, m in enumerate(got):
         x = epochs[:, k].astype(np.float32).astype(float)
         assert m["p2p_uv"] == pytest.approx(float(np.ptp(x[win])), rel=1e-4, abs=0.5)
+        bg = x[(t >= -0.045) & (t <= -0.005)]
+        peak = t[win][np.argmax(np.abs(x[win] - bg.mean()))] * 1000.0
+        assert m["peak_latency_ms"] == pytest.approx(peak, abs=0.5)  # within 1.5 samples
         assert m["pulse_lsl_time"] == pytest.approx(t0_box["t0"] + (k * 451 + pulse_index) / fs,
                                                     abs=1e-4)
 

@@ -259,6 +259,16 @@ def check_cross_fields(cfg: Config, source: str) -> None:
     if cfg.mep.background_ms[1] > 0:
         raise ConfigError(source=source, key="mep.background_ms",
                           problem="the background window must end before the pulse (<= 0)")
+    mep = cfg.mep
+    if mep.blank_ms is not None and not (mep.blank_ms[0] < mep.blank_ms[1] < mep.window_ms[0]):
+        raise ConfigError(source=source, key="mep.blank_ms", problem=(
+            "expected start < end < the response window's start (blanking must not erase "
+            "the MEP)"))
+    if mep.bandpass_hz is not None and not 0 < mep.bandpass_hz[0] < mep.bandpass_hz[1]:
+        raise ConfigError(source=source, key="mep.bandpass_hz",
+                          problem="expected 0 < low < high")
+    if mep.notch_hz is not None and mep.notch_hz <= 0:
+        raise ConfigError(source=source, key="mep.notch_hz", problem="expected > 0")
     if not cfg.mep.channels and cfg.streams.emg is not None:
         raise ConfigError(source=source, key="mep.channels",
                           problem="streams.emg is set but no MEP channel is named")

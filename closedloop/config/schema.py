@@ -193,6 +193,13 @@ class MepConfig:
                           lo=0.5, hi=100.0)
     no_response_uv: float = opt(50.0, "peak-to-peak below this is 'no response'",
                                 lo=0.0, hi=100_000.0)
+    blank_ms: tuple[float, float] | None = opt(None, "TMS artefact blanking: samples in this "
+                                               "window around the pulse are interpolated "
+                                               "(e.g. [-1, 6]); None = off")
+    bandpass_hz: tuple[float, float] | None = opt(None, "zero-phase band-pass of each epoch "
+                                                  "(e.g. [10, 1000]); None = off")
+    notch_hz: float | None = opt(None, "line frequency (50 or 60) removed from each epoch "
+                                 "by a sinusoid fit to the background; None = off")
     timeout_s: float = opt(2.0, "give up on an MEP if the EMG does not cover its window "
                            "within this time", lo=0.1, hi=60.0)
 

@@ -594,7 +594,7 @@ class ClosedLoopService:
         m = rec.measure
         fields = {"pulse_lsl_time": rec.pulse_lsl_time, "source": rec.source,
                   "channel": rec.channel, "p2p_uv": _r(m.p2p_uv), "latency_ms": _r(m.latency_ms),
-                  "peak_latency_ms": _r(m.peak_latency_ms),
+                  "peak_latency_ms": _r(m.peak_latency_ms), "area_uv_ms": _r(m.area_uv_ms),
                   "background_p2p_uv": _r(m.background_p2p_uv),
                   "background_rms_uv": _r(m.background_rms_uv),
                   "rejected": m.rejected, "reason": m.reason}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MepMeasure", "measure_mep"]
+__all__ = ["MepMeasure", "blank_artefact", "condition_epoch", "measure_mep"]
 
 Array = npt.NDArray[np.float64]
 
@@ -30,6 +30,7 @@ class MepMeasure:
     p2p_uv: float
     latency_ms: float | None
     peak_latency_ms: float
+    area_uv_ms: float
     background_p2p_uv: float
     background_rms_uv: float
     rejected: bool
@@ -51,7 +52,7 @@ def measure_mep(x: Array, t_rel_s: Array, *, window_ms: tuple[float, float],
     win = x[win_mask]
     if len(win) < 2 or len(bg) < 2:
         return MepMeasure(float("nan"), None, float("nan"), float("nan"), float("nan"),
-                          True, "incomplete_epoch")
+                          float("nan"), True, "incomplete_epoch")
     bg_mean = float(np.mean(bg))
     bg_sd = float(np.std(bg))
     bg_p2p = float(np.ptp(bg))
@@ -59,6 +60,8 @@ def measure_mep(x: Array, t_rel_s: Array, *, window_ms: tuple[float, float],
     p2p = float(np.ptp(win))
     win_t = t_ms[win_mask]
     dev = np.abs(win - bg_mean)
+    # area of the rectified, baseline-corrected response (trapezoid rule, µV x ms)
+    area = float(np.sum((dev[1:] + dev[:-1]) / 2.0 * np.diff(win_t)))
     peak_latency = float(win_t[int(np.argmax(dev))])
     latency: float | None = None
     if p2p >= no_response_uv:
@@ -66,7 +69,53 @@ def measure_mep(x: Array, t_rel_s: Array, *, window_ms: tuple[float, float],
         if above.size:
             latency = float(win_t[above[0]])
     if bg_p2p > preactivation_uv:
-        return MepMeasure(p2p, latency, peak_latency, bg_p2p, bg_rms, True, "preactivation")
+        return MepMeasure(p2p, latency, peak_latency, area, bg_p2p, bg_rms, True,
+                          "preactivation")
     if p2p < no_response_uv:
-        return MepMeasure(p2p, None, peak_latency, bg_p2p, bg_rms, False, "no_response")
-    return MepMeasure(p2p, latency, peak_latency, bg_p2p, bg_rms, False, "ok")
+        return MepMeasure(p2p, None, peak_latency, area, bg_p2p, bg_rms, False, "no_response")
+    return MepMeasure(p2p, latency, peak_latency, area, bg_p2p, bg_rms, False, "ok")
+
+
+def blank_artefact(x: Array, t_rel_s: Array, blank_ms: tuple[float, float]) -> Array:
+    """Replace the samples in ``blank_ms`` around the pulse by a straight line."""
+    t_ms = t_rel_s * 1000.0
+    inside = (t_ms >= blank_ms[0]) & (t_ms <= blank_ms[1])
+    if not inside.any() or inside.all():
+        return x
+    y = x.copy()
+    idx = np.flatnonzero(inside)
+    before, after = idx[0] - 1, idx[-1] + 1
+    if before < 0 or after >= len(x):
+        y[inside] = x[after] if before < 0 else x[before]
+        return y
+    y[inside] = np.interp(t_ms[inside], [t_ms[before], t_ms[after]], [x[before], x[after]])
+    return y
+
+
+def condition_epoch(x: Array, t_rel_s: Array, fs: float, *,
+                    bandpass_hz: tuple[float, float] | None, notch_hz: float | None,
+                    background_ms: tuple[float, float]) -> Array:
+    """Line-noise removal and zero-phase band-pass of one (already blanked) epoch.
+
+    An epoch is too short for a notch filter to settle (a 50 Hz notch rings for hundreds
+    of milliseconds), so line noise is removed by fitting sinusoids at ``notch_hz`` and its
+    first two harmonics to the background window and subtracting them from the whole
+    epoch: line noise is stationary over an epoch, the MEP is not in the background.
+    """
+    from scipy import signal  # noqa: PLC0415
+
+    y = x - np.mean(x)
+    if notch_hz is not None:
+        t_ms = t_rel_s * 1000.0
+        bg = (t_ms >= background_ms[0]) & (t_ms <= background_ms[1])
+        freqs = [k * notch_hz for k in (1, 2, 3) if k * notch_hz < fs / 2]
+        basis = np.column_stack([f(2 * np.pi * fr * t_rel_s) for fr in freqs
+                                 for f in (np.sin, np.cos)] + [np.ones(len(y))])
+        if bg.sum() > basis.shape[1]:
+            coef, *_ = np.linalg.lstsq(basis[bg], y[bg], rcond=None)
+            y = y - basis[:, :-1] @ coef[:-1]
+    if bandpass_hz is not None:
+        hi = min(bandpass_hz[1], 0.45 * fs)
+        sos = signal.butter(2, (bandpass_hz[0], hi), btype="bandpass", fs=fs, output="sos")
+        y = signal.sosfiltfilt(sos, y, padlen=min(len(y) - 1, 3 * (2 * len(sos) + 1)))
+    return np.asarray(y, dtype=np.float64)

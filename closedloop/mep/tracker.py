@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from closedloop.config.schema import MepConfig
-from closedloop.mep.measure import MepMeasure, measure_mep
+from closedloop.mep.measure import MepMeasure, blank_artefact, condition_epoch, measure_mep
 from closedloop.streams.ring import RingBuffer
 
 __all__ = ["MepRecord", "MepTracker"]
@@ -84,7 +84,7 @@ class MepTracker:
 
     def _unavailable(self, p: _Pending) -> list[MepRecord]:
         nan = float("nan")
-        m = MepMeasure(nan, None, nan, nan, nan, True, "emg_unavailable")
+        m = MepMeasure(nan, None, nan, nan, nan, nan, True, "emg_unavailable")
         return [MepRecord(p.t, p.source, ch, m) for ch in self.channels]
 
     def _measure(self, ring: RingBuffer, p: _Pending) -> list[MepRecord]:
@@ -93,8 +93,14 @@ class MepTracker:
         seg = ring.between(p.t + c.background_ms[0] / 1000.0, p.t + c.window_ms[1] / 1000.0)
         t_rel = seg.timestamps - p.t
         out = []
+        fs = (len(t_rel) - 1) / (t_rel[-1] - t_rel[0]) if len(t_rel) > 1 else 0.0
         for ch, idx in zip(self.channels, self._index, strict=True):
             x = np.asarray(seg.data[:, idx], dtype=np.float64)
+            if c.blank_ms is not None and len(x):
+                x = blank_artefact(x, t_rel, c.blank_ms)
+            if (c.bandpass_hz is not None or c.notch_hz is not None) and len(x) > 12 and fs:
+                x = condition_epoch(x, t_rel, fs, bandpass_hz=c.bandpass_hz,
+                                    notch_hz=c.notch_hz, background_ms=c.background_ms)
             m = measure_mep(x, t_rel, window_ms=c.window_ms, background_ms=c.background_ms,
                             preactivation_uv=c.preactivation_uv, onset_sd=c.onset_sd,
                             no_response_uv=c.no_response_uv)
