@@ -122,3 +122,23 @@ def test_area_blanking_and_conditioning() -> None:
     bg = (t > -0.1) & (t < -0.005)
     assert np.ptp(clean[bg]) < 20.0  # the 50 Hz hum is gone from the background
     assert measure_mep(clean, t, **KW).p2p_uv == pytest.approx(1000.0, rel=0.15)  # type: ignore[arg-type]
+
+
+def test_pulses_in_quick_succession_each_get_their_own_mep() -> None:
+    """Paired pulses 100 ms apart (as in LICI): two epochs from one EMG stream."""
+    cfg = MepConfig(channels=("FDI",), background_ms=(-45.0, -5.0), blank_ms=(-1.0, 8.0))
+    ring = RingBuffer(int(2 * FS), 1)
+    t = 5.0 + np.arange(int(0.6 * FS)) / FS
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 3, len(t))
+    for t_pulse, size in ((5.2, 1200.0), (5.3, 300.0)):
+        rel = t - t_pulse
+        x += tms_artefact(rel) + mep_waveform(rel, size, MepModel())
+    ring.write(x[:, None], t)
+    tracker = MepTracker(cfg, channels=["FDI"], labels=["FDI"])
+    tracker.add_pulse(5.2, "closedloop", now=5.2)
+    tracker.add_pulse(5.3, "closedloop", now=5.3)
+    first, second = tracker.poll(ring, now=5.6)
+    assert first.measure.p2p_uv == pytest.approx(1200.0, rel=0.05)
+    assert second.measure.p2p_uv == pytest.approx(300.0, rel=0.1)
+    assert second.measure.reason == "ok"  # the first MEP ended before its background

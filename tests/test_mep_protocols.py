@@ -99,3 +99,18 @@ def test_real_recruitment_curve_gives_a_sensible_threshold() -> None:
     lo, hi = result["ci95"]["threshold_pct"]
     assert lo <= result["threshold_pct"] <= hi
     assert 35.0 < result["s50_pct"] < 50.0
+
+
+def test_randomised_phase_map_is_balanced_with_intervals() -> None:
+    search = PhaseSearch(n_bins=4, seed=1, adaptive=False)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        k = search.next_bin()
+        search.record(k, bench.draw(MODEL, 60.0, rng, phase=math.radians(search.bin_phase_deg(k))))
+    report = search.report()
+    assert report["pulses"] == [10, 10, 10, 10]
+    ci = report["geometric_mean_ci95_uv"]
+    assert isinstance(ci, list)
+    lo, hi = ci[2]  # 180°: the largest MEPs
+    assert lo < hi
+    assert report["best_phase_deg"] == 180.0

@@ -25,12 +25,15 @@ class PhaseSearch:
     n_bins: int = 4
     seed: int | None = None
     floor_uv: float = 5.0
+    adaptive: bool = True
     _values: list[list[float]] = field(init=False, repr=False)
     _rng: np.random.Generator = field(init=False, repr=False)
+    _order: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._values = [[] for _ in range(self.n_bins)]
         self._rng = np.random.default_rng(self.seed)
+        self._order = []
 
     def bin_phase_deg(self, k: int) -> float:
         """Target phase of bin ``k`` (degrees, wrapped to (-180, 180])."""
@@ -51,7 +54,15 @@ class PhaseSearch:
         return draws
 
     def next_bin(self) -> int:
-        """The bin for the next pulse (each bin twice first, then Thompson sampling)."""
+        """The bin for the next pulse.
+
+        Adaptive: each bin twice, then Thompson sampling. Otherwise: every bin equally
+        often, in a random order (shuffled blocks of one pulse per bin).
+        """
+        if not self.adaptive:
+            if not self._order:
+                self._order = [int(k) for k in self._rng.permutation(self.n_bins)]
+            return self._order.pop()
         counts = [len(v) for v in self._values]
         if min(counts) < 2:
             return int(np.argmin(counts))
@@ -67,9 +78,18 @@ class PhaseSearch:
         p_best = np.bincount(np.argmax(self._posterior_draws(draws), axis=1),
                              minlength=self.n_bins) / draws
         best = int(np.argmax(p_best))
+        ci: list[list[float] | None] = []
+        for v in self._values:  # 95% interval of the geometric mean (log-normal MEPs)
+            if len(v) < 2:
+                ci.append(None)
+                continue
+            x = np.log(np.maximum(np.asarray(v, dtype=float), self.floor_uv))
+            half = 1.96 * float(x.std(ddof=1)) / math.sqrt(len(x))
+            ci.append([round(math.exp(x.mean() - half), 1), round(math.exp(x.mean() + half), 1)])
         return {"bins_deg": [self.bin_phase_deg(k) for k in range(self.n_bins)],
                 "pulses": [len(v) for v in self._values],
                 "median_p2p_uv": [float(np.median(v)) if v else None for v in self._values],
+                "geometric_mean_ci95_uv": ci,
                 "p_best": [round(float(p), 3) for p in p_best],
                 "best_bin": best, "best_phase_deg": self.bin_phase_deg(best),
                 "confidence": round(float(p_best[best]), 3)}

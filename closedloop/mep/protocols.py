@@ -98,10 +98,10 @@ class _IoCurve:
 
 
 class _PhaseMap:
-    name = "phase-map"
-
-    def __init__(self, intensity: float, pulses: int, seed: int | None) -> None:
-        self.search = PhaseSearch(n_bins=4, seed=seed)
+    def __init__(self, intensity: float, pulses: int, seed: int | None,
+                 adaptive: bool) -> None:
+        self.name = "phase-map" if adaptive else "phase-map-random"
+        self.search = PhaseSearch(n_bins=4, seed=seed, adaptive=adaptive)
         self.intensity = intensity
         self.budget = pulses
         self.count = 0
@@ -123,7 +123,7 @@ class _PhaseMap:
         return self.search.report()
 
 
-MEP_PROTOCOLS = ("mt-mlpest", "mt-ifcn", "io-curve", "phase-map")
+MEP_PROTOCOLS = ("mt-mlpest", "mt-ifcn", "io-curve", "phase-map", "phase-map-random")
 
 
 def make_mep_protocol(name: str, *, pulses: int | None, intensity_pct: float,
@@ -146,6 +146,6 @@ def make_mep_protocol(name: str, *, pulses: int | None, intensity_pct: float,
                                "between 30 and 70 %MSO")
         reps = max(1, (pulses or 45) // len(levels))
         return _IoCurve(levels * reps, seed)
-    if name == "phase-map":
-        return _PhaseMap(intensity_pct, pulses or 200, seed)
+    if name in ("phase-map", "phase-map-random"):
+        return _PhaseMap(intensity_pct, pulses or 200, seed, adaptive=name == "phase-map")
     raise ControlError(f"protocol: unknown '{name}'")
