@@ -225,11 +225,20 @@ async def test_eeg_loss_stops_pulses_and_recovery_resumes_them(
     assert [t for t in pulses if t > rec[0]["at_lsl_time"]], "pulses resume after recovery"
 
 
-async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
-                                                        pushers: list[Pusher]) -> None:
-    """Real MEP epochs (MEPFeatX ID01, 3 kHz) as continuous EMG plus a marker stream."""
-    epochs = loadmat(need_data("emg", "mepfeatx", "ID01.mat"))["meps"][:, :12]
-    fs, pulse_index = 3000.0, 150
+@pytest.mark.parametrize(("source", "fs", "pulse_index", "count"), [
+    ("mepfeatx", 3000.0, 150, 12),  # MEPFeatX ID01: 3 kHz, µV, pulse at sample 150
+    ("oxford", 10000.0, 1000, 4),  # Oxford recruitment, 50 %MSO: 10 kHz, mV, pulse at 1000
+])
+async def test_external_pulses_on_real_emg_are_measured(
+        tmp_path: Path, pushers: list[Pusher], source: str, fs: float, pulse_index: int,
+        count: int) -> None:
+    """Real MEP epochs as continuous EMG plus a marker stream, through the real pipeline."""
+    if source == "mepfeatx":
+        epochs = loadmat(need_data("emg", "mepfeatx", "ID01.mat"))["meps"][:, :count]
+    else:
+        epochs = 1000.0 * loadmat(need_data("emg", "oxford_mep",
+                                            "S1_Magstim_50percent.mat"))["Values"][:, :count]
+    n_epoch = epochs.shape[0]
     stream = epochs.T.reshape(-1)  # epochs back to back
     eeg_name, emg_name, mark_name = unique("eeg"), unique("emg"), unique("marks")
     pushers.append(Pusher(eeg_name, ("C3",), 500.0, lambda t: np.zeros((len(t), 1))))
@@ -252,8 +261,8 @@ async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
             while pylsl.local_clock() < t_last:
                 threading.Event().wait(0.0005)
             out.push_chunk(stream[k:k + m, None].astype(np.float32), t_last)
-            while sent < epochs.shape[1] and t0 + (sent * 451 + pulse_index) / fs <= t_last:
-                mk.push_sample(["TMS"], t0 + (sent * 451 + pulse_index) / fs)
+            while sent < count and t0 + (sent * n_epoch + pulse_index) / fs <= t_last:
+                mk.push_sample(["TMS"], t0 + (sent * n_epoch + pulse_index) / fs)
                 sent += 1
             k += m
         threading.Event().wait(1.0)
@@ -266,8 +275,8 @@ async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
 
     async def wait_all(service: ClosedLoopService) -> None:
         outlet_ready.set()
-        for _ in range(100):
-            if len(service.stats.meps) >= 12:
+        for _ in range(150):
+            if len(service.stats.meps) >= count:
                 break
             await asyncio.sleep(0.1)
 
@@ -276,8 +285,8 @@ async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
     assert stats.fired == 0  # never armed: only the external pulses
     got = sorted((m for m in stats.meps if m["source"] == "marker"),
                  key=lambda m: m["pulse_lsl_time"])
-    assert len(got) == 12
-    t = (np.arange(451) - pulse_index) / fs
+    assert len(got) == count
+    t = (np.arange(n_epoch) - pulse_index) / fs
     win = (t >= 0.015) & (t <= 0.050)
     for k, m in enumerate(got):
         x = epochs[:, k].astype(np.float32).astype(float)
@@ -285,8 +294,8 @@ async def test_external_pulses_on_real_emg_are_measured(tmp_path: Path,
         bg = x[(t >= -0.045) & (t <= -0.005)]
         peak = t[win][np.argmax(np.abs(x[win] - bg.mean()))] * 1000.0
         assert m["peak_latency_ms"] == pytest.approx(peak, abs=0.5)  # within 1.5 samples
-        assert m["pulse_lsl_time"] == pytest.approx(t0_box["t0"] + (k * 451 + pulse_index) / fs,
-                                                    abs=1e-4)
+        assert m["pulse_lsl_time"] == pytest.approx(
+            t0_box["t0"] + (k * n_epoch + pulse_index) / fs, abs=1e-4)
 
 
 async def test_start_up_errors_are_clear(tmp_path: Path, pushers: list[Pusher]) -> None:
