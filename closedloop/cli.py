@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", default=None, help="write the report here")
     p.add_argument("--png", dest="png_out", default=None, help="polar histogram PNG")
 
+    p = sub.add_parser("calibrate", help="find the peak, SNR and best phase estimator from "
+                       "resting EEG (live or a file) and write them into a config")
+    _add_config_args(p, required=True)
+    p.add_argument("--seconds", type=float, default=120.0, help="live recording length")
+    p.add_argument("--file", default=None, help="use a recording (EDF/BDF/npz) instead")
+    p.add_argument("--out", default=None, help="write the calibrated config here")
+
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", help="TOML configuration file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -259,6 +266,36 @@ def _cmd_evaluate_phase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from closedloop.phase.calibrate import (  # noqa: PLC0415
+        calibrate_signal,
+        record_live,
+        signal_from_file,
+        write_config,
+    )
+
+    cfg = load_config(args.config, args.overrides)
+    if args.file:
+        x, fs = signal_from_file(cfg, Path(args.file))
+    else:
+        print(f"recording {args.seconds:g} s of resting EEG from the configured stream; "
+              "the participant should sit still, eyes open, relaxed", flush=True)
+        x, fs = record_live(cfg, args.seconds, progress=lambda s: print(
+            f"  {s:.0f} s", end="\r", flush=True))
+    result = calibrate_signal(x, fs)
+    print(f"peak {result['peak_hz']} Hz, SNR {result['snr_db']} dB; band "
+          f"{result['band_hz'][0]:g}-{result['band_hz'][1]:g} Hz")
+    for name, s in result["scores_amp_above_median"].items():
+        print(f"  {name:<5} circular SD {s['circ_sd_deg']}°, bias {s['bias_deg']}° "
+              "(amplitude above the median)")
+    print(f"best: {result['estimator']}; {result['verdict']}")
+    if args.out:
+        write_config(cfg, result, Path(args.out))
+        print(f"written: {args.out}")
+    print(json.dumps(result))
+    return 0 if result["useful"] else 3
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     if args.print:
@@ -283,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,
                 "check-config": _cmd_check_config, "replay": _cmd_replay,
                 "ctl": _cmd_ctl, "status": _cmd_status,
-                "evaluate-phase": _cmd_evaluate_phase}
+                "evaluate-phase": _cmd_evaluate_phase, "calibrate": _cmd_calibrate}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

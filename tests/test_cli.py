@@ -182,3 +182,46 @@ def test_evaluate_phase_on_an_npz_recording(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "no channel(s) C4" in bad.stderr
     assert "it has C3, Cz" in bad.stderr
+
+
+@pytest.mark.slow
+def test_calibrate_from_a_file_writes_a_usable_config(tmp_path: Path) -> None:
+    data = REPO.parent / "shared" / "data" / "eeg" / "eegmat"
+    if not (data / "Subject19_1.edf").exists():
+        pytest.skip("real data not found")
+    out = tmp_path / "cal.toml"
+    good = subprocess.run([sys.executable, "-m", "closedloop", "calibrate", "-c",
+                           str(REPO / "configs" / "eegmat-replay.toml"), "--file",
+                           str(data / "Subject19_1.edf"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert good.returncode == 0, good.stderr
+    result = json.loads(good.stdout.strip().splitlines()[-1])
+    assert result["useful"]
+    assert abs(result["peak_hz"] - 10.5) <= 0.5
+    from closedloop.config import load_config  # noqa: PLC0415
+
+    cfg = load_config(out)
+    assert cfg.phase.estimator == result["estimator"]
+    assert cfg.phase.band_hz == tuple(result["band_hz"])
+    weak = subprocess.run([sys.executable, "-m", "closedloop", "calibrate", "-c",
+                           str(REPO / "configs" / "eegmat-replay.toml"), "--file",
+                           str(data / "Subject01_1.edf")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert weak.returncode == 3  # says plainly that phase targeting is not useful
+    assert "NOT usable for phase targeting" in weak.stdout
+
+
+@pytest.mark.lsl
+def test_calibrate_records_the_live_stream(pushers: list) -> None:  # type: ignore[type-arg]
+    from closedloop.config import load_config  # noqa: PLC0415
+    from closedloop.phase.calibrate import record_live  # noqa: PLC0415
+    from tests.conftest import Pusher  # noqa: PLC0415
+
+    name = unique("cal")
+    pushers.append(Pusher(name, ("C3", "Cz"), 1000.0,
+                          lambda t: np.column_stack([np.cos(2 * np.pi * 10 * t), 0 * t])))
+    cfg = load_config(None, [f'streams.eeg.name="{name}"', 'phase.reference=["Cz"]'])
+    x, fs = record_live(cfg, 2.0)
+    assert fs == 500.0
+    assert 900 <= len(x) <= 1000
+    assert np.std(x) > 0.5

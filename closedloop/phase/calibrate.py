@@ -1,0 +1,120 @@
+"""``closedloop calibrate``: find the peak, the SNR and the best estimator for a person.
+
+From a few minutes of resting EEG (recorded live from the configured stream, or read from
+a file), with the configured spatial filter: the individual peak frequency and its SNR on
+the 1/f-corrected spectrum, then every live-capable estimator scored causally against the
+Zrenner 2020 ground truth on that same data. The best one (lowest circular SD where the
+rhythm is above its median amplitude) and the band around the peak are written into a
+copy of the configuration. When the rhythm is too weak for useful phase targeting, it
+says so plainly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tomli_w
+
+from closedloop.config.load import config_to_dict
+from closedloop.config.schema import Config
+from closedloop.dsp.filters import Decimator
+from closedloop.dsp.spatial import hjorth
+from closedloop.errors import ClosedLoopError
+from closedloop.phase.evaluate import evaluate_signal
+from closedloop.phase.report import load_recording
+
+__all__ = ["LIVE_ESTIMATORS", "calibrate_signal", "record_live", "write_config"]
+
+LIVE_ESTIMATORS = ("ar", "echt")
+# Below these the phase is not worth targeting: the published methods reach about 45-50°
+# on the weakest EEGMAT subjects, close to a uniform error on the gated trials.
+MIN_SNR_DB = 6.0
+MAX_USEFUL_SD_DEG = 40.0
+
+
+def calibrate_signal(x: npt.NDArray[np.float64], fs: float) -> dict[str, Any]:
+    """Peak, SNR and the scores of the live estimators on ``x`` (first third trains)."""
+    train_s = min(60.0, len(x) / fs / 3.0)
+    if len(x) / fs < 40.0:
+        raise ClosedLoopError(f"{len(x) / fs:.0f} s of EEG is too little to calibrate "
+                              "(at least 40 s; a few minutes are better)")
+    info, results = evaluate_signal(x, fs, estimators=LIVE_ESTIMATORS, train_s=train_s)
+    scores = {r.name: r.scores["amp>median"] for r in results}
+    best = min(scores, key=lambda n: float(scores[n]["circ_sd_deg"] or 1e9))
+    sd = float(scores[best]["circ_sd_deg"] or 1e9)
+    useful = info["snr_db"] >= MIN_SNR_DB and sd <= MAX_USEFUL_SD_DEG
+    verdict = ("usable for phase targeting" if useful else
+               "NOT usable for phase targeting: the rhythm is too weak (SNR "
+               f"{info['snr_db']:.1f} dB, expected error {sd:.0f}°); consider another "
+               "channel or montage, or do not target phase with this person")
+    return {"peak_hz": info["peak_hz"], "snr_db": info["snr_db"],
+            "band_hz": info["estimator_band_hz"], "estimator": best,
+            "expected_circ_sd_deg": sd, "expected_bias_deg": scores[best]["bias_deg"],
+            "scores_amp_above_median": scores, "useful": useful, "verdict": verdict,
+            "seconds": round(len(x) / fs, 1)}
+
+
+def signal_from_file(cfg: Config, path: Path) -> tuple[npt.NDArray[np.float64], float]:
+    """The configured spatial filter applied to a recording."""
+    rec = load_recording(path)
+    try:
+        spatial = hjorth(rec.labels, cfg.phase.channel, cfg.phase.reference)
+    except ValueError as exc:
+        raise ClosedLoopError(f"{path}: {exc}; it has {', '.join(rec.labels)}") from exc
+    return spatial.apply(rec.data), rec.fs
+
+
+def record_live(cfg: Config, seconds: float,
+                progress: Callable[[float], None] | None = None
+                ) -> tuple[npt.NDArray[np.float64], float]:
+    """Record ``seconds`` of the configured EEG stream, spatially filtered, decimated."""
+    from closedloop.streams.reader import StreamReader  # noqa: PLC0415
+
+    reader = StreamReader(role="eeg", selector=cfg.streams.eeg, acquisition=cfg.acquisition,
+                          required_labels={"phase.channel": [cfg.phase.channel],
+                                           "phase.reference": list(cfg.phase.reference)},
+                          on_data=lambda: None, on_event=lambda _e: None)
+    buffer_s = max(cfg.acquisition.buffer_s, seconds + 5.0)
+    reader.acq = replace(cfg.acquisition, buffer_s=buffer_s)
+    reader.start()
+    try:
+        summary = reader.wait_connected(cfg.acquisition.resolve_timeout_s)
+        spatial = hjorth(summary.labels, cfg.phase.channel, cfg.phase.reference)
+        dec = Decimator(summary.rate_hz, Decimator.factor_for(summary.rate_hz,
+                                                              cfg.phase.processing_rate_hz))
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            if reader.error is not None:
+                raise reader.error
+            if progress is not None:
+                progress(elapsed)
+            time.sleep(min(1.0, seconds - elapsed))
+        assert reader.ring is not None
+        got = reader.ring.latest(int(seconds * summary.rate_hz))
+        x, _ = dec.process(spatial.apply(got.data), got.timestamps)
+        return x, dec.fs_out
+    finally:
+        reader.stop()
+
+
+def write_config(cfg: Config, result: dict[str, Any], path: Path) -> None:
+    """A copy of ``cfg`` with the calibrated band and estimator, as TOML."""
+    data = config_to_dict(cfg)
+    data["phase"]["band_hz"] = [round(float(v), 3) for v in result["band_hz"]]
+    data["phase"]["estimator"] = result["estimator"]
+
+    def drop_none(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: drop_none(v) for k, v in d.items() if v is not None}
+        return d
+
+    header = (f"# written by closedloop calibrate: peak {result['peak_hz']} Hz, SNR "
+              f"{result['snr_db']} dB, {result['estimator']} expected circular SD "
+              f"{result['expected_circ_sd_deg']}°; {result['verdict']}\n")
+    path.write_text(header + tomli_w.dumps(drop_none(data)))
