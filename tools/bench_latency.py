@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 5000.0])
     ap.add_argument("--chunk-ms", type=float, default=2.0)
+    ap.add_argument("--estimator", choices=("ar", "echt"), default="ar",
+                    help="phase.estimator of the service")
     ap.add_argument("--no-budget", action="store_true",
                     help="skip the latency-budget configuration (5000 Hz, 4 EMG, MQTT on)")
     ap.add_argument("--pusher", help=argparse.SUPPRESS)
@@ -166,23 +168,26 @@ def main() -> None:
         pusher(args.pusher, args.rate, args.chunk_ms, args.seconds, args.emg_channels)
         return
 
+    est = (f'phase.estimator="{args.estimator}"',)
+
     async def run_all() -> list[dict[str, object]]:
         out = []
         for r in args.rates:
-            res = await measure(r, args.seconds, args.chunk_ms)
+            res = await measure(r, args.seconds, args.chunk_ms, est)
             out.append({"configuration": f"{r:g} Hz x 64 EEG", **res})
         if not args.no_budget:  # the issue's latency budget: EMG and MQTT telemetry too
             async with local_broker(kinds=("existing", "mosquitto")) as broker:
                 mqtt = ("mqtt.enabled=true", f'mqtt.instance="bench-{uuid.uuid4().hex[:6]}"',
                         f"mqtt.port={broker.port}", "mqtt.metrics_interval_s=1")
-                res = await measure(5000.0, args.seconds, args.chunk_ms, mqtt, emg_channels=4)
+                res = await measure(5000.0, args.seconds, args.chunk_ms, (*est, *mqtt),
+                                    emg_channels=4)
             out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on",
                         **res})
         return out
 
     results = asyncio.run(run_all())
     print(json.dumps({"benchmark": "latency", "unit": "ms", "machine_cores": os.cpu_count(),
-                      "results": results}, indent=2))
+                      "estimator": args.estimator, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
