@@ -407,3 +407,23 @@ def test_tls_with_credentials(tmp_path: Path, eeg: str) -> None:
             svc.stop()
     finally:
         broker.stop()
+
+
+def test_broker_down_at_start(tmp_path: Path, eeg: str) -> None:
+    """No broker at all: the service starts, stimulates, reports, and keeps trying."""
+    from tests.mqtt_helpers import free_port  # noqa: PLC0415
+
+    port = free_port()  # nothing listens here
+    svc = ThreadedService(mqtt_config(tmp_path, eeg, unique("down"),
+                                      "stimulator.arm_on_start=true", port=port))
+    try:
+        time.sleep(2.0)
+        assert not svc.service.control_plane.connected
+        assert svc.service.state == "armed"
+        assert svc.service.stats.fired >= 2
+    finally:
+        svc.stop()
+    events = read_events(tmp_path / "ev.jsonl")
+    lost = [e for e in events if e["event"] == "control_lost"]
+    assert lost
+    assert "refused" in lost[0]["error"].lower() or "connect" in lost[0]["error"].lower()
