@@ -184,6 +184,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from closedloop.replay.player import play  # noqa: PLC0415
     from closedloop.replay.recording import load_edf  # noqa: PLC0415
 
+    if Path(args.file).suffix.lower() == ".xdf":
+        return _replay_xdf(args)
     rec = load_edf(args.file)
     name = args.name or Path(args.file).stem
 
@@ -294,6 +296,44 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"written: {args.out}")
     print(json.dumps(result))
     return 0 if result["useful"] else 3
+
+
+def _replay_xdf(args: argparse.Namespace) -> int:
+    """Every stream of an XDF file, with its own name, type and labels, on one time base."""
+    import threading  # noqa: PLC0415
+
+    import pylsl  # noqa: PLC0415
+
+    from closedloop.replay.player import play, play_markers  # noqa: PLC0415
+    from closedloop.replay.recording import load_xdf  # noqa: PLC0415
+
+    content = load_xdf(args.file)
+    firsts = [r.first_timestamp for r in content.regular] + [
+        float(m.timestamps[0]) for m in content.markers if len(m.timestamps)]
+    if not firsts:
+        print(f"closedloop: {args.file}: no stream to replay", file=sys.stderr)
+        return 1
+    origin = min(firsts)
+    t0 = float(pylsl.local_clock()) + 0.5
+    stop = threading.Event()
+    threads = [threading.Thread(target=play, kwargs={
+        "rec": r, "name": r.name, "stream_type": r.stype, "chunk_ms": args.chunk_ms,
+        "stop": stop, "t0": t0 + (r.first_timestamp - origin)}, daemon=True)
+        for r in content.regular]
+    threads += [threading.Thread(target=play_markers, kwargs={
+        "track": m, "t0": t0, "first_timestamp": origin, "stop": stop}, daemon=True)
+        for m in content.markers]
+    print(json.dumps({"event": "replay_start", "t0": t0, "streams": [
+        r.name for r in content.regular] + [m.name for m in content.markers]}), flush=True)
+    for th in threads:
+        th.start()
+    try:
+        for th in threads:
+            while th.is_alive():
+                th.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -13,13 +13,14 @@ import numpy.typing as npt
 
 from closedloop.errors import ClosedLoopError
 from closedloop.phase.evaluate import ESTIMATORS, EvaluationResult, evaluate_signal
-from closedloop.replay.recording import Recording, load_edf
+from closedloop.replay.recording import Recording, load_edf, load_xdf
 
 __all__ = ["evaluate_file", "load_signal", "polar_png"]
 
 
 def load_recording(path: Path) -> Recording:
-    """EDF/BDF, or NumPy ``.npz`` with ``data`` (samples x channels), ``labels``, ``fs``.
+    """EDF/BDF, XDF (its first EEG stream), or NumPy ``.npz`` (``data`` samples x channels,
+    ``labels``, ``fs``).
 
     Raises:
         ClosedLoopError: unknown format or missing fields.
@@ -27,6 +28,8 @@ def load_recording(path: Path) -> Recording:
     suffix = path.suffix.lower()
     if suffix in (".edf", ".bdf"):
         return load_edf(path)
+    if suffix == ".xdf":
+        return load_xdf(path).first("EEG")
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -39,8 +42,7 @@ def load_recording(path: Path) -> Recording:
         if data.ndim != 2 or data.shape[1] != len(labels):
             raise ClosedLoopError(f"{path}: 'data' must be samples x {len(labels)} channels")
         return Recording(data=data, labels=labels, fs=fs, unit="uV", source=str(path))
-    raise ClosedLoopError(f"{path}: unknown format (EDF, BDF or .npz; XDF comes with the "
-                          "replay issue)")
+    raise ClosedLoopError(f"{path}: unknown format (EDF, BDF, XDF or .npz)")
 
 
 def load_signal(path: Path, channel: str, reference: Sequence[str]

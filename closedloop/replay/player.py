@@ -15,15 +15,15 @@ from collections.abc import Callable
 import numpy as np
 import pylsl
 
-from closedloop.replay.recording import Recording
+from closedloop.replay.recording import MarkerTrack, Recording
 
-__all__ = ["play"]
+__all__ = ["play", "play_markers"]
 
 
 def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float = 10.0,
          start_s: float = 0.0, duration_s: float | None = None, loop: bool = False,
          stop: threading.Event | None = None,
-         on_start: Callable[[float], None] | None = None) -> float:
+         on_start: Callable[[float], None] | None = None, t0: float | None = None) -> float:
     """Push ``rec`` over an LSL outlet named ``name`` until done or ``stop`` is set.
 
     Args:
@@ -50,7 +50,7 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
         raise ValueError("nothing to play: start_s/duration_s select no samples")
     span = rec.data[first:last].astype(np.float32)
     n_chunk = max(1, round(chunk_ms / 1000.0 * rec.fs))
-    t0 = float(pylsl.local_clock()) + 0.05
+    t0 = float(pylsl.local_clock()) + 0.05 if t0 is None else t0
     if on_start is not None:
         on_start(t0)
     k = 0  # samples played
@@ -69,3 +69,19 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
         outlet.push_chunk(span[i:i + n], t_last)
         k += n
     return t0
+
+
+def play_markers(track: MarkerTrack, *, t0: float, first_timestamp: float,
+                 stop: threading.Event | None = None) -> None:
+    """Push a marker track at its recorded times (shifted so the recording starts at t0)."""
+    stop = stop or threading.Event()
+    info = pylsl.StreamInfo(track.name, track.stype, 1, pylsl.IRREGULAR_RATE,
+                            pylsl.cf_string, f"{track.name}-replay")
+    outlet = pylsl.StreamOutlet(info)
+    for text, ts in zip(track.markers, track.timestamps, strict=True):
+        when = t0 + (float(ts) - first_timestamp)
+        while not stop.is_set() and pylsl.local_clock() < when:
+            stop.wait(min(0.01, max(0.0, when - pylsl.local_clock())))
+        if stop.is_set():
+            return
+        outlet.push_sample([text], when)

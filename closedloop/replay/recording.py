@@ -15,7 +15,8 @@ import numpy.typing as npt
 
 from closedloop.errors import ClosedLoopError
 
-__all__ = ["Recording", "load_edf", "normalise_label"]
+__all__ = ["MarkerTrack", "Recording", "XdfContent", "load_edf", "load_xdf",
+           "normalise_label"]
 
 _TYPE_PREFIXES = ("EEG ", "ECG ", "EMG ", "EOG ")
 
@@ -29,6 +30,9 @@ class Recording:
     fs: float
     unit: str
     source: str
+    name: str = ""
+    stype: str = "EEG"
+    first_timestamp: float = 0.0
 
     @property
     def duration_s(self) -> float:
@@ -72,3 +76,72 @@ def load_edf(path: str | Path) -> Recording:
     finally:
         reader.close()
     return Recording(data=data, labels=labels, fs=fs, unit=unit, source=str(path))
+
+
+@dataclass(frozen=True)
+class MarkerTrack:
+    """A marker stream: texts and their timestamps."""
+
+    name: str
+    stype: str
+    markers: tuple[str, ...]
+    timestamps: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class XdfContent:
+    """The streams of an XDF file: sampled ones and marker ones."""
+
+    regular: tuple[Recording, ...]
+    markers: tuple[MarkerTrack, ...]
+
+    def first(self, stype: str = "EEG") -> Recording:
+        """The first sampled stream of a type (or the first one at all)."""
+        for rec in self.regular:
+            if rec.stype.upper() == stype.upper():
+                return rec
+        if not self.regular:
+            raise ClosedLoopError("the XDF file holds no sampled stream")
+        return self.regular[0]
+
+
+def load_xdf(path: str | Path) -> XdfContent:
+    """Read an XDF file (LabRecorder's format) with pyxdf.
+
+    Raises:
+        ClosedLoopError: the file cannot be read.
+    """
+    import pyxdf  # noqa: PLC0415 - only needed for XDF
+
+    try:
+        streams, _ = pyxdf.load_xdf(str(path))
+    except Exception as exc:  # pyxdf raises many kinds; all mean "not readable"
+        raise ClosedLoopError(f"{path}: cannot read as XDF: {exc}") from exc
+    regular: list[Recording] = []
+    markers: list[MarkerTrack] = []
+    for s in streams:
+        info = s["info"]
+        name = info["name"][0]
+        stype = info["type"][0]
+        ts = np.asarray(s["time_stamps"], dtype=np.float64)
+        rate = float(info["nominal_srate"][0])
+        if info["channel_format"][0] == "string":
+            markers.append(MarkerTrack(name, stype, tuple(str(v[0]) for v in s["time_series"]),
+                                       ts))
+            continue
+        labels: tuple[str, ...] = ()
+        desc = info.get("desc") or [None]
+        try:
+            chans = desc[0]["channels"][0]["channel"]
+            labels = tuple(normalise_label(c["label"][0]) for c in chans)
+        except (TypeError, KeyError, IndexError):
+            pass
+        data = np.asarray(s["time_series"], dtype=np.float64)
+        if not labels:
+            labels = tuple(f"ch{i + 1}" for i in range(data.shape[1]))
+        if rate <= 0 and len(ts) > 1:
+            rate = float((len(ts) - 1) / (ts[-1] - ts[0]))
+        regular.append(Recording(data=data, labels=labels, fs=rate, unit="uV",
+                                 source=str(path), name=name, stype=stype,
+                                 first_timestamp=float(ts[0]) if len(ts) else 0.0))
+    return XdfContent(tuple(regular), tuple(markers))
