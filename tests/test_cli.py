@@ -225,3 +225,39 @@ def test_calibrate_records_the_live_stream(pushers: list) -> None:  # type: igno
     assert fs == 500.0
     assert 900 <= len(x) <= 1000
     assert np.std(x) > 0.5
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+def test_a_killed_session_leaves_readable_recordings(tmp_path: Path) -> None:
+    from closedloop.replay.recording import load_xdf  # noqa: PLC0415
+
+    prefix = unique("kill9")
+    events, xdf = tmp_path / "k.jsonl", tmp_path / "k.xdf"
+    sim = subprocess.Popen([sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
+                            "--eeg-rate", "1000", "--emg-rate", "1000", "--coil-stream",
+                            f"{prefix}-coil", "--seed", "3"], stdin=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "closedloop", "run", "--config",
+         str(REPO / "configs" / "demo.toml"), "--set", f'streams.eeg.name="{prefix}-EEG"', "--set", f'streams.emg.name="{prefix}-EMG"',
+         "--set", f'stimulator.coil_stream="{prefix}-coil"', "--set", f'recording.events="{events}"',
+         "--set", f'recording.xdf="{xdf}"', "--set", 'recording.marker_stream=""',
+         "--set", "trigger.min_interval_s=0.5", "--set", "safety.min_interval_s=0.5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if events.exists() and any(e["event"] == "pulse" for e in read_events(events)):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        run.send_signal(signal.SIGKILL)
+        run.wait(10)
+    finally:
+        sim.terminate()
+        sim.wait(5)
+    log = read_events(events)  # every line written is complete
+    assert any(e["event"] == "pulse" for e in log)
+    content = load_xdf(xdf)  # no footers, cut anywhere: still readable
+    assert len(content.first("EEG").data) > 1000
+    assert content.markers

@@ -352,3 +352,38 @@ async def test_mep_protocols_run_live_on_the_simulator(tmp_path: Path) -> None:
     assert max(intensities) <= cfg.safety.max_intensity_pct
     targets = {e["target_phase_deg"] for e in events if e["event"] == "pulse"}
     assert len(targets) >= 2  # phase mapping moved the target
+
+
+async def test_session_recording_in_xdf(tmp_path: Path, pushers: list[Pusher]) -> None:
+    from closedloop.replay.recording import load_xdf  # noqa: PLC0415
+
+    name = unique("rec")
+    labels = ("C3", "FC1", "FC5", "CP1", "CP5")
+    counter = {"n": 0}
+
+    def sig(t: np.ndarray) -> np.ndarray:
+        x = np.zeros((len(t), len(labels)))
+        x[:, 0] = 10 * np.cos(2 * np.pi * 10 * t)
+        x[:, 1] = counter["n"] + np.arange(len(t))  # a sample counter
+        counter["n"] += len(t)
+        return x
+
+    pushers.append(Pusher(name, labels, 1000.0, sig))
+    xdf = tmp_path / "session.xdf"
+    cfg = config(tmp_path, f'streams.eeg.name="{name}"', f'recording.xdf="{xdf}"',
+                 "stimulator.arm_on_start=true", "trigger.min_interval_s=0.3",
+                 "trigger.jitter_s=0", "safety.min_interval_s=0.3",
+                 "trigger.amplitude_percentile=0")
+    stats, _ = await run_service(cfg, 4.0)
+    content = load_xdf(xdf)
+    eeg = content.first("EEG")
+    assert eeg.labels == labels
+    assert len(eeg.data) > 3000
+    assert np.all(np.diff(eeg.data[:, 1]) == 1)  # nothing lost or reordered
+    (events,) = content.markers
+    kinds = [json.loads(m)["event"] for m in events.markers]
+    assert kinds[0] == "session_start"
+    assert kinds[-1] == "session_end"
+    pulses = [json.loads(m) for m in events.markers if json.loads(m)["event"] == "pulse"]
+    assert len(pulses) == stats.fired >= 3
+    assert json.loads(events.markers[0])["config"]["recording"]["xdf"] == str(xdf)

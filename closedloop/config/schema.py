@@ -211,6 +211,7 @@ class RecordingConfig:
     events: str = opt("sessions/events.jsonl", "append-only JSONL event log")
     marker_stream: str = opt("closedloop-pulses", "LSL marker stream of fired pulses "
                              "(\"\" = none)")
+    xdf: str = opt("", "session recording (raw EEG and EMG, every event) as XDF; \"\" = none")
     status_file: str = opt("", "health summary rewritten every second (\"\" = status.json "
                            "beside the event log)")
 

@@ -47,6 +47,7 @@ from closedloop.phase.amplitude import RunningPercentile
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog, clean_json
 from closedloop.recording.markers import PulseMarkerOutlet
+from closedloop.recording.session import SessionRecorder
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.safety import SafetyGate, SafetyLimits
 from closedloop.stim.scheduler import FireScheduler, PulseOutcome, PulseRequest
@@ -122,6 +123,7 @@ class ClosedLoopService:
         self._markers: PulseMarkerOutlet | None = None
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.control_plane: Any = None  # the MqttControlPlane when mqtt.enabled
+        self.recorder: SessionRecorder | None = None
         self._last_external = -math.inf
         self._protocol: dict[str, Any] | None = None
         self.started_wall = time.time()
@@ -247,6 +249,16 @@ class ClosedLoopService:
                        eeg_rate_hz=eeg.rate_hz, eeg_channels=eeg.n_channels,
                        processing_rate_hz=self.tracker.fs,
                        band_hz=list(self.tracker.band) if self.tracker.band else "auto")
+        if cfg.recording.xdf:
+            self.recorder = SessionRecorder(cfg.recording.xdf)
+            assert self.eeg.ring is not None
+            self.recorder.add_stream(1, self.eeg.ring, eeg, "EEG")
+            if self.emg is not None and self.emg.ring is not None and self.emg.summary:
+                self.recorder.add_stream(2, self.emg.ring, self.emg.summary, "EMG")
+            self.add_listener(self.recorder.event)
+            self.recorder.event("session_start", {"lsl_time": pylsl.local_clock(),
+                                                  "version": __version__,
+                                                  "config": config_to_dict(cfg)})
         if cfg.stimulator.arm_on_start:
             self.stim.arm()
             self._event("armed", by="arm_on_start")
@@ -284,6 +296,8 @@ class ClosedLoopService:
                            refused=dict(s.refused), decisions=s.decisions,
                            error=str(self._fatal) if self._fatal else None)
             await asyncio.to_thread(self.log.close)
+        if self.recorder is not None:
+            await asyncio.to_thread(self.recorder.close)
 
     # -- thread hand-offs --------------------------------------------------------------
     def _wake_from_thread(self) -> None:
@@ -579,6 +593,9 @@ class ClosedLoopService:
                 if error is not None and not status_error_said:
                     status_error_said = True  # once: it would repeat every second
                     self._event("status_file_error", message=error)
+            if self.recorder is not None and self.recorder.error is not None:
+                self._fail(ClosedLoopError(f"recording.xdf: cannot write "
+                                           f"{self.recorder.path}: {self.recorder.error}"))
             if self.log is not None and self.log.error is not None:
                 self._fail(ClosedLoopError(f"recording.events: cannot write "
                                            f"{self.log.path}: {self.log.error}"))

@@ -63,10 +63,15 @@ class XdfWriter:
         """Append numeric samples (n, channels) with their timestamps."""
         x = np.asarray(data, dtype="<f4")
         ts = np.asarray(timestamps, dtype="<f8")
-        parts = [struct.pack("<I", stream_id), _varlen(len(ts))]
-        for row, t in zip(x, ts, strict=True):
-            parts.append(b"\x08" + struct.pack("<d", float(t)) + row.tobytes())
-        self._chunk(_SAMPLES, b"".join(parts))
+        if not len(ts):
+            return
+        # one packed record per sample: [8][timestamp][values], built without a Python loop
+        rec = np.empty(len(ts), dtype=[("tb", "u1"), ("ts", "<f8"),
+                                       ("v", "<f4", (x.shape[1],))])
+        rec["tb"] = 8
+        rec["ts"] = ts
+        rec["v"] = x
+        self._chunk(_SAMPLES, struct.pack("<I", stream_id) + _varlen(len(ts)) + rec.tobytes())
         self._count(stream_id, ts)
 
     def write_markers(self, stream_id: int, markers: Sequence[str],
