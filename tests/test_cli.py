@@ -237,12 +237,13 @@ def test_a_killed_session_leaves_readable_recordings(tmp_path: Path) -> None:
     sim = subprocess.Popen([sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
                             "--eeg-rate", "1000", "--emg-rate", "1000", "--coil-stream",
                             f"{prefix}-coil", "--seed", "3"], stdin=subprocess.DEVNULL)
+    sets = [f'streams.eeg.name="{prefix}-EEG"', f'streams.emg.name="{prefix}-EMG"',
+            f'stimulator.coil_stream="{prefix}-coil"', f'recording.events="{events}"',
+            f'recording.xdf="{xdf}"', 'recording.marker_stream=""',
+            "trigger.min_interval_s=0.5", "safety.min_interval_s=0.5"]
     run = subprocess.Popen(
         [sys.executable, "-m", "closedloop", "run", "--config",
-         str(REPO / "configs" / "demo.toml"), "--set", f'streams.eeg.name="{prefix}-EEG"', "--set", f'streams.emg.name="{prefix}-EMG"',
-         "--set", f'stimulator.coil_stream="{prefix}-coil"', "--set", f'recording.events="{events}"',
-         "--set", f'recording.xdf="{xdf}"', "--set", 'recording.marker_stream=""',
-         "--set", "trigger.min_interval_s=0.5", "--set", "safety.min_interval_s=0.5"],
+         str(REPO / "configs" / "demo.toml"), *(a for s in sets for a in ("--set", s))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
