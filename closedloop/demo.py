@@ -39,7 +39,7 @@ def demo_overrides(prefix: str, events: str) -> list[str]:
         f'streams.eeg.name="{prefix}-EEG"', f'streams.emg.name="{prefix}-EMG"',
         f'stimulator.coil_stream="{prefix}-coil"', f'recording.marker_stream="{prefix}-pulses"',
         f'recording.events="{events}"', "stimulator.arm_on_start=true",
-        "trigger.min_interval_s=1.0", "trigger.jitter_s=0.3", "safety.min_interval_s=0.9",
+        "trigger.min_interval_s=1.5", "trigger.jitter_s=0.3", "safety.min_interval_s=1.0",
         "trigger.amplitude_percentile=50", "trigger.amplitude_window_s=10",
     ]
 
