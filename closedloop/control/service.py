@@ -82,9 +82,10 @@ class ServiceStats:
     estimates: int = 0
     fired: int = 0
     refused: Counter[str] = field(default_factory=Counter)
-    # bounded: a daemon runs for months (the event log keeps everything)
-    pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
-    meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=40_000))
+    # bounded: a daemon runs for months (the event log keeps everything; these serve the
+    # summary, metrics and status)
+    pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2_000))
+    meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=8_000))
     stream_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
     chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
     chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
