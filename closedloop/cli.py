@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from closedloop import __version__
@@ -64,14 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
 
-    p = sub.add_parser("replay", help="play an EDF/BDF recording over LSL in real time")
-    p.add_argument("file", help="EDF or BDF file")
+    p = sub.add_parser("replay", help="play an EDF/BDF/XDF recording over LSL in real time")
+    p.add_argument("file", help="EDF, BDF or XDF file")
     p.add_argument("--name", default=None, help="LSL stream name (default: the file's stem)")
     p.add_argument("--type", default="EEG", help="LSL stream type")
     p.add_argument("--chunk-ms", type=float, default=10.0)
     p.add_argument("--start", type=float, default=0.0, help="start at this second")
     p.add_argument("--duration", type=float, default=None, help="play this many seconds")
+    p.add_argument("--stop", type=float, default=None, help="stop at this second")
     p.add_argument("--loop", action="store_true", help="start again at the end")
+    p.add_argument("--streams", nargs="+", default=None,
+                   help="XDF: replay only these streams (by name)")
+    p.add_argument("--progress", action="store_true", help="show progress on stderr")
 
     p = sub.add_parser("ctl", help="send a command over MQTT and print the reply; or 'watch'")
     p.add_argument("verb", help="arm, disarm, start, stop, set, calibrate, status, reload, "
@@ -188,6 +192,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return _replay_xdf(args)
     rec = load_edf(args.file)
     name = args.name or Path(args.file).stem
+    duration = args.duration
+    if args.stop is not None:
+        if args.stop <= args.start:
+            print("closedloop: --stop must be after --start", file=sys.stderr)
+            return 2
+        duration = args.stop - args.start if duration is None else min(duration,
+                                                                         args.stop - args.start)
+    total = duration if duration is not None else rec.duration_s - args.start
+    progress = _progress_printer(total) if args.progress else None
 
     def announce(t0: float) -> None:
         print(json.dumps({"event": "replay_start", "name": name, "t0": t0, "fs": rec.fs,
@@ -195,7 +208,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         play(rec, name=name, stream_type=args.type, chunk_ms=args.chunk_ms,
-             start_s=args.start, duration_s=args.duration, loop=args.loop, on_start=announce)
+             start_s=args.start, duration_s=duration, loop=args.loop, on_start=announce,
+             on_progress=progress)
     return 0
 
 
@@ -298,6 +312,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0 if result["useful"] else 3
 
 
+def _progress_printer(total_s: float) -> Callable[[float], None]:
+    """A one-line progress display on stderr."""
+    def show(done_s: float) -> None:
+        frac = min(1.0, done_s / total_s) if total_s > 0 else 1.0
+        bar = "#" * int(frac * 30)
+        print(f"\r[{bar:<30}] {done_s:7.1f} / {total_s:.1f} s", end="", file=sys.stderr,
+              flush=True)
+    return show
+
+
 def _replay_xdf(args: argparse.Namespace) -> int:
     """Every stream of an XDF file, with its own name, type and labels, on one time base."""
     import threading  # noqa: PLC0415
@@ -308,6 +332,16 @@ def _replay_xdf(args: argparse.Namespace) -> int:
     from closedloop.replay.recording import load_xdf  # noqa: PLC0415
 
     content = load_xdf(args.file)
+    if args.streams:
+        names = {r.name for r in content.regular} | {m.name for m in content.markers}
+        unknown = [s for s in args.streams if s not in names]
+        if unknown:
+            print(f"closedloop: {args.file}: no stream(s) {', '.join(unknown)}; it has "
+                  f"{', '.join(sorted(names))}", file=sys.stderr)
+            return 2
+        content = type(content)(
+            tuple(r for r in content.regular if r.name in args.streams),
+            tuple(m for m in content.markers if m.name in args.streams))
     firsts = [r.first_timestamp for r in content.regular] + [
         float(m.timestamps[0]) for m in content.markers if len(m.timestamps)]
     if not firsts:

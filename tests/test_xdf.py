@@ -88,3 +88,19 @@ def test_replay_publishes_every_stream_with_its_labels(tmp_path: Path) -> None:
         proc.wait(5)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_replay_argument_errors_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "rec.xdf"
+    make_xdf(path, "EEG", "Marks")
+    bad = subprocess.run([sys.executable, "-m", "closedloop", "replay", str(path), "--streams",
+                          "Nope"], capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert "no stream(s) Nope; it has EEG, Marks" in bad.stderr
+    edf = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "eeg" / "eegmat"
+    if (edf / "Subject19_1.edf").exists():
+        bad = subprocess.run([sys.executable, "-m", "closedloop", "replay",
+                              str(edf / "Subject19_1.edf"), "--start", "10", "--stop", "5"],
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert bad.returncode == 2
+        assert "--stop must be after --start" in bad.stderr

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 __all__ = ["XdfWriter"]
 
-_FILE_HEADER, _STREAM_HEADER, _SAMPLES, _STREAM_FOOTER = 1, 2, 3, 6
+_FILE_HEADER, _STREAM_HEADER, _SAMPLES, _CLOCK_OFFSET, _STREAM_FOOTER = 1, 2, 3, 4, 6
 
 
 def _varlen(n: int) -> bytes:
@@ -89,12 +89,20 @@ class XdfWriter:
         if len(ts):
             if s["n"] == 0:
                 s["first"] = float(ts[0])
+                # timestamps are already on this machine's LSL clock: offset 0 (readers
+                # such as pyxdf expect clock offsets to segment the stream)
+                self._clock_offset(stream_id, float(ts[0]))
             s["last"] = float(ts[-1])
             s["n"] = int(s["n"]) + len(ts)
+
+    def _clock_offset(self, stream_id: int, collection_time: float) -> None:
+        self._chunk(_CLOCK_OFFSET, struct.pack("<Idd", stream_id, collection_time, 0.0))
 
     def close(self) -> None:
         """Write the stream footers and close the file."""
         for sid, s in self._streams.items():
+            if int(s["n"]):
+                self._clock_offset(sid, float(s["last"]))
             xml = (f'<?xml version="1.0"?><info><first_timestamp>{s["first"]}</first_timestamp>'
                    f"<last_timestamp>{s['last']}</last_timestamp><sample_count>{s['n']}"
                    "</sample_count></info>")

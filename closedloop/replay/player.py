@@ -23,7 +23,8 @@ __all__ = ["play", "play_markers"]
 def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float = 10.0,
          start_s: float = 0.0, duration_s: float | None = None, loop: bool = False,
          stop: threading.Event | None = None,
-         on_start: Callable[[float], None] | None = None, t0: float | None = None) -> float:
+         on_start: Callable[[float], None] | None = None, t0: float | None = None,
+         on_progress: Callable[[float], None] | None = None) -> float:
     """Push ``rec`` over an LSL outlet named ``name`` until done or ``stop`` is set.
 
     Args:
@@ -68,6 +69,8 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
             time.sleep(0.0001)
         outlet.push_chunk(span[i:i + n], t_last)
         k += n
+        if on_progress is not None and k % max(1, int(rec.fs)) < n:  # about once a second
+            on_progress(k / rec.fs)
     return t0
 
 
