@@ -17,7 +17,7 @@ from closedloop.config.load import check_cross_fields, config_to_dict, from_dict
 from closedloop.config.schema import Config
 from closedloop.errors import ConfigError
 
-__all__ = ["LIVE_KEYS", "apply_live_settings", "restart_keys"]
+__all__ = ["LIVE_KEYS", "apply_live_settings", "live_value", "restart_keys"]
 
 # short name (as in MQTT payloads) -> dotted config key
 LIVE_KEYS: dict[str, str] = {
@@ -29,6 +29,12 @@ LIVE_KEYS: dict[str, str] = {
     "band_hz": "phase.band_hz",
     "intensity_pct": "stimulator.intensity_pct",
 }
+
+
+def live_value(cfg: Config, dotted: str) -> Any:
+    """The value of a dotted key such as ``trigger.target_phase_deg``."""
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def apply_live_settings(cfg: Config, changes: Mapping[str, Any], *, source: str) -> Config:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -37,7 +38,12 @@ import pylsl
 from closedloop import __version__
 from closedloop.config.load import config_to_dict, load_config
 from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
-from closedloop.control.runtime import LIVE_KEYS, apply_live_settings, restart_keys
+from closedloop.control.runtime import (
+    LIVE_KEYS,
+    apply_live_settings,
+    live_value,
+    restart_keys,
+)
 from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
@@ -693,18 +699,15 @@ class ClosedLoopService:
                 raise ControlError("band_hz: use the calibrate command to find the band")
             self.tracker.set_band(new.phase.band_hz)
         self.cfg = new
-        changed = {k: getattr(getattr(new, d.split(".")[0]), d.split(".")[1])
-                   for k, d in LIVE_KEYS.items()
-                   if getattr(getattr(new, d.split(".")[0]), d.split(".")[1])
-                   != getattr(getattr(old, d.split(".")[0]), d.split(".")[1])}
+        changed = {k: live_value(new, d) for k, d in LIVE_KEYS.items()
+                   if live_value(new, d) != live_value(old, d)}
         self._event("settings_changed", by=by, changes=changed)
 
     def settings(self) -> dict[str, Any]:
         """The live settings now."""
         out = {}
         for short, dotted in LIVE_KEYS.items():
-            section, name = dotted.split(".")
-            value = getattr(getattr(self.cfg, section), name)
+            value = live_value(self.cfg, dotted)
             out[short] = list(value) if isinstance(value, tuple) else value
         if self.tracker is not None and self.tracker.band is not None:
             out["band_hz"] = list(self.tracker.band)
@@ -872,7 +875,7 @@ class ClosedLoopService:
         fill = None
         if ring is not None:
             fill = round(min(ring.count, ring.capacity) / ring.capacity, 3)
-        recent = list(s.pulses)[-200:]
+        recent = itertools.islice(reversed(s.pulses), 200)  # no copy of the whole history
         predicted = [p["predicted_phase_deg"] - p["target_phase_deg"] for p in recent]
         return {
             "latency_ms": {"chunk_to_decision": s.chunk_to_decision_ms.summary(),

@@ -154,11 +154,6 @@ class _LslThread:
                     n = 0
                     self._stop.wait(_POLL_S)  # the source is gone: do not spin
                 now = pylsl.local_clock()
-                if n > 0 and self._reopen.is_set():
-                    self._reopen.clear()
-                    inlet.close_stream()
-                    inlet = None
-                    continue
                 if n > 0:
                     self.last_arrival = now
                     if self.lost:
@@ -166,16 +161,17 @@ class _LslThread:
                         s = self.summary
                         assert s is not None
                         self._emit("recovered", name=s.name, source_id=s.source_id)
-                    continue
-                assert self.last_arrival is not None
-                silent = now - self.last_arrival
-                if not self.lost and silent * 1000.0 > self.acq.lost_after_ms:
-                    self.lost = True
-                    lost_since = now
-                    self._emit("lost", silent_ms=round(silent * 1000.0, 1))
-                if self.lost and lost_since is not None and now - lost_since > _REOPEN_AFTER_LOST_S:
-                    inlet.close_stream()
-                    inlet = None  # look again: the source may come back under a new id
+                else:
+                    assert self.last_arrival is not None
+                    silent = now - self.last_arrival
+                    if not self.lost and silent * 1000.0 > self.acq.lost_after_ms:
+                        self.lost = True
+                        lost_since = now
+                        self._emit("lost", silent_ms=round(silent * 1000.0, 1))
+                    if (self.lost and lost_since is not None
+                            and now - lost_since > _REOPEN_AFTER_LOST_S):
+                        inlet.close_stream()
+                        inlet = None  # look again: the source may come back under a new id
                 if self._reopen.is_set() and inlet is not None:
                     self._reopen.clear()
                     inlet.close_stream()
