@@ -123,7 +123,7 @@ class MqttControlPlane:
             except asyncio.CancelledError:
                 pass
             except Exception as exc:  # a bug in the plane: the service must hear of it
-                self._service_loop.call_soon_threadsafe(self.service.fail, exc)
+                self._post(self.service.fail, exc)
             finally:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
@@ -141,15 +141,42 @@ class MqttControlPlane:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the service's loop; nothing to do once the service has ended.
+
+        The plane can outlive the service's loop by a moment at shutdown (its thread is
+        joined with a timeout); a report then has no one to go to, and must not crash here.
+        """
+        loop = self._service_loop
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+
     async def _on_service(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` on the service's event loop and return its result here."""
+        """Run ``fn`` on the service's event loop and return its result here.
+
+        Raises:
+            asyncio.CancelledError: the service's loop has closed (the service has ended).
+        """
+        if self._service_loop.is_closed():
+            raise asyncio.CancelledError
+
         async def call() -> Any:
             return fn(*args, **kwargs)
-        return await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(call(), self._service_loop))
+        coro = call()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self._service_loop)
+        except RuntimeError:
+            coro.close()
+            if self._service_loop.is_closed():
+                raise asyncio.CancelledError from None
+            raise
+        return await asyncio.wrap_future(future)
 
     def _record(self, kind: str, **fields: Any) -> None:
-        self._service_loop.call_soon_threadsafe(lambda: self.service.record(kind, **fields))
+        self._post(lambda: self.service.record(kind, **fields))
 
     def _wake(self, event: asyncio.Event) -> None:
         loop = self._loop
@@ -240,8 +267,7 @@ class MqttControlPlane:
                 if was_connected or attempt == 1:
                     self._record("control_lost", error=str(exc), attempt=attempt)
                     if self.cfg.on_disconnect == "disarm":
-                        self._service_loop.call_soon_threadsafe(
-                            lambda: self.service.disarm(by="mqtt_disconnected"))
+                        self._post(lambda: self.service.disarm(by="mqtt_disconnected"))
                 delay = min(self.cfg.reconnect_max_s, 0.2 * 2 ** min(attempt, 10))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
