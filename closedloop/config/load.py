@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from closedloop.config.schema import Config
+from closedloop.config.schema import PAIRED_DRIVERS, TRAIN_DRIVERS, Config
 from closedloop.errors import ConfigError
 
 __all__ = ["apply_override", "check_cross_fields", "config_to_dict", "from_dict", "load_config",
@@ -269,6 +269,7 @@ def check_cross_fields(cfg: Config, source: str) -> None:
                           problem="expected 0 < low < high")
     if mep.notch_hz is not None and mep.notch_hz <= 0:
         raise ConfigError(source=source, key="mep.notch_hz", problem="expected > 0")
+    _check_stimulation(cfg, source)
     if not cfg.mep.channels and cfg.streams.emg is not None:
         raise ConfigError(source=source, key="mep.channels",
                           problem="streams.emg is set but no MEP channel is named")
@@ -295,3 +296,37 @@ def check_cross_fields(cfg: Config, source: str) -> None:
     if cfg.phase.channel in cfg.phase.reference:
         raise ConfigError(source=source, key="phase.reference",
                           problem=f"must not contain the target channel {cfg.phase.channel}")
+
+
+def _check_stimulation(cfg: Config, source: str) -> None:
+    """Driver, pattern and safety settings that only make sense together."""
+    stim, pat, safety = cfg.stimulator, cfg.stimulation, cfg.safety
+    if stim.driver != "simulated" and not stim.port:
+        raise ConfigError(source=source, key="stimulator.port",
+                          problem=f"driver {stim.driver!r} needs the device's serial port")
+    if stim.trigger_port and not stim.driver.startswith(("magstim", "magventure")):
+        raise ConfigError(source=source, key="stimulator.trigger_port",
+                          problem="only magstim-* and magventure fire through a separate "
+                          "TTL port")
+    if pat.pattern == "paired" and stim.driver not in PAIRED_DRIVERS:
+        raise ConfigError(source=source, key="stimulation.pattern", problem=(
+            f"paired pulses need a driver that sets the pair ({', '.join(PAIRED_DRIVERS)}), "
+            f"not {stim.driver!r}"))
+    if pat.pattern == "paired" and pat.conditioning_pct > safety.max_intensity_pct:
+        raise ConfigError(source=source, key="stimulation.conditioning_pct",
+                          problem=f"above safety.max_intensity_pct "
+                          f"({safety.max_intensity_pct:g})")
+    multi = pat.pattern in ("burst", "train", "itbs", "ctbs")
+    if multi and stim.driver not in TRAIN_DRIVERS:
+        raise ConfigError(source=source, key="stimulation.pattern", problem=(
+            f"{stim.driver} recharges for seconds after a pulse: no {pat.pattern} (use "
+            f"{', '.join(TRAIN_DRIVERS)})"))
+    if multi and safety.motor_threshold_pct is None:
+        raise ConfigError(source=source, key="safety.motor_threshold_pct", problem=(
+            f"pattern {pat.pattern!r} needs the resting motor threshold: the train and burst "
+            "limits are in % of it"))
+    if pat.pattern in ("itbs", "ctbs"):
+        step = 30 if pat.pattern == "itbs" else 3
+        if pat.tbs_pulses % step:
+            raise ConfigError(source=source, key="stimulation.tbs_pulses",
+                              problem=f"{pat.pattern} needs a multiple of {step}")

@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "HARD_MAX_BURST_INTENSITY_MT",
+    "HARD_MAX_COIL_TEMP_C",
     "HARD_MAX_INTENSITY_PCT",
+    "HARD_MAX_PULSES_PER_DAY",
     "HARD_MAX_PULSES_PER_SESSION",
+    "HARD_MAX_TRAIN_DURATION_FACTOR",
     "HARD_MIN_INTERVAL_S",
+    "HARD_MIN_INTER_TRAIN_S",
+    "HARD_MIN_TRAIN_IPI_S",
+    "PAIRED_DRIVERS",
+    "TRAIN_DRIVERS",
     "AcquisitionConfig",
     "Config",
     "MepConfig",
@@ -21,6 +29,7 @@ __all__ = [
     "PhaseConfig",
     "RecordingConfig",
     "SafetyConfig",
+    "StimulationConfig",
     "StimulatorConfig",
     "StreamSelector",
     "StreamsConfig",
@@ -35,6 +44,18 @@ __all__ = [
 HARD_MAX_INTENSITY_PCT = 100.0
 HARD_MIN_INTERVAL_S = 0.05
 HARD_MAX_PULSES_PER_SESSION = 10_000
+# Trains and bursts (see closedloop.stim.safety for the rules and their sources).
+HARD_MAX_PULSES_PER_DAY = 20_000
+HARD_MIN_INTER_TRAIN_S = 1.0
+HARD_MIN_TRAIN_IPI_S = 0.01  # 100 Hz, the fastest burst in use (Zrenner et al. 2018)
+HARD_MAX_BURST_INTENSITY_MT = 100.0  # % of resting motor threshold, for > 25 Hz bursts
+HARD_MAX_TRAIN_DURATION_FACTOR = 1.0  # x the Rossi et al. 2009 table, never more
+HARD_MAX_COIL_TEMP_C = 45.0
+
+# Drivers that can give a paired pulse from one trigger, and those that can fire trains
+# (a Magstim 200² or BiStim² recharges for seconds after a pulse).
+PAIRED_DRIVERS = ("simulated", "magstim-bistim", "magventure")
+TRAIN_DRIVERS = ("simulated", "ttl", "magstim-rapid", "magventure")
 
 
 def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
@@ -149,17 +170,64 @@ class TriggerConfig:
 class StimulatorConfig:
     """The stimulator and its driver."""
 
-    driver: Literal["simulated"] = opt("simulated", "stimulator driver")
-    intensity_pct: float = opt(60.0, "stimulator output, % of maximum", lo=0.0,
-                               hi=HARD_MAX_INTENSITY_PCT)
+    driver: Literal["simulated", "ttl", "magstim-200", "magstim-bistim", "magstim-rapid",
+                    "magventure"] = opt("simulated", "stimulator driver")
+    port: str = opt("", "serial port of the device (ttl, magstim-*, magventure), e.g. "
+                    "/dev/ttyUSB0")
+    intensity_pct: float = opt(60.0, "stimulator output, % of maximum (with ttl: what is set "
+                               "on the device by hand)", lo=0.0, hi=HARD_MAX_INTENSITY_PCT)
     arm_on_start: bool = opt(False, "arm as soon as the service is ready (otherwise it "
                              "decides but never fires)")
     settle_ms: float = opt(0.0, "wait after an intensity change before the next pulse",
                            lo=0.0, hi=10_000.0)
-    latency_ms: float = opt(0.0, "simulated: delay from fire command to pulse",
-                            lo=0.0, hi=100.0)
+    latency_ms: float | None = opt(None, "delay from fire command to pulse; default: the "
+                                   "driver's known latency (0 simulated and RTS/DTR, one "
+                                   "byte's wire time for a trigger box, the fire command's "
+                                   "wire time for serial firing). Measure it on the bench.",
+                                   lo=0.0, hi=100.0)
+    ttl_line: Literal["rts", "dtr", "byte"] = opt("rts", "ttl: the trigger line (byte = a "
+                                                  "serial trigger box)")
+    ttl_pulse_width_ms: float = opt(1.0, "ttl: pulse width", lo=0.01, hi=100.0)
+    ttl_code: int = opt(1, "ttl byte: the value written for a pulse", lo=1, hi=255)
+    trigger_port: str = opt("", "magstim-*/magventure: fire through a TTL line on this "
+                            "port (ttl_line, ttl_pulse_width_ms) instead of the serial fire "
+                            "command, which lags by milliseconds")
+    keepalive_ms: float = opt(500.0, "magstim: keep-alive period (the device disarms "
+                              "after about 1 s of silence)", lo=50.0, hi=500.0)
+    poll_ms: float = opt(1000.0, "magventure: status poll period (a device that stops "
+                         "answering is a fault)", lo=100.0, hi=10_000.0)
+    reply_timeout_ms: float = opt(300.0, "serial devices: longest wait for an answer",
+                                  lo=20.0, hi=5000.0)
+    unlock_code: str = opt("", "magstim-rapid: unlock code (software version 9 and later)")
     coil_stream: str = opt("closedloop-sim-coil", "simulated: LSL stream on which the "
                            "simulated coil announces each pulse (the simulator listens)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StimulationConfig:
+    """What one trigger delivers, and what triggers it."""
+
+    pattern: Literal["single", "paired", "burst", "train", "itbs", "ctbs"] = opt(
+        "single", "single pulse; paired (conditioning + test, SICI/ICF/LICI); burst (e.g. "
+        "100 Hz triplets); train (rTMS); itbs / ctbs (3 pulses at 50 Hz every 200 ms; iTBS "
+        "2 s on, 8 s off)")
+    timing: Literal["phase", "open_loop"] = opt(
+        "phase", "phase: each unit starts at the target phase; open_loop: every "
+        "trigger.min_interval_s + jitter, whatever the phase")
+    conditioning_pct: float = opt(40.0, "paired: conditioning intensity (the test pulse is "
+                                  "stimulator.intensity_pct)", lo=0.0,
+                                  hi=HARD_MAX_INTENSITY_PCT)
+    isi_ms: float = opt(3.0, "paired: conditioning-to-test interval (SICI 2-3, ICF 10-15, "
+                        "LICI 100)", lo=1.0, hi=999.0)
+    burst_pulses: int = opt(3, "burst: pulses in a burst", lo=2, hi=5)
+    burst_frequency_hz: float = opt(100.0, "burst: frequency within the burst", lo=1.0,
+                                    hi=1.0 / HARD_MIN_TRAIN_IPI_S)
+    train_frequency_hz: float = opt(10.0, "train: pulse frequency", lo=0.1, hi=25.0)
+    train_pulses: int = opt(20, "train: pulses in a train", lo=2, hi=2000)
+    tbs_pulses: int = opt(600, "itbs/ctbs: pulses in the session (multiple of 3)", lo=3,
+                          hi=3000)
+    units: int | None = opt(None, "stop after this many units (None: until stopped or a "
+                            "safety limit)", lo=1, hi=HARD_MAX_PULSES_PER_SESSION)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +245,25 @@ class SafetyConfig:
                                      hi=HARD_MAX_PULSES_PER_SESSION)
     max_eeg_age_ms: float = opt(100.0, "refuse to fire when the newest EEG sample arrived "
                                 "longer ago than this", lo=5.0, hi=10_000.0)
+    max_pulses_per_day: int = opt(2000, "most pulses in one calendar day, over all sessions "
+                                  "(counted in day_counter_file)", lo=0,
+                                  hi=HARD_MAX_PULSES_PER_DAY)
+    day_counter_file: str = opt("sessions/pulses-per-day.json", "where the pulses of each "
+                                "day are counted across sessions and restarts")
+    motor_threshold_pct: float | None = opt(None, "resting motor threshold, % of maximum: "
+                                            "needed for any train or burst (the limits are "
+                                            "in % of it); without it only single and paired "
+                                            "pulses fire", lo=1.0, hi=100.0)
+    train_duration_factor: float = opt(0.75, "allowed train duration as a fraction of the "
+                                       "Rossi et al. 2009 table (Chen et al. 1997 advise "
+                                       "0.75)", lo=0.1, hi=HARD_MAX_TRAIN_DURATION_FACTOR)
+    min_inter_train_s: float = opt(5.0, "minimum pause after a train or burst",
+                                   lo=HARD_MIN_INTER_TRAIN_S, hi=3600.0)
+    max_burst_intensity_mt: float = opt(100.0, "bursts faster than 25 Hz (TBS, triplets): "
+                                        "highest intensity, % of motor threshold", lo=10.0,
+                                        hi=HARD_MAX_BURST_INTENSITY_MT)
+    max_coil_temp_c: float = opt(40.0, "refuse to fire when the device reports a hotter "
+                                 "coil", lo=20.0, hi=HARD_MAX_COIL_TEMP_C)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,6 +365,7 @@ class Config:
     phase: PhaseConfig = opt(PhaseConfig(), "phase estimation")
     trigger: TriggerConfig = opt(TriggerConfig(), "trigger policy")
     stimulator: StimulatorConfig = opt(StimulatorConfig(), "stimulator")
+    stimulation: StimulationConfig = opt(StimulationConfig(), "what one trigger delivers")
     safety: SafetyConfig = opt(SafetyConfig(), "safety gate")
     mep: MepConfig = opt(MepConfig(), "MEP measurement")
     recording: RecordingConfig = opt(RecordingConfig(), "recording")

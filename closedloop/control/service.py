@@ -45,7 +45,12 @@ from closedloop.control.runtime import (
     restart_keys,
 )
 from closedloop.control.stats import LatencyRing, circular_stats_deg
-from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
+from closedloop.control.trigger_policy import (
+    PolicyParams,
+    TriggerState,
+    decide,
+    decide_open_loop,
+)
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
 from closedloop.mep.protocols import MEP_PROTOCOLS, MepProtocol, make_mep_protocol
 from closedloop.mep.tracker import MepRecord, MepTracker
@@ -54,10 +59,11 @@ from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog, clean_json
 from closedloop.recording.markers import PulseMarkerOutlet
 from closedloop.recording.session import SessionRecorder
+from closedloop.stim.factory import make_driver
 from closedloop.stim.gated import GatedStimulator
-from closedloop.stim.safety import SafetyGate, SafetyLimits
+from closedloop.stim.patterns import Unit, unit_for
+from closedloop.stim.safety import DayCounter, SafetyGate, SafetyLimits
 from closedloop.stim.scheduler import FireScheduler, PulseOutcome, PulseRequest
-from closedloop.stim.simulated import SimulatedStimulator
 from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
 __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
@@ -69,6 +75,7 @@ PROTOCOLS = ("phase-single", *MEP_PROTOCOLS)
 _MAX_REJECTED_IN_A_ROW = 5
 
 _HOUSEKEEPING_S = 0.01
+_RECONNECT_S = 5.0  # a faulted stimulator is reopened this often (it stays disarmed)
 _STATUS_FILE_S = 1.0
 _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
@@ -134,6 +141,11 @@ class ClosedLoopService:
         self._last_external = -math.inf
         self._protocol: dict[str, Any] | None = None
         self.started_wall = time.time()
+        self.unit: Unit = unit_for(cfg.stimulation)
+        self.units_fired = 0
+        self.day_counter: DayCounter | None = None
+        self._stim_fault: str | None = None
+        self._next_reconnect = math.inf
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> ServiceStats:
@@ -238,12 +250,21 @@ class ClosedLoopService:
                 self.emg.stop()
                 self.emg = None
         self.meps = MepTracker(cfg.mep, channels=cfg.mep.channels, labels=emg_labels)
-        driver = SimulatedStimulator(coil_stream=cfg.stimulator.coil_stream,
-                                     latency_s=cfg.stimulator.latency_ms / 1000.0)
-        driver.open()
-        self.stim = GatedStimulator(driver, SafetyGate(SafetyLimits.from_config(cfg.safety)),
-                                    eeg_age_s=self._eeg_age)
-        self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        self.day_counter = DayCounter(cfg.safety.day_counter_file)
+        driver = make_driver(cfg.stimulator)
+        await asyncio.to_thread(driver.open)
+        self.stim = GatedStimulator(
+            driver, SafetyGate(SafetyLimits.from_config(cfg.safety),
+                               day_count=self.day_counter.today),
+            eeg_age_s=self._eeg_age,
+            on_fault=lambda reason: self._call_soon(self._on_driver_fault, reason))
+        if self.unit.paired:
+            self.stim.set_paired(cfg.stimulation.conditioning_pct,
+                                 cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
+        else:
+            self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        self._event("stimulator_ready", **driver.status(), pattern=self.unit.kind,
+                    pulses_per_unit=self.unit.pulses, timing=cfg.stimulation.timing)
         self.scheduler = FireScheduler(
             self.stim, max_lateness_s=cfg.trigger.max_lateness_ms / 1000.0,
             on_outcome=lambda o: self._call_soon(self._on_outcome, o),
@@ -293,7 +314,8 @@ class ClosedLoopService:
             if reader is not None:
                 await asyncio.to_thread(reader.stop)
         if self.stim is not None:
-            self.stim.driver.close()
+            with contextlib.suppress(StimulatorError):
+                await asyncio.to_thread(self.stim.driver.close)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(_write_status, self.cfg.recording.status_path(),
                                     {**self.status(), "state": "stopped"})
@@ -435,10 +457,15 @@ class ClosedLoopService:
             if clock_bad:
                 clock_bad = False
                 self._event("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
-            decision, state = decide(est, now=now, params=params, state=state,
-                                     armed=self.stim.armed,
-                                     horizon_s=max(min_horizon, 1.5 * spacing),
-                                     amplitude=amp, amplitude_threshold=threshold)
+            if cfg.stimulation.timing == "open_loop":
+                decision, state = decide_open_loop(est, now=now, params=params, state=state,
+                                                   armed=self.stim.armed,
+                                                   busy=scheduler.busy)
+            else:
+                decision, state = decide(est, now=now, params=params, state=state,
+                                         armed=self.stim.armed,
+                                         horizon_s=max(min_horizon, 1.5 * spacing),
+                                         amplitude=amp, amplitude_threshold=threshold)
             t_d = perf()
             t_decided = pylsl.local_clock()
             self.stats.chunk_to_decision_ms.add((t_decided - newest) * 1000.0)
@@ -460,17 +487,22 @@ class ClosedLoopService:
                     "chunk_lsl_time": newest, "freq_hz": round(est.freq_hz, 3),
                     "band_amplitude": round(amp, 3), "stages_us": stages,
                 }
-                req = PulseRequest(self._request_id, decision.fire_time, context)
+                unit = self.unit
+                req = PulseRequest(self._request_id, decision.fire_time, context,
+                                   unit.offsets)
                 if self.scheduler.submit(req):
                     self.stats.chunk_to_handoff_ms.add((pylsl.local_clock() - newest) * 1000)
                     jitter = float(self._rng.uniform(0.0, trig.jitter_s)) if trig.jitter_s else 0.0
+                    pause = (trig.min_interval_s if unit.pause_after_s is None
+                             else unit.pause_after_s)
                     state = replace(state, next_allowed=decision.fire_time
-                                    + trig.min_interval_s + jitter)
+                                    + unit.duration_s + pause + jitter)
                 else:
                     reason = "scheduler_busy"
-            if reason != "target_phase":
+            fired = reason in ("target_phase", "open_loop")
+            if not fired:
                 self.stats.refused[reason] += 1
-            self._event("decision", fire=reason == "target_phase", reason=reason,
+            self._event("decision", fire=fired, reason=reason,
                         crossing_lsl_time=decision.crossing_time,
                         fire_lsl_time=decision.fire_time,
                         predicted_phase_deg=round(math.degrees(decision.predicted_phase_rad), 2),
@@ -511,39 +543,106 @@ class ClosedLoopService:
 
     def _on_outcome(self, o: PulseOutcome) -> None:
         ctx = o.request.context
+        if o.times:
+            self._record_unit_pulses(o)
         if not o.fired:
             self.stats.refused[o.reason] += 1
             self._event("pulse_refused", reason=o.reason,
-                        scheduled_lsl_time=o.request.fire_time, request_id=o.request.id, **ctx)
+                        scheduled_lsl_time=o.request.fire_time, request_id=o.request.id,
+                        delivered=len(o.times), of=len(o.request.offsets),
+                        **{k: v for k, v in ctx.items() if k != "stages_us"})
             return
-        assert o.lsl_time is not None and self.stim is not None
-        self.stats.fired += 1
-        error_ms = (o.lsl_time - o.request.fire_time) * 1000.0
-        self.stats.fire_error_ms.add(error_ms)
-        stages = dict(ctx["stages_us"])
-        stages["handoff_to_fire_us"] = round((o.command_time - o.handed_over) * 1e6, 1)
-        record = {
-            "lsl_time": o.lsl_time, "scheduled_lsl_time": o.request.fire_time,
-            "fire_error_ms": round(error_ms, 4), "command_lsl_time": o.command_time,
-            "intensity_pct": self.stim.intensity_pct, "driver": self.stim.driver.name,
-            "pulse_number": self.stats.fired, "request_id": o.request.id,
-            **{k: v for k, v in ctx.items() if k != "stages_us"}, "stages_us": stages,
-        }
-        self.stats.pulses.append(record)
-        self._event("pulse", **record)
-        if self._markers is not None:
-            self._markers.push(o.lsl_time, {"event": "pulse", "n": self.stats.fired,
-                                            "intensity_pct": self.stim.intensity_pct,
-                                            "target_phase_deg": ctx["target_phase_deg"]})
-        if self.meps is not None:
-            self.meps.add_pulse(o.lsl_time, "closedloop", pylsl.local_clock())
+        self.units_fired += 1
         proto = self._protocol
         if proto is not None:
             proto["fired"] += 1
             if proto["mep"] is not None:
-                proto["awaiting"] = o.lsl_time
+                proto["awaiting"] = o.times[-1]
             elif proto["pulses"] is not None and proto["fired"] >= proto["pulses"]:
                 self.stop_protocol(by="protocol_complete")
+        limit = self.unit.max_units
+        if limit is not None and self.units_fired >= limit and self._protocol is None:
+            self._event("stimulation_complete", units=self.units_fired, pattern=self.unit.kind,
+                        pulses=self.stats.fired)
+            self.disarm(by="stimulation_complete")
+
+    def _record_unit_pulses(self, o: PulseOutcome) -> None:
+        """One ``pulse`` event per trigger delivered, with its own schedule and error."""
+        assert self.stim is not None
+        ctx, req = o.request.context, o.request
+        paired = self.stim.paired
+        per_trigger = 2 if paired is not None else 1
+        n_unit = len(req.offsets)
+        for k, t in enumerate(o.times):
+            scheduled = req.fire_time + req.offsets[k]
+            self.stats.fired += per_trigger
+            error_ms = (t - scheduled) * 1000.0
+            self.stats.fire_error_ms.add(error_ms)
+            record: dict[str, Any] = {
+                "lsl_time": t, "scheduled_lsl_time": scheduled,
+                "fire_error_ms": round(error_ms, 4), "command_lsl_time": o.command_times[k],
+                "intensity_pct": self.stim.intensity_pct, "driver": self.stim.driver.name,
+                "pulse_number": self.stats.fired, "request_id": req.id,
+                **{key: v for key, v in ctx.items() if key != "stages_us"}}
+            if n_unit > 1:
+                record.update(unit=self.unit.kind, unit_index=k, unit_size=n_unit)
+            if paired is not None:
+                record["paired"] = {"conditioning_pct": paired[0], "isi_ms": paired[1]}
+            if k == 0 and "stages_us" in ctx:
+                stages = dict(ctx["stages_us"])
+                stages["handoff_to_fire_us"] = round((o.command_time - o.handed_over) * 1e6, 1)
+                record["stages_us"] = stages
+            self.stats.pulses.append(record)
+            self._event("pulse", **record)
+            if self._markers is not None:
+                self._markers.push(t, {"event": "pulse", "n": self.stats.fired,
+                                       "intensity_pct": self.stim.intensity_pct,
+                                       "target_phase_deg": ctx.get("target_phase_deg")})
+        if self.meps is not None and self.unit.kind in ("single", "paired", "burst"):
+            # the MEP of a paired pulse follows the test pulse; of a burst, its last pulse
+            t_mep = o.times[-1] + (paired[1] / 1000.0 if paired is not None else 0.0)
+            if self.unit.kind != "burst" or len(o.times) == n_unit:
+                self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock())
+        if self.day_counter is not None:
+            try:
+                self.day_counter.add(len(o.times) * per_trigger)
+            except OSError as exc:
+                self._event("fault", error="day_counter", message=(
+                    f"safety.day_counter_file: cannot save {self.day_counter.path}: {exc}; "
+                    "disarmed (the daily limit could not be kept)"))
+                self.disarm(by="day_counter_error")
+
+    def _on_driver_fault(self, reason: str) -> None:
+        """The driver found a fault on its own (keep-alive, port, device error): disarm."""
+        self._stim_fault = reason
+        if self.scheduler is not None:
+            self.scheduler.cancel("stimulator_fault")
+        self._event("fault", error="stimulator", message=reason,
+                    action="disarmed; reconnecting every "
+                    f"{_RECONNECT_S:g} s, arm again when it is back")
+        self.stats.refused["stimulator_fault"] += 1
+        self._next_reconnect = time.monotonic() + _RECONNECT_S
+
+    async def _reconnect_stimulator(self) -> None:
+        """Close and reopen a faulted driver; the operator must arm again."""
+        assert self.stim is not None
+        driver = self.stim.driver
+        self._next_reconnect = time.monotonic() + _RECONNECT_S
+        try:
+            await asyncio.to_thread(driver.close)
+            await asyncio.to_thread(driver.open)
+            if self.stim.paired is not None:
+                cond, isi = self.stim.paired
+                await asyncio.to_thread(self.stim.set_paired, cond, self.stim.intensity_pct,
+                                        isi)
+            else:
+                await asyncio.to_thread(self.stim.set_intensity, self.stim.intensity_pct)
+        except StimulatorError as exc:
+            self._event("stimulator_reconnect_failed", message=str(exc))
+            return
+        self._stim_fault = None
+        self._next_reconnect = math.inf
+        self._event("stimulator_reconnected", **driver.status())
 
     def _on_external_pulse(self, text: str, t: float) -> None:
         now = pylsl.local_clock()
@@ -592,6 +691,8 @@ class ClosedLoopService:
         while True:
             await asyncio.sleep(_HOUSEKEEPING_S)
             self._poll_meps()
+            if time.monotonic() >= self._next_reconnect and self.stim is not None:
+                await self._reconnect_stimulator()
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + _STATUS_FILE_S
                 status = self.status()
@@ -665,7 +766,10 @@ class ClosedLoopService:
         """
         self._require_operational("arm")
         assert self.stim is not None
-        self.stim.arm()
+        try:
+            self.stim.arm()
+        except StimulatorError as exc:
+            raise ControlError(f"arm: refused, {exc}") from exc
         self._event("armed", by=by)
 
     def disarm(self, *, by: str) -> None:
@@ -866,6 +970,10 @@ class ClosedLoopService:
             "last_pulse_lsl_time": last,
             "settings": self.settings(),
             "fault": str(self._fatal) if self._fatal else None,
+            "stimulator": self.stim.driver.status() if self.stim is not None else None,
+            "stimulation": {"pattern": self.unit.kind, "units_fired": self.units_fired,
+                            "pulses_today": (self.stim.gate.day_count
+                                             if self.stim is not None else None)},
         }
 
     def metrics(self) -> dict[str, Any]:

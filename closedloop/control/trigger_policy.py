@@ -25,7 +25,7 @@ from typing import Literal
 
 from closedloop.phase.estimate import PhaseEstimate, wrap_rad
 
-__all__ = ["Decision", "PolicyParams", "TriggerState", "decide"]
+__all__ = ["Decision", "PolicyParams", "TriggerState", "decide", "decide_open_loop"]
 
 RefusalReason = Literal["disarmed", "min_interval", "amplitude_below_gate", "amplitude_unknown"]
 
@@ -112,3 +112,20 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
     if amplitude < amplitude_threshold:
         return refuse("amplitude_below_gate")
     return Decision(True, "target_phase", fire_time, crossing, predicted), new_state
+
+
+def decide_open_loop(est: PhaseEstimate, *, now: float, params: PolicyParams,
+                     state: TriggerState, armed: bool, busy: bool
+                     ) -> tuple[Decision | None, TriggerState]:
+    """Open-loop timing: fire as soon as the interval (with its jitter) has passed.
+
+    The phase plays no part; the phase predicted at the landing time is reported so that
+    open-loop sessions can be analysed the same way. Nothing is decided while disarmed
+    or while a unit is still being delivered.
+    """
+    t_min = now + params.lead_s
+    if not armed or busy or t_min < state.next_allowed:
+        return None, state
+    fire_time = max(t_min, state.next_allowed)
+    return (Decision(True, "open_loop", fire_time, fire_time, est.phase_at(fire_time)),
+            replace(state, last_crossing=fire_time))

@@ -7,6 +7,11 @@ busy loop would hold it for the interpreter's switch interval and stall the othe
 threads). A request whose command time has passed by more than ``max_lateness_s`` is
 refused as ``late``: a late pulse hits the wrong phase.
 
+A request is a *unit*: one trigger, or several at given offsets (a burst, a train, a TBS
+block), each timed the same way and each passing the gate (the first for the whole unit).
+If a later trigger is refused or late, or the unit is cancelled, the rest of the unit is
+dropped and the outcome says how many of how many were delivered, and when.
+
 One request may be pending at a time; :meth:`FireScheduler.cancel` drops it (on disarm,
 stream loss, shutdown). Every request ends in exactly one :class:`PulseOutcome`, handed
 to ``on_outcome`` from this thread.
@@ -36,6 +41,7 @@ class PulseRequest:
     id: int
     fire_time: float
     context: dict[str, Any] = field(default_factory=dict)
+    offsets: tuple[float, ...] = (0.0,)  # trigger times after fire_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,8 @@ class PulseOutcome:
     lsl_time: float | None
     command_time: float
     handed_over: float  # when the thread received the request (LSL clock)
+    times: tuple[float, ...] = ()  # every trigger delivered (all of them when fired)
+    command_times: tuple[float, ...] = ()
 
 
 class FireScheduler:
@@ -107,12 +115,59 @@ class FireScheduler:
                 self._cancel_reason = reason
                 self._cv.notify_all()
 
-    def _finish(self, req: PulseRequest, handed: float, result: FireResult) -> None:
+    def _finish(self, req: PulseRequest, handed: float, result: FireResult,
+                times: tuple[float, ...] = (), commands: tuple[float, ...] = ()) -> None:
         with self._cv:
             self._pending = None
             self._cancel_reason = None
+        if times and not result.fired:  # a unit stopped part-way: say so, keep its pulses
+            result = FireResult(False, f"unit_aborted:{result.reason}", times[0],
+                                result.command_time)
         self._on_outcome(PulseOutcome(req, result.fired, result.reason, result.lsl_time,
-                                      result.command_time, handed))
+                                      result.command_time, handed, times, commands))
+
+    def _wait_until(self, t_cmd: float) -> str | None:
+        """Sleep (interruptibly) until shortly before ``t_cmd``; return a cancel reason."""
+        with self._cv:
+            while self._cancel_reason is None and not self._stopping:
+                remaining = t_cmd - self._clock() - _SPIN_S
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            reason = self._cancel_reason or ("shutdown" if self._stopping else None)
+        if reason is not None:
+            return reason if reason.startswith("cancelled") else f"cancelled:{reason}"
+        while self._clock() < t_cmd:
+            time.sleep(0)
+        if self._cancel_reason is not None:
+            return f"cancelled:{self._cancel_reason}"
+        return None
+
+    def _run_unit(self, req: PulseRequest, handed: float) -> None:
+        times: list[float] = []
+        commands: list[float] = []
+        for k, off in enumerate(req.offsets):
+            planned = req.fire_time + off
+            t_cmd = planned - self.stim.latency_s
+            reason = self._wait_until(t_cmd)
+            now = self._clock()
+            if reason is None and k == 0 and now - t_cmd > self.max_lateness_s:
+                reason = "late"
+            if reason is not None:
+                result = FireResult(False, reason, None, now)
+            else:
+                result = self.stim.fire_now(offsets=req.offsets, index=k, planned=planned,
+                                            max_lateness_s=self.max_lateness_s)
+            if not result.fired:
+                if times:
+                    self.stim.end_unit(times[-1])
+                self._finish(req, handed, result, tuple(times), tuple(commands))
+                return
+            assert result.lsl_time is not None
+            times.append(result.lsl_time)
+            commands.append(result.command_time)
+        self._finish(req, handed, FireResult(True, "fired", times[0], commands[0]),
+                     tuple(times), tuple(commands))
 
     def _run(self) -> None:
         try:
@@ -129,31 +184,7 @@ class FireScheduler:
                         return
                     assert self._pending is not None
                     req, handed = self._pending
-                    t_cmd = req.fire_time - self.stim.latency_s
-                    # sleep (interruptibly) until shortly before the command time
-                    while self._cancel_reason is None and not self._stopping:
-                        remaining = t_cmd - self._clock() - _SPIN_S
-                        if remaining <= 0:
-                            break
-                        self._cv.wait(remaining)
-                    reason = self._cancel_reason or ("cancelled:shutdown" if self._stopping
-                                                     else None)
-                if reason is not None:
-                    self._finish(req, handed, FireResult(False, f"cancelled:{reason}"
-                                                         if not reason.startswith("cancelled")
-                                                         else reason, None, self._clock()))
-                    continue
-                while self._clock() < t_cmd:
-                    time.sleep(0)
-                now = self._clock()
-                if now - t_cmd > self.max_lateness_s:
-                    self._finish(req, handed, FireResult(False, "late", None, now))
-                    continue
-                if self._cancel_reason is not None:
-                    self._finish(req, handed, FireResult(
-                        False, f"cancelled:{self._cancel_reason}", None, now))
-                    continue
-                self._finish(req, handed, self.stim.fire_now())
+                self._run_unit(req, handed)
         except BaseException as exc:  # the pulse path failed: disarm and report, loudly
             self.stim.disarm()
             self._on_error(exc)
