@@ -248,8 +248,9 @@ class SafetyConfig:
     max_pulses_per_day: int = opt(2000, "most pulses in one calendar day, over all sessions "
                                   "(counted in day_counter_file)", lo=0,
                                   hi=HARD_MAX_PULSES_PER_DAY)
-    day_counter_file: str = opt("sessions/pulses-per-day.json", "where the pulses of each "
-                                "day are counted across sessions and restarts")
+    day_counter_file: str = opt("", "where the pulses of each day are counted across "
+                                "sessions and restarts (\"\" = pulses-per-day.json next to "
+                                "recording.events)")
     motor_threshold_pct: float | None = opt(None, "resting motor threshold, % of maximum: "
                                             "needed for any train or burst (the limits are "
                                             "in % of it); without it only single and paired "
@@ -308,6 +309,13 @@ class RecordingConfig:
 
         return self.status_file or os.path.join(os.path.dirname(self.events) or ".",
                                                 "status.json")
+
+    def day_counter_path(self, configured: str) -> str:
+        """Where the pulses of each day are counted (``safety.day_counter_file``)."""
+        import os  # noqa: PLC0415
+
+        return configured or os.path.join(os.path.dirname(self.events) or ".",
+                                          "pulses-per-day.json")
 
 
 @dataclass(frozen=True, kw_only=True)

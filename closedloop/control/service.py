@@ -250,7 +250,8 @@ class ClosedLoopService:
                 self.emg.stop()
                 self.emg = None
         self.meps = MepTracker(cfg.mep, channels=cfg.mep.channels, labels=emg_labels)
-        self.day_counter = DayCounter(cfg.safety.day_counter_file)
+        self.day_counter = DayCounter(
+            cfg.recording.day_counter_path(cfg.safety.day_counter_file))
         driver = make_driver(cfg.stimulator)
         await asyncio.to_thread(driver.open)
         self.stim = GatedStimulator(

@@ -25,8 +25,9 @@ are in % of the resting motor threshold, MT):
   not covered by that table; Rossi et al. 2009 and 2021 (Clin Neurophysiol
   132:269-306) report them safe at the intensities used (TBS at 80 % active MT, i.e.
   below rest MT) with one seizure at 100 % rest MT cTBS. We allow them up to
-  ``max_burst_intensity_mt`` (≤ 100 % MT in code), at most 5 pulses a burst, bursts at
-  least 190 ms apart (TBS is 200 ms), at most 600 pulses in one unit (one cTBS block).
+  ``max_burst_intensity_mt`` (≤ 100 % MT in code), at most 5 pulses a burst, bursts
+  starting at least 190 ms apart (TBS: every 200 ms), at most 600 pulses in one unit
+  (one cTBS block).
 - Counts: pulses per session, per calendar day (across sessions, see
   :class:`DayCounter`) and per sliding window count every pulse of every unit.
 """
@@ -140,19 +141,19 @@ def _unit_reason(lim: SafetyLimits, offsets: Sequence[float],
     if lim.motor_threshold_pct is None:
         return "safety:train_needs_motor_threshold"
     rel = intensity_pct / lim.motor_threshold_pct * 100.0
-    if min(gaps) < _BURST_IPI_S:
+    if min(gaps) < _BURST_IPI_S - _EPS:
         if rel > lim.max_burst_intensity_mt + _EPS:
             return "safety:burst_intensity"
-        run = 1
-        for g in gaps:
-            if g < _BURST_IPI_S:
+        run, onset = 1, offsets[0]
+        for g, t in zip(gaps, offsets[1:], strict=True):
+            if g < _BURST_IPI_S - _EPS:
                 run += 1
                 if run > _MAX_BURST_PULSES:
                     return "safety:burst_length"
-            elif g < _MIN_BURST_GAP_S - _EPS:
-                return "safety:burst_rate"
             else:
-                run = 1
+                if t - onset < _MIN_BURST_GAP_S - _EPS:
+                    return "safety:burst_rate"
+                run, onset = 1, t
         return None
     freq = 1.0 / min(gaps)
     limit = max_train_duration_s(freq, rel)

@@ -10,6 +10,7 @@ pseudo-terminal) becomes :class:`~closedloop.errors.StimulatorError` naming the 
 from __future__ import annotations
 
 import contextlib
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,10 @@ import serial
 from closedloop.errors import StimulatorError
 
 __all__ = ["SerialLink", "wire_time_s"]
+
+# what a port that vanished raises (termios.error is not an OSError; pyserial raises
+# TypeError when the port is closed under a read by another thread)
+_PORT_ERRORS = (serial.SerialException, OSError, termios.error, TypeError)
 
 
 def wire_time_s(n_bytes: int, baud: int) -> float:
@@ -47,7 +52,7 @@ class SerialLink:
                                       parity=serial.PARITY_NONE,
                                       stopbits=serial.STOPBITS_ONE, timeout=self.timeout_s,
                                       write_timeout=self.timeout_s, exclusive=True)
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (*_PORT_ERRORS, ValueError) as exc:
             raise StimulatorError(f"{self.what}: cannot open serial port {self.port!r}: "
                                   f"{exc}") from exc
         self._ser.reset_input_buffer()
@@ -56,7 +61,7 @@ class SerialLink:
         with self.lock:
             ser, self._ser = self._ser, None
         if ser is not None:  # a vanished port cannot be closed any more cleanly
-            with contextlib.suppress(serial.SerialException, OSError):
+            with contextlib.suppress(*_PORT_ERRORS):
                 ser.close()
 
     def _port(self) -> serial.Serial:
@@ -75,7 +80,7 @@ class SerialLink:
             try:
                 ser.write(data)
                 ser.flush()
-            except (serial.SerialException, OSError) as exc:
+            except _PORT_ERRORS as exc:
                 raise self._lost(exc) from exc
 
     def read_exact(self, n: int, deadline: float) -> bytes:
@@ -91,8 +96,7 @@ class SerialLink:
                     ser.timeout = left
                     chunk = ser.read(n - len(buf))
                     buf += chunk
-            except (serial.SerialException, OSError, TypeError) as exc:
-                # pyserial raises TypeError on a port closed under it by another thread
+            except _PORT_ERRORS as exc:
                 raise self._lost(exc) from exc
             if len(buf) < n:
                 raise StimulatorError(
@@ -105,7 +109,7 @@ class SerialLink:
             ser = self._port()
             try:
                 ser.reset_input_buffer()
-            except (serial.SerialException, OSError) as exc:
+            except _PORT_ERRORS as exc:
                 raise self._lost(exc) from exc
 
     def transact(self, data: bytes, read: Callable[[float], bytes] | None) -> bytes:
@@ -126,7 +130,7 @@ class SerialLink:
                     ser.rts = level
                 else:
                     ser.dtr = level
-            except (serial.SerialException, OSError) as exc:
+            except _PORT_ERRORS as exc:
                 raise StimulatorError(
                     f"{self.what}: cannot set {line.upper()} on {self.port!r}: {exc} "
                     "(pseudo-terminals and some USB adapters have no modem lines; use "

@@ -20,6 +20,7 @@ A parallel port is not supported yet.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any, Literal
@@ -57,14 +58,17 @@ class TtlLine:
 
     def open(self) -> None:
         self.link.open()
-        self._low()
+        try:
+            self._low()
+        except StimulatorError:
+            self.link.close()
+            raise
 
     def close(self) -> None:
         if self.link.is_open:
-            try:
+            with contextlib.suppress(StimulatorError):
                 self._low()
-            finally:
-                self.link.close()
+            self.link.close()
 
     def _low(self) -> None:
         if self.line == "byte":

@@ -1,0 +1,383 @@
+"""Serial drivers against their protocol emulators on pseudo-terminal pairs.
+
+The emulators (tools/stim_emulator.py) serve the device protocol on the master side of a
+pty; the drivers open the slave through pyserial, so the real serial stack is in the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from closedloop.errors import StimulatorError
+from closedloop.stim.magstim import MagstimStimulator, crc, frame
+from closedloop.stim.magventure import MagVentureStimulator, crc8
+from closedloop.stim.ttl import TtlLine, TtlStimulator
+from tools.stim_emulator import (
+    MagstimEmulator,
+    MagVentureEmulator,
+    TriggerBoxEmulator,
+)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.fixture
+def faults() -> list[str]:
+    return []
+
+
+def magstim(model: str, faults: list[str], **kw: object) -> Iterator[
+        tuple[MagstimEmulator, MagstimStimulator]]:
+    emu = MagstimEmulator(model, **kw).start()  # type: ignore[arg-type]
+    drv = MagstimStimulator(port=emu.port, model=model,  # type: ignore[arg-type]
+                            unlock_code=str(kw.get("unlock_code", "")))
+    drv.set_fault_handler(faults.append)
+    try:
+        yield emu, drv
+    finally:
+        drv.close()
+        emu.stop()
+
+
+device = contextlib.contextmanager(magstim)
+
+
+@pytest.fixture(params=["200", "bistim", "rapid"])
+def ms(request: pytest.FixtureRequest, faults: list[str]) -> Iterator[
+        tuple[MagstimEmulator, MagstimStimulator]]:
+    yield from magstim(request.param, faults)
+
+
+# -- protocol details ----------------------------------------------------------------------
+def test_magstim_crc_and_frame() -> None:
+    # 'Q' 0x51 + '@' 0x40 = 0x91 -> one's complement 0x6E
+    assert frame("Q") == b"Q@\x6e"
+    assert crc(b"J@") == (~(ord("J") + ord("@"))) & 0xFF
+    assert frame("@", "050")[-1] == crc(b"@050")
+
+
+def test_magventure_crc8_is_dallas_maxim() -> None:
+    assert crc8(b"123456789") == 0xA1  # the CRC-8/MAXIM check value
+    assert crc8(b"") == 0
+
+
+# -- Magstim ------------------------------------------------------------------------------
+def test_magstim_session(ms: tuple[MagstimEmulator, MagstimStimulator]) -> None:
+    emu, drv = ms
+    drv.open()
+    assert emu.remote
+    assert drv.set_intensity(42.4) == 42.0
+    assert emu.power_a == 42
+    assert drv.coil_temperature_c == pytest.approx(24.0)
+    drv.arm()
+    assert wait_for(lambda: drv.ready)
+    t = drv.fire()
+    assert len(emu.fired) == 1
+    # the serial route: the pulse leaves one command's wire time after the write
+    assert t - emu.fired[0] == pytest.approx(drv.latency_s, abs=0.002)
+    drv.disarm()
+    assert not emu.armed and not emu.ready
+    with pytest.raises(StimulatorError, match="not armed"):
+        drv.fire()
+    st = drv.status()
+    assert st["driver"] == f"magstim-{drv.model}" and st["trigger_route"] == "serial"
+
+
+def test_magstim_keepalive_holds_the_device_armed(faults: list[str]) -> None:
+    with device("200", faults, watchdog_s=0.6) as (emu, drv):
+        drv.open()
+        drv.arm()
+        time.sleep(1.5)  # > 2 device watchdog periods: only the keep-alive keeps it armed
+        assert emu.disarmed_by_watchdog == 0
+        assert drv.ready and drv.keepalives >= 2
+        assert faults == []
+
+
+def test_magstim_device_disarms_itself_without_keepalive(faults: list[str]) -> None:
+    with device("200", faults, watchdog_s=0.3) as (emu, drv):
+        drv.keepalive_s = 0.5  # slower than this device's watchdog
+        drv.open()
+        drv.arm()
+        assert wait_for(lambda: bool(faults), 3.0)
+        assert emu.disarmed_by_watchdog >= 1
+        assert "disarmed itself" in faults[0] or "remote" in faults[0]
+        assert not drv.ready
+
+
+def test_magstim_error_replies(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.open()
+        with pytest.raises(StimulatorError, match="outside"):
+            drv.set_intensity(120)
+        emu.fault = "refuse"
+        with pytest.raises(StimulatorError, match="not allowed in the current state"):
+            drv.command("J")
+        emu.fault = "bad_crc"
+        with pytest.raises(StimulatorError, match="bad checksum"):
+            drv.command("J")
+        emu.fault = None
+        # a command with a corrupt checksum is answered with '?'
+        reply = drv.link.transact(b"J@\x00", lambda d: drv.link.read_exact(3, d))
+        assert reply[:2] == b"J?" and reply[2] == crc(b"J?")
+        with pytest.raises(StimulatorError, match="not understood or bad checksum"):
+            drv.command("@", "abc")
+
+
+def test_magstim_write_not_applied_is_caught(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.open()
+        emu.fault = "ignore_writes"
+        with pytest.raises(StimulatorError, match="device reads 30%"):
+            drv.set_intensity(55)
+
+
+def test_magstim_silent_device(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        emu.fault = "silent"
+        t0 = time.monotonic()
+        with pytest.raises(StimulatorError, match="no answer"):
+            drv.open()
+        assert time.monotonic() - t0 < 2.0  # a deadline, not a hang
+    with device("bistim", faults) as (emu, drv):
+        drv.open()
+        drv.arm()
+        emu.fault = "silent"  # stops answering mid-session
+        assert wait_for(lambda: bool(faults), 3.0)
+        assert "keep-alive" in faults[0] and "no answer" in faults[0]
+        assert not drv.ready
+
+
+def test_magstim_cable_pulled(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.open()
+        drv.arm()
+        assert wait_for(lambda: drv.ready)
+        emu.unplug()
+        assert wait_for(lambda: bool(faults), 3.0)
+        with pytest.raises(StimulatorError):
+            drv.fire()
+        drv.disarm()  # never raises, even with the port gone
+
+
+def test_bistim_paired_pulse_and_high_resolution(faults: list[str]) -> None:
+    with device("bistim", faults) as (emu, drv):
+        drv.open()
+        drv.set_paired(35, 65, 2.5)
+        assert (emu.power_a, emu.power_b, emu.interval, emu.hr) == (35, 65, 25, True)
+        drv.set_paired(35, 65, 12)
+        assert (emu.interval, emu.hr) == (12, False)
+        with pytest.raises(StimulatorError, match="interval"):
+            drv.set_paired(35, 65, 1500)
+
+
+def test_rapid_unlock_code_and_train(faults: list[str]) -> None:
+    with device("rapid", faults, unlock_code="1234-5678") as (emu, drv):
+        drv.open()
+        assert drv.configure_train(10.0, 20)["train_pulses"] == 20
+        assert (emu.freq10, emu.pulses, emu.dur10) == (100, 20, 20)
+        time.sleep(0.7)
+        assert drv.keepalives >= 1 and faults == []
+    emu = MagstimEmulator("rapid", unlock_code="1234-5678").start()
+    wrong = MagstimStimulator(port=emu.port, model="rapid", unlock_code="9999-9999")
+    try:
+        with pytest.raises(StimulatorError):
+            wrong.open()
+    finally:
+        wrong.close()
+        emu.stop()
+
+
+def test_magstim_ttl_trigger_route(faults: list[str]) -> None:
+    box = TriggerBoxEmulator().start()
+    emu = MagstimEmulator("200").start()
+    drv = MagstimStimulator(port=emu.port, trigger=TtlLine(box.port, line="byte",
+                                                            width_s=0.001))
+    try:
+        drv.open()
+        drv.arm()
+        assert wait_for(lambda: drv.ready)
+        t = drv.fire()
+        assert wait_for(lambda: len(box.edges) == 1)
+        assert emu.fired == []  # fired by the line, not by the serial command
+        assert abs(t - box.edges[0][0]) < 0.002
+        assert drv.trigger_route == "ttl:byte"
+    finally:
+        drv.close()
+        emu.stop()
+        box.stop()
+
+
+# -- MagVenture ---------------------------------------------------------------------------
+@pytest.fixture
+def mv(faults: list[str]) -> Iterator[tuple[MagVentureEmulator, MagVentureStimulator]]:
+    emu = MagVentureEmulator().start()
+    drv = MagVentureStimulator(port=emu.port, poll_s=0.2)
+    drv.set_fault_handler(faults.append)
+    yield emu, drv
+    drv.close()
+    emu.stop()
+
+
+def test_magventure_session(mv: tuple[MagVentureEmulator, MagVentureStimulator]) -> None:
+    emu, drv = mv
+    emu.chatty = True  # frames of its own in between: skipped
+    drv.open()
+    assert drv.set_intensity(57) == 57.0 and emu.amp_a == 57
+    drv.arm()
+    assert emu.enabled and drv.ready
+    drv.fire()
+    assert wait_for(lambda: len(emu.fired) == 1)
+    drv.disarm()
+    assert not emu.enabled
+    assert drv.coil_temperature_c == 25.0
+
+
+def test_magventure_unacknowledged_write_is_caught(
+        mv: tuple[MagVentureEmulator, MagVentureStimulator]) -> None:
+    emu, drv = mv
+    drv.open()
+    emu.fault = "ignore_writes"
+    with pytest.raises(StimulatorError, match="device reads 0%"):
+        drv.set_intensity(50)
+    with pytest.raises(StimulatorError, match="status says otherwise"):
+        drv.arm()
+
+
+def test_magventure_paired_train_and_burst(
+        mv: tuple[MagVentureEmulator, MagVentureStimulator]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.set_paired(30, 70, 3.0)
+    assert (emu.mode, emu.ipi10, emu.amp_a, emu.amp_b) == (2, 30, 30, 70)
+    got = drv.configure_train(5.0, 10, trains=2, iti_s=3.5)
+    assert got == {"rate_hz": 5.0, "pulses": 10, "trains": 2, "iti_s": 3.5}
+    assert drv.configure_burst(3, 10.0)["burst_index"] == 2
+    with pytest.raises(StimulatorError, match=r"2\.\.5"):
+        drv.configure_burst(7, 10.0)
+
+
+def test_magventure_faults(mv: tuple[MagVentureEmulator, MagVentureStimulator],
+                           faults: list[str]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.arm()
+    emu.disable_from_panel()
+    assert wait_for(lambda: bool(faults))
+    assert "disabled" in faults[0]
+    assert not drv.ready
+
+
+def test_magventure_bad_crc_and_silence(faults: list[str]) -> None:
+    emu = MagVentureEmulator().start()
+    drv = MagVentureStimulator(port=emu.port, poll_s=0.2)
+    drv.set_fault_handler(faults.append)
+    try:
+        emu.fault = "bad_crc"
+        with pytest.raises(StimulatorError, match="bad CRC"):
+            drv.open()
+        emu.fault = None
+        drv.open()
+        emu.fault = "silent"
+        assert wait_for(lambda: bool(faults))
+        assert "no answer" in faults[0]
+    finally:
+        drv.close()
+        emu.stop()
+
+
+def test_magventure_cable_pulled(mv: tuple[MagVentureEmulator, MagVentureStimulator],
+                                 faults: list[str]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.arm()
+    emu.unplug()
+    assert wait_for(lambda: bool(faults))
+    assert "failed" in faults[0] or "no answer" in faults[0]
+
+
+# -- TTL ----------------------------------------------------------------------------------
+def test_ttl_trigger_box_pulse_width_and_code() -> None:
+    box = TriggerBoxEmulator().start()
+    drv = TtlStimulator(port=box.port, line="byte", pulse_width_ms=5.0, code=7)
+    try:
+        drv.open()
+        drv.arm()
+        t = drv.fire()
+        assert wait_for(lambda: box.level == 0 and len(box.edges) == 1)
+        assert box.edges[0][1] == 7
+        assert abs(box.edges[0][0] - (t - drv.latency_s)) < 0.002
+        assert bytes(box.received) == b"\x00\x07\x00"
+        assert drv.status()["intensity_control"].startswith("manual")
+    finally:
+        drv.close()
+        box.stop()
+
+
+def test_ttl_modem_line_on_a_pty_is_a_clear_error() -> None:
+    box = TriggerBoxEmulator().start()
+    drv = TtlStimulator(port=box.port, line="rts")
+    try:
+        with pytest.raises(StimulatorError, match=r"cannot set RTS.*line = \"byte\""):
+            drv.open()
+    finally:
+        drv.close()
+        box.stop()
+
+
+def test_missing_port_is_a_clear_error() -> None:
+    drv = MagstimStimulator(port="/dev/does-not-exist")
+    with pytest.raises(StimulatorError, match="cannot open serial port '/dev/does-not-exist'"):
+        drv.open()
+
+
+def test_port_is_opened_exclusively() -> None:
+    emu = MagVentureEmulator().start()
+    a = MagVentureStimulator(port=emu.port)
+    b = MagVentureStimulator(port=emu.port)
+    try:
+        a.open()
+        with pytest.raises(StimulatorError, match="cannot open"):
+            b.open()
+    finally:
+        a.close()
+        b.close()
+        emu.stop()
+
+
+def test_keepalive_and_fire_share_the_port_safely(faults: list[str]) -> None:
+    with device("200", faults, recharge_s=0.0) as (emu, drv):
+        drv.keepalive_s = 0.05
+        drv.open()
+        drv.arm()
+        assert wait_for(lambda: drv.ready)
+        errors: list[BaseException] = []
+
+        def hammer() -> None:
+            try:
+                for _ in range(50):
+                    drv.read_parameters()
+            except BaseException as exc:
+                errors.append(exc)
+
+        th = threading.Thread(target=hammer)
+        th.start()
+        fired = 0
+        for _ in range(20):
+            if wait_for(lambda: drv.ready, 1.0):
+                drv.fire()
+                fired += 1
+        th.join()
+        assert errors == [] and faults == []
+        assert len(emu.fired) == fired >= 15
