@@ -114,6 +114,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="use a recording (EDF/BDF/npz) instead")
     p.add_argument("--out", default=None, help="write the calibrated config here")
 
+    p = sub.add_parser("stimulator", help="bench-test a stimulator: 'stimulator check'")
+    ssub = p.add_subparsers(dest="stim_command", required=True, metavar="check")
+    c = ssub.add_parser("check", help="connect, print status, optionally set intensity, arm, "
+                        "fire once and disarm; print a JSON report")
+    c.add_argument("--driver", required=True, choices=["simulated", "ttl", "magstim-200",
+                                                      "magstim-bistim", "magstim-rapid",
+                                                      "magventure"])
+    c.add_argument("--port", default="", help="serial port of the device")
+    c.add_argument("--intensity", type=float, default=None, help="set this output, %%")
+    c.add_argument("--fire", action="store_true", help="arm, fire one pulse, disarm")
+    c.add_argument("--config", default=None, help="take the other settings (safety limits, "
+                   "ttl line, unlock code...) from this file")
+    c.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE")
+
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", help="TOML configuration file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -370,6 +385,16 @@ def _replay_xdf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stimulator(args: argparse.Namespace) -> int:
+    from closedloop.stim.check import check_stimulator  # noqa: PLC0415
+
+    cfg = load_config(args.config, [*args.overrides, f'stimulator.driver="{args.driver}"',
+                                    f'stimulator.port="{args.port}"'])
+    report = check_stimulator(cfg, intensity_pct=args.intensity, fire=args.fire)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     if args.print:
@@ -394,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,
                 "check-config": _cmd_check_config, "replay": _cmd_replay,
                 "ctl": _cmd_ctl, "status": _cmd_status,
-                "evaluate-phase": _cmd_evaluate_phase, "calibrate": _cmd_calibrate}
+                "evaluate-phase": _cmd_evaluate_phase, "calibrate": _cmd_calibrate,
+                "stimulator": _cmd_stimulator}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

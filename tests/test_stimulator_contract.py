@@ -8,7 +8,7 @@ unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pylsl
 import pytest
@@ -96,9 +96,8 @@ def test_paired_only_where_supported(driver: Stimulator) -> None:
 def test_fault_handler_is_called_once(driver: Stimulator) -> None:
     seen: list[str] = []
     driver.set_fault_handler(seen.append)
-    report: Callable[[str], None] = driver.report_fault  # type: ignore[attr-defined]
-    report("test fault")
-    report("second fault")
+    driver.report_fault("test fault")
+    driver.report_fault("second fault")
     assert seen == ["test fault"]
     assert driver.fault == "test fault"
     assert not driver.ready

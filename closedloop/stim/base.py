@@ -75,6 +75,9 @@ class Stimulator(Protocol):
     def set_fault_handler(self, fn: Callable[[str], None] | None) -> None:
         """Have ``fn(reason)`` called (from any thread) when the driver finds a fault."""
 
+    def report_fault(self, reason: str) -> None:
+        """Record a fault (the first since open) and call the handler once."""
+
     def status(self) -> dict[str, Any]:
         """A snapshot of what the driver knows; no device I/O."""
 

@@ -5,7 +5,10 @@ under one lock, checks the arm state, the device (a fault it reported, its readi
 coil temperature) and the :class:`~closedloop.stim.safety.SafetyGate`, fires, and records
 the pulse; a refusal is returned as a value with its reason, never raised and never
 silent. A driver error disarms, and so does a fault the driver finds on its own (a missed
-keep-alive, a vanished port): the gate is told through the driver's fault handler.
+keep-alive, a vanished port): the gate is told through the driver's fault handler. A
+device error while firing (a :class:`StimulatorError`) ends as the refusal
+``fire_failed`` (counted against the limits: the pulse may have left) and a driver fault;
+any other exception in the pulse path is a bug and propagates (the service stops).
 """
 
 from __future__ import annotations
@@ -174,6 +177,16 @@ class GatedStimulator:
                 return FireResult(False, reason, None, t_cmd)
             try:
                 t_pulse = self.driver.fire()
+            except StimulatorError as exc:
+                # the device failed (port gone, error reply): disarm and say so; the pulse
+                # may or may not have left, so the limits count it
+                self._armed = False
+                self.gate.commit(t_pulse_est, per_trigger)
+                with contextlib.suppress(Exception):
+                    self.driver.disarm()
+                if self.driver.fault is None:
+                    self.driver.report_fault(f"fire: {exc}")
+                return FireResult(False, "fire_failed", None, t_cmd)
             except Exception as exc:
                 self._armed = False
                 # the fire error is the one to report; a failing disarm must not hide it
