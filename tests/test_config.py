@@ -161,3 +161,30 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "trigger.tolerance_deg" in bad.stderr
     assert ">= 0" in bad.stderr
+
+
+@pytest.mark.parametrize(("overrides", "key", "words"), [
+    (['stimulator.driver="magstim-200"'], "stimulator.port", "serial port"),
+    (['stimulator.driver="ttl"', 'stimulator.port="/dev/x"', 'stimulation.pattern="paired"'],
+     "stimulation.pattern", "paired pulses need"),
+    (['stimulator.driver="magstim-bistim"', 'stimulator.port="/dev/x"',
+      'stimulation.pattern="burst"', "safety.motor_threshold_pct=50"],
+     "stimulation.pattern", "recharges"),
+    (['stimulation.pattern="train"'], "safety.motor_threshold_pct", "motor threshold"),
+    (['stimulation.pattern="itbs"', "safety.motor_threshold_pct=50",
+      "stimulation.tbs_pulses=45"], "stimulation.tbs_pulses", "multiple of 30"),
+    (['stimulation.pattern="paired"', "stimulation.conditioning_pct=90"],
+     "stimulation.conditioning_pct", "max_intensity_pct"),
+    (['stimulator.trigger_port="/dev/y"'], "stimulator.trigger_port", "only magstim"),
+    (["stimulator.keepalive_ms=900"], "stimulator.keepalive_ms", "500"),
+    (["safety.max_pulses_per_day=50000"], "safety.max_pulses_per_day", "20000"),
+    (["safety.train_duration_factor=1.5"], "safety.train_duration_factor", "1"),
+    (["safety.min_inter_train_s=0.2"], "safety.min_inter_train_s", "1"),
+    (["safety.max_coil_temp_c=60"], "safety.max_coil_temp_c", "45"),
+])
+def test_stimulation_settings_that_do_not_fit_together(overrides: list[str], key: str,
+                                                        words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+    assert words in str(info.value)

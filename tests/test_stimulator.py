@@ -124,16 +124,34 @@ def test_stale_eeg_blocks_the_pulse_at_fire_time() -> None:
         driver.close()
 
 
-def test_a_driver_failure_disarms_and_is_reported() -> None:
+def test_a_device_failure_disarms_and_is_reported() -> None:
     driver, gated, sched, outcomes = make()
+    faults: list[str] = []
+    driver.set_fault_handler(faults.append)
     gated.arm()
     driver._outlet = None  # the device went away under us
+    assert sched.submit(PulseRequest(1, pylsl.local_clock() + 0.01))
+    out = outcomes.wait(1)
+    assert out[0].reason == "fire_failed" and not out[0].fired
+    assert not gated.armed and driver.fault is not None and faults
+    assert gated.gate.fired == 1  # it may have left: the limits count it
+    assert not outcomes.errors  # a device fault, not a crash
+    sched.stop()
+
+
+def test_a_bug_in_the_pulse_path_is_an_error() -> None:
+    driver, gated, sched, outcomes = make()
+    gated.arm()
+
+    def broken() -> float:
+        raise ZeroDivisionError("a bug")
+
+    driver.fire = broken  # type: ignore[method-assign]
     assert sched.submit(PulseRequest(1, pylsl.local_clock() + 0.01))
     deadline = time.monotonic() + 3
     while not outcomes.errors and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert outcomes.errors
-    assert isinstance(outcomes.errors[0], StimulatorError)
+    assert outcomes.errors and isinstance(outcomes.errors[0], StimulatorError)
     assert not gated.armed
     sched.stop()
 

@@ -126,6 +126,7 @@ class TriggerBoxEmulator(Emulator):
             if b and not self.level:
                 self.edges.append((t, b))
                 self.fired.append(t)
+                self.log.append({"event": "edge", "lsl_time": t, "code": b})
             self.level = b
 
 

@@ -265,6 +265,9 @@ class SafetyConfig:
                                         hi=HARD_MAX_BURST_INTENSITY_MT)
     max_coil_temp_c: float = opt(40.0, "refuse to fire when the device reports a hotter "
                                  "coil", lo=20.0, hi=HARD_MAX_COIL_TEMP_C)
+    watchdog_ms: float = opt(500.0, "disarm when the service's event loop has not run for "
+                             "this long (a stalled controller must not keep a pulse path "
+                             "armed)", lo=50.0, hi=10_000.0)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -146,6 +147,9 @@ class ClosedLoopService:
         self.day_counter: DayCounter | None = None
         self._stim_fault: str | None = None
         self._next_reconnect = math.inf
+        self._heartbeat = time.monotonic()
+        self._watchdog_trip: float | None = None  # how long the loop had stalled
+        self._watchdog_stop = threading.Event()
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> ServiceStats:
@@ -165,9 +169,12 @@ class ClosedLoopService:
                        python=platform.python_version(), liblsl=pylsl.library_version(),
                        host=socket.gethostname(), pid=os.getpid(),
                        config_source=self.config_source, config=config_to_dict(cfg))
+        watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
         try:
             await self._start()
             self.ready.set()
+            self._heartbeat = time.monotonic()
+            watchdog.start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
                          tg.create_task(self._housekeeping(), name="housekeeping")]
@@ -188,9 +195,22 @@ class ClosedLoopService:
             raise ClosedLoopError(f"internal error in the service ({type(first).__name__}: "
                                   f"{first}); disarmed and stopped") from first
         finally:
+            self._watchdog_stop.set()
             await self._shutdown()
             sys.setswitchinterval(old_switch)
         return self.stats
+
+    def _watchdog(self) -> None:
+        """Disarm, from its own thread, when the event loop stops running."""
+        limit = self.cfg.safety.watchdog_ms / 1000.0
+        while not self._watchdog_stop.wait(min(0.05, limit / 4)):
+            stalled = time.monotonic() - self._heartbeat
+            stim = self.stim
+            if stalled > limit and stim is not None and stim.armed:
+                stim.disarm()
+                if self.scheduler is not None:
+                    self.scheduler.cancel("watchdog")
+                self._watchdog_trip = stalled
 
     def fail(self, exc: BaseException) -> None:
         """A fault that stops the service: disarm at once, record, stop (on the loop)."""
@@ -691,6 +711,14 @@ class ClosedLoopService:
         status_error_said = False
         while True:
             await asyncio.sleep(_HOUSEKEEPING_S)
+            self._heartbeat = time.monotonic()
+            if self._watchdog_trip is not None:
+                self._event("fault", error="watchdog", message=(
+                    f"the event loop did not run for at least {self._watchdog_trip * 1e3:.0f} "
+                    f"ms (safety.watchdog_ms = {self.cfg.safety.watchdog_ms:g}); disarmed"),
+                    action="arm again when the cause is known")
+                self._watchdog_trip = None
+                self.stats.refused["watchdog"] += 1
             self._poll_meps()
             if time.monotonic() >= self._next_reconnect and self.stim is not None:
                 await self._reconnect_stimulator()

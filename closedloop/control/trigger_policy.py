@@ -27,6 +27,8 @@ from closedloop.phase.estimate import PhaseEstimate, wrap_rad
 
 __all__ = ["Decision", "PolicyParams", "TriggerState", "decide", "decide_open_loop"]
 
+_OPEN_LOOP_SLACK_S = 0.02  # open loop: scheduled this far ahead, never late
+
 RefusalReason = Literal["disarmed", "min_interval", "amplitude_below_gate", "amplitude_unknown"]
 
 
@@ -123,7 +125,7 @@ def decide_open_loop(est: PhaseEstimate, *, now: float, params: PolicyParams,
     open-loop sessions can be analysed the same way. Nothing is decided while disarmed
     or while a unit is still being delivered.
     """
-    t_min = now + params.lead_s
+    t_min = now + params.lead_s + _OPEN_LOOP_SLACK_S  # no phase to hit: no need to hurry
     if not armed or busy or t_min < state.next_allowed:
         return None, state
     fire_time = max(t_min, state.next_allowed)

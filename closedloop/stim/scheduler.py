@@ -4,7 +4,9 @@ The asyncio side decides *when* a pulse should land; this thread makes it happen
 it sleeps until shortly before the command time (landing time minus the driver's known
 latency), then waits out the rest in a loop that yields the GIL at every turn (a plain
 busy loop would hold it for the interpreter's switch interval and stall the other
-threads). A request whose command time has passed by more than ``max_lateness_s`` is
+threads). The checks between the end of that wait and the driver's fire (lock, arm state,
+safety gate: some tens of microseconds) are measured on every pulse and the wait ends
+that much earlier. A request whose command time has passed by more than ``max_lateness_s`` is
 refused as ``late``: a late pulse hits the wrong phase.
 
 A request is a *unit*: one trigger, or several at given offsets (a burst, a train, a TBS
@@ -32,6 +34,8 @@ from closedloop.stim.gated import FireResult, GatedStimulator
 __all__ = ["FireScheduler", "PulseOutcome", "PulseRequest"]
 
 _SPIN_S = 0.002
+_OVERHEAD_ALPHA = 0.1  # running estimate of the check path's duration
+_MAX_OVERHEAD_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class FireScheduler:
         self._pending: tuple[PulseRequest, float] | None = None
         self._cancel_reason: str | None = None
         self._stopping = False
+        self._overhead_s = 0.0  # from the end of the wait to the driver's pulse instant
         self._thread = threading.Thread(target=self._run, name="fire-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -149,7 +154,8 @@ class FireScheduler:
         for k, off in enumerate(req.offsets):
             planned = req.fire_time + off
             t_cmd = planned - self.stim.latency_s
-            reason = self._wait_until(t_cmd)
+            # start early by what the checks before the driver's fire() take
+            reason = self._wait_until(t_cmd - self._overhead_s)
             now = self._clock()
             if reason is None and k == 0 and now - t_cmd > self.max_lateness_s:
                 reason = "late"
@@ -158,6 +164,10 @@ class FireScheduler:
             else:
                 result = self.stim.fire_now(offsets=req.offsets, index=k, planned=planned,
                                             max_lateness_s=self.max_lateness_s)
+            if result.fired and result.lsl_time is not None:
+                spent = result.lsl_time - self.stim.latency_s - now
+                self._overhead_s += _OVERHEAD_ALPHA * (
+                    min(max(spent, 0.0), _MAX_OVERHEAD_S) - self._overhead_s)
             if not result.fired:
                 if times:
                     self.stim.end_unit(times[-1])
