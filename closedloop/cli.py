@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                    "mt-ifcn, io-curve, phase-map) instead of phase-triggered single pulses")
     p.add_argument("--mqtt", action="store_true", help="also run the MQTT control plane, "
                    "driven by a scripted operator (uses a local broker, or starts one)")
+    p.add_argument("--report", default=None, metavar="DIR", help="record the session (XDF) "
+                   "and write its HTML report into DIR")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a service setting (repeatable)")
 
@@ -76,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", nargs="+", default=None,
                    help="XDF: replay only these streams (by name)")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
+    p.add_argument("--speed", type=float, default=1.0, help="push N times faster, keeping "
+                   "the recording's time base (for recorders and offline consumers; the "
+                   "closed-loop service needs 1)")
 
     p = sub.add_parser("ctl", help="send a command over MQTT and print the reply; or 'watch'")
     p.add_argument("verb", help="arm, disarm, start, stop, set, calibrate, status, reload, "
@@ -128,6 +133,22 @@ def _parser() -> argparse.ArgumentParser:
                    "ttl line, unlock code...) from this file")
     c.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE")
+
+    p = sub.add_parser("offline", help="run the decision pipeline over a recording without "
+                       "LSL, as fast as the CPU allows; print decisions summary (JSON)")
+    _add_config_args(p, required=False)
+    p.add_argument("file", help="EDF/BDF, XDF (EEG and, when present, EMG) or .npz")
+    p.add_argument("--chunk-ms", type=float, default=10.0, help="the amplifier's chunk size")
+    p.add_argument("--delay-ms", type=float, default=1.0, help="modelled processing delay: "
+                   "decisions are taken at the newest sample + this")
+    p.add_argument("--decisions", default=None, help="write every decision and pulse here "
+                   "(JSONL)")
+
+    p = sub.add_parser("report", help="write a session's HTML report (figures as PNGs too)")
+    p.add_argument("events", help="the session's event log (recording.events)")
+    p.add_argument("--xdf", default=None, help="the session recording (recording.xdf): "
+                   "gives the true phase of every pulse")
+    p.add_argument("--out", default=None, help="output folder (default: beside the log)")
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", help="TOML configuration file")
@@ -196,13 +217,53 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(duration_s=args.duration, eeg_rate=args.eeg_rate, overrides=args.overrides,
                     seed=args.seed, events=args.events, as_json=args.json, mqtt=args.mqtt,
-                    protocol=args.protocol)
+                    protocol=args.protocol, report_dir=args.report)
+
+
+def _cmd_offline(args: argparse.Namespace) -> int:
+    from closedloop.phase.report import load_recording  # noqa: PLC0415
+    from closedloop.replay.offline import run_offline  # noqa: PLC0415
+    from closedloop.replay.recording import load_xdf  # noqa: PLC0415
+
+    cfg = load_config(args.config, args.overrides)
+    path = Path(args.file)
+    emg = None
+    if path.suffix.lower() == ".xdf":
+        content = load_xdf(path)
+        eeg = content.first("EEG")
+        emg = next((r for r in content.regular if r.stype.upper() == "EMG"), None)
+    else:
+        eeg = load_recording(path)
+    result = run_offline(cfg, eeg, emg=emg, chunk_ms=args.chunk_ms, delay_ms=args.delay_ms)
+    if args.decisions:
+        with open(args.decisions, "w", encoding="utf-8") as fh:
+            for kind, items in (("decision", result.decisions), ("pulse", result.pulses),
+                                ("pulse_refused", result.refused), ("mep", result.meps)):
+                for item in items:
+                    fh.write(json.dumps({"event": kind, **item}) + "\n")
+    print(json.dumps({"file": str(path), **result.summary()}, indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from closedloop.recording.report import build_report  # noqa: PLC0415
+
+    page = build_report(args.events, xdf_path=args.xdf, out_dir=args.out)
+    print(page)
+    return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from closedloop.replay.player import play  # noqa: PLC0415
     from closedloop.replay.recording import load_edf  # noqa: PLC0415
 
+    if not args.speed > 0:
+        print("closedloop: --speed must be > 0", file=sys.stderr)
+        return 2
+    if args.speed != 1.0:
+        print(f"closedloop: replaying at {args.speed:g}x: timestamps keep the recording's "
+              "time base and run ahead of the clock (a closed-loop service refuses them; "
+              "use `closedloop offline`)", file=sys.stderr)
     if Path(args.file).suffix.lower() == ".xdf":
         return _replay_xdf(args)
     rec = load_edf(args.file)
@@ -224,7 +285,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         play(rec, name=name, stream_type=args.type, chunk_ms=args.chunk_ms,
              start_s=args.start, duration_s=duration, loop=args.loop, on_start=announce,
-             on_progress=progress)
+             on_progress=progress, speed=args.speed)
     return 0
 
 
@@ -367,10 +428,12 @@ def _replay_xdf(args: argparse.Namespace) -> int:
     stop = threading.Event()
     threads = [threading.Thread(target=play, kwargs={
         "rec": r, "name": r.name, "stream_type": r.stype, "chunk_ms": args.chunk_ms,
-        "stop": stop, "t0": t0 + (r.first_timestamp - origin)}, daemon=True)
+        "stop": stop, "t0": t0 + (r.first_timestamp - origin), "speed": args.speed},
+        daemon=True)
         for r in content.regular]
     threads += [threading.Thread(target=play_markers, kwargs={
-        "track": m, "t0": t0, "first_timestamp": origin, "stop": stop}, daemon=True)
+        "track": m, "t0": t0, "first_timestamp": origin, "stop": stop, "speed": args.speed},
+        daemon=True)
         for m in content.markers]
     print(json.dumps({"event": "replay_start", "t0": t0, "streams": [
         r.name for r in content.regular] + [m.name for m in content.markers]}), flush=True)
@@ -420,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "check-config": _cmd_check_config, "replay": _cmd_replay,
                 "ctl": _cmd_ctl, "status": _cmd_status,
                 "evaluate-phase": _cmd_evaluate_phase, "calibrate": _cmd_calibrate,
-                "stimulator": _cmd_stimulator}
+                "stimulator": _cmd_stimulator, "report": _cmd_report,
+                "offline": _cmd_offline}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

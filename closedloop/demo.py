@@ -153,11 +153,16 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
 
 def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: int | None,
              events: str | None, as_json: bool, mqtt: bool = False,
-             protocol: str | None = None) -> int:
+             protocol: str | None = None, report_dir: str | None = None) -> int:
     """Run the demo; print the summary; return the exit code."""
     prefix = f"cl-demo-{os.getpid()}"
     events = events or str(Path(tempfile.gettempdir()) / f"{prefix}-events.jsonl")
     overrides = [*demo_overrides(prefix, events), *overrides]
+    xdf = None
+    if report_dir is not None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        xdf = str(Path(report_dir) / "session.xdf")
+        overrides.append(f'recording.xdf="{xdf}"')
     cfg = load_config(None, overrides)
     sim_cmd = [sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
                "--coil-stream", cfg.stimulator.coil_stream, "--eeg-rate", str(eeg_rate),
@@ -184,10 +189,16 @@ def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: 
     summary["events"] = events
     if mqtt:
         summary["mqtt"] = report
+    if report_dir is not None:
+        from closedloop.recording.report import build_report  # noqa: PLC0415
+
+        summary["report"] = str(build_report(events, xdf_path=xdf, out_dir=report_dir))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
+        if report_dir is not None:
+            print(f"report: {summary['report']}")
     return 0
 
 

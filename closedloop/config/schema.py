@@ -132,6 +132,14 @@ class PhaseConfig:
                                     "rate before phase estimation", lo=100.0, hi=5000.0)
     update_interval_ms: float = opt(2.0, "run the estimator at most this often",
                                     lo=0.0, hi=100.0)
+    deterministic: bool = opt(False, "estimate at every multiple of update_interval_ms of "
+                              "the data's own time and decide as if at that time + "
+                              "decision_delay_ms: the same samples then give the same "
+                              "decisions however they arrived (live = offline = replay); "
+                              "use with update_interval_ms of about the amplifier's chunk")
+    decision_delay_ms: float = opt(1.0, "deterministic: the processing delay decisions "
+                                   "assume (a pulse that cannot make it is refused as late)",
+                                   lo=0.0, hi=50.0)
     window_ms: float = opt(500.0, "AR: length of the analysis window", lo=200.0, hi=4000.0)
     fir_ms: float = opt(128.0, "AR: length of the zero-phase FIR band-pass", lo=20.0,
                         hi=1000.0)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ import pylsl
 from closedloop import __version__
 from closedloop.config.load import config_to_dict, load_config
 from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
+from closedloop.control.core import DecisionCore
 from closedloop.control.runtime import (
     LIVE_KEYS,
     apply_live_settings,
@@ -46,16 +47,9 @@ from closedloop.control.runtime import (
     restart_keys,
 )
 from closedloop.control.stats import LatencyRing, circular_stats_deg
-from closedloop.control.trigger_policy import (
-    PolicyParams,
-    TriggerState,
-    decide,
-    decide_open_loop,
-)
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
 from closedloop.mep.protocols import MEP_PROTOCOLS, MepProtocol, make_mep_protocol
 from closedloop.mep.tracker import MepRecord, MepTracker
-from closedloop.phase.amplitude import RunningPercentile
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog, clean_json
 from closedloop.recording.markers import PulseMarkerOutlet
@@ -82,7 +76,6 @@ _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
 _MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
 _CLOCK_GRACE_S = 2.0  # EEG stamped too old for this long is a clock problem, not a backlog
-_AMPLITUDE_WARMUP = 200  # amplitude values needed before the gate trusts its percentile
 _GIL_SWITCH_S = 0.0005
 _QUIET_BEFORE_S = 0.0015  # no pipeline update starts this close before a fire command
 _QUIET_AFTER_S = 0.0002
@@ -144,6 +137,7 @@ class ClosedLoopService:
         self.started_wall = time.time()
         self.unit: Unit = unit_for(cfg.stimulation)
         self.units_fired = 0
+        self.core: DecisionCore | None = None
         self.day_counter: DayCounter | None = None
         self._stim_fault: str | None = None
         self._next_reconnect = math.inf
@@ -362,15 +356,6 @@ class ClosedLoopService:
         return float(pylsl.local_clock()) - eeg.last_arrival
 
     # -- the EEG pipeline --------------------------------------------------------------
-    def _policy_params(self) -> PolicyParams:
-        trig = self.cfg.trigger
-        assert self.stim is not None
-        return PolicyParams(
-            target_rad=math.radians(trig.target_phase_deg),
-            tolerance_rad=math.radians(trig.tolerance_deg),
-            min_interval_s=trig.min_interval_s,
-            lead_s=self.stim.latency_s + trig.scheduling_margin_ms / 1000.0)
-
     async def _eeg_loop(self) -> None:
         try:
             await self._eeg_pipeline()
@@ -386,20 +371,10 @@ class ClosedLoopService:
         assert self.stim is not None
         ring, tracker = self.eeg.ring, self.tracker
         offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
-        trig = cfg.trigger
-        params = self._policy_params()
-        # decide crossings up to the next expected update: the larger of the configured
-        # interval and the observed spacing of updates (amplifiers push chunks of 1-40 ms)
-        min_horizon = max(cfg.phase.update_interval_ms / 1000.0, 1.0 / tracker.fs)
-        spacing = min_horizon
-        amp_hist = RunningPercentile(trig.amplitude_percentile,
-                                     int(trig.amplitude_window_s * 1000.0
-                                         / max(cfg.phase.update_interval_ms, 1.0)))
-        state = TriggerState()
+        core = DecisionCore(cfg, tracker, latency_s=self.stim.latency_s, rng=self._rng)
+        self.core = core
         pos = ring.count
-        last_update = -math.inf
         calibrated = tracker.band is not None
-        interval_s = cfg.phase.update_interval_ms / 1000.0
         perf = time.perf_counter_ns
         clock_bad = False
         behind_since: float | None = None
@@ -426,113 +401,98 @@ class ClosedLoopService:
                 tracker.reset()
             if not len(rd.timestamps):
                 continue
-            tracker.push(rd.data, rd.timestamps)
-            t_b = perf()
-            if not calibrated and tracker.band is not None:
-                calibrated = True
-                self._record_calibration(tracker)
-            newest = float(rd.timestamps[-1]) + offset_s  # LSL time the chunk was stamped
+            core.begin(float(rd.timestamps[0]) + offset_s)
             if self.cfg is not cfg:  # settings changed while running
-                cfg, trig = self.cfg, self.cfg.trigger
-                params = self._policy_params()
-                amp_hist.q = trig.amplitude_percentile
-            if newest - last_update < interval_s:
-                continue
-            if math.isfinite(last_update):
-                spacing += 0.05 * (min(newest - last_update, 0.1) - spacing)
-            last_update = newest
-            est = tracker.estimate()
-            t_c = perf()
-            if est is None:
-                continue
-            self.stats.estimates += 1
-            amp = tracker.band_amplitude
-            amp_hist.push(amp)
-            threshold = (-math.inf if trig.amplitude_percentile <= 0 else
-                         amp_hist.threshold() if amp_hist.count >= _AMPLITUDE_WARMUP
-                         else math.inf)
-            now = pylsl.local_clock()
-            if self._protocol_holds(now):
-                continue  # an MEP protocol waits for its last MEP before the next pulse
-            skew = now - newest  # how old the newest sample's timestamp claims to be
-            if not -_MAX_FUTURE_S <= skew <= cfg.safety.max_eeg_age_ms / 1000.0:
-                # no decision on data stamped in the future (a clock jump, a wrong
-                # time_offset_ms) or too old (a backlog, a clock that went back): a phase
-                # at such a time cannot be trusted. A backlog passes; a lasting mismatch
-                # is a fault, said once per episode.
-                self.stats.refused["eeg_timestamps"] += 1
-                behind_since = now if behind_since is None else behind_since
-                if not clock_bad and (skew < 0 or now - behind_since > _CLOCK_GRACE_S):
-                    clock_bad = True
-                    self._event("fault", error="eeg_clock_mismatch", message=(
-                        f"newest EEG timestamp is {-skew * 1000:+.1f} ms from now; no "
-                        "decisions until it is consistent again; reopening the EEG inlet"),
-                        skew_ms=round(skew * 1e3, 2))
-                if clock_bad and now - last_reopen > _CLOCK_GRACE_S:
-                    # LSL's dejitter and monotonize would take minutes to forget a jump
-                    last_reopen = now
-                    self.eeg.request_reopen()
-                    tracker.reset()
-                continue
-            behind_since = None
-            if clock_bad:
-                clock_bad = False
-                self._event("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
-            if cfg.stimulation.timing == "open_loop":
-                decision, state = decide_open_loop(est, now=now, params=params, state=state,
-                                                   armed=self.stim.armed,
-                                                   busy=scheduler.busy)
-            else:
-                decision, state = decide(est, now=now, params=params, state=state,
-                                         armed=self.stim.armed,
-                                         horizon_s=max(min_horizon, 1.5 * spacing),
-                                         amplitude=amp, amplitude_threshold=threshold)
-            t_d = perf()
-            t_decided = pylsl.local_clock()
-            self.stats.chunk_to_decision_ms.add((t_decided - newest) * 1000.0)
-            self.stats.update_cost_us.add((t_d - t_a) / 1000.0)
-            if decision is None:
-                continue
-            self.stats.decisions += 1
-            stages = {"read_dsp_us": round((t_b - t_a) / 1000, 1),
-                      "estimate_us": round((t_c - t_b) / 1000, 1),
-                      "decide_us": round((t_d - t_c) / 1000, 1)}
-            reason = decision.reason
-            if decision.fire:
-                assert self.scheduler is not None
-                self._request_id += 1
-                context = {
-                    "target_phase_deg": trig.target_phase_deg,
-                    "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
-                    "estimate_lsl_time": est.lsl_time, "decision_lsl_time": t_decided,
-                    "chunk_lsl_time": newest, "freq_hz": round(est.freq_hz, 3),
-                    "band_amplitude": round(amp, 3), "stages_us": stages,
-                }
-                unit = self.unit
-                req = PulseRequest(self._request_id, decision.fire_time, context,
-                                   unit.offsets)
-                if self.scheduler.submit(req):
-                    self.stats.chunk_to_handoff_ms.add((pylsl.local_clock() - newest) * 1000)
-                    jitter = float(self._rng.uniform(0.0, trig.jitter_s)) if trig.jitter_s else 0.0
-                    pause = (trig.min_interval_s if unit.pause_after_s is None
-                             else unit.pause_after_s)
-                    state = replace(state, next_allowed=decision.fire_time
-                                    + unit.duration_s + pause + jitter)
-                else:
-                    reason = "scheduler_busy"
-            fired = reason in ("target_phase", "open_loop")
-            if not fired:
-                self.stats.refused[reason] += 1
-            self._event("decision", fire=fired, reason=reason,
-                        crossing_lsl_time=decision.crossing_time,
-                        fire_lsl_time=decision.fire_time,
-                        predicted_phase_deg=round(math.degrees(decision.predicted_phase_rad), 2),
-                        phase_deg=round(math.degrees(est.phase_rad), 2),
-                        estimate_lsl_time=est.lsl_time, freq_hz=round(est.freq_hz, 3),
-                        band_amplitude=round(amp, 3),
-                        amplitude_threshold=round(threshold, 3)
-                        if math.isfinite(threshold) else None,
-                        stages_us=stages)
+                cfg = self.cfg
+                core.set_config(cfg)
+            for seg_start, seg_end, update_here in core.segments(rd.timestamps, offset_s):
+                tracker.push(rd.data[seg_start:seg_end], rd.timestamps[seg_start:seg_end])
+                if not calibrated and tracker.band is not None:
+                    calibrated = True
+                    self._record_calibration(tracker)
+                if not update_here:
+                    continue
+                t_b = perf()
+                # LSL time of the newest sample used
+                newest = float(rd.timestamps[seg_end - 1]) + offset_s
+                update = core.estimate()
+                t_c = perf()
+                if update is None:
+                    continue
+                est, amp, threshold = update.est, update.amplitude, update.threshold
+                self.stats.estimates += 1
+                clock_now = pylsl.local_clock()
+                now = core.decision_time(newest, clock_now)
+                if self._protocol_holds(clock_now):
+                    continue  # an MEP protocol waits for its last MEP before the next pulse
+                skew = clock_now - newest  # how old the newest sample's timestamp claims
+                if not -_MAX_FUTURE_S <= skew <= cfg.safety.max_eeg_age_ms / 1000.0:
+                    # no decision on data stamped in the future (a clock jump, a wrong
+                    # time_offset_ms) or too old (a backlog, a clock that went back): a phase
+                    # at such a time cannot be trusted. A backlog passes; a lasting mismatch
+                    # is a fault, said once per episode.
+                    self.stats.refused["eeg_timestamps"] += 1
+                    behind_since = clock_now if behind_since is None else behind_since
+                    if not clock_bad and (skew < 0 or clock_now - behind_since
+                                          > _CLOCK_GRACE_S):
+                        clock_bad = True
+                        self._event("fault", error="eeg_clock_mismatch", message=(
+                            f"newest EEG timestamp is {-skew * 1000:+.1f} ms from now; no "
+                            "decisions until it is consistent again; reopening the EEG inlet"),
+                            skew_ms=round(skew * 1e3, 2))
+                    if clock_bad and clock_now - last_reopen > _CLOCK_GRACE_S:
+                        # LSL's dejitter and monotonize would take minutes to forget a jump
+                        last_reopen = clock_now
+                        self.eeg.request_reopen()
+                        tracker.reset()
+                    continue
+                behind_since = None
+                if clock_bad:
+                    clock_bad = False
+                    self._event("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
+                decision = core.decide(update, now=now, armed=self.stim.armed,
+                                       busy=scheduler.busy)
+                t_d = perf()
+                t_decided = pylsl.local_clock()
+                self.stats.chunk_to_decision_ms.add((t_decided - newest) * 1000.0)
+                self.stats.update_cost_us.add((t_d - t_a) / 1000.0)
+                if decision is None:
+                    continue
+                self.stats.decisions += 1
+                stages = {"read_dsp_us": round((t_b - t_a) / 1000, 1),
+                          "estimate_us": round((t_c - t_b) / 1000, 1),
+                          "decide_us": round((t_d - t_c) / 1000, 1)}
+                reason = decision.reason
+                if decision.fire:
+                    self._request_id += 1
+                    context = {
+                        "target_phase_deg": cfg.trigger.target_phase_deg,
+                        "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
+                        "estimate_lsl_time": est.lsl_time, "decision_lsl_time": t_decided,
+                        "chunk_lsl_time": newest, "freq_hz": round(est.freq_hz, 3),
+                        "band_amplitude": round(amp, 3), "stages_us": stages,
+                    }
+                    req = PulseRequest(self._request_id, decision.fire_time, context,
+                                       self.unit.offsets)
+                    if scheduler.submit(req):
+                        self.stats.chunk_to_handoff_ms.add((pylsl.local_clock() - newest) * 1000)
+                        core.scheduled(decision)
+                    else:
+                        reason = "scheduler_busy"
+                fired = reason in ("target_phase", "open_loop")
+                if not fired:
+                    self.stats.refused[reason] += 1
+                self._event("decision", fire=fired, reason=reason,
+                            crossing_lsl_time=decision.crossing_time,
+                            fire_lsl_time=decision.fire_time,
+                            predicted_phase_deg=round(
+                                math.degrees(decision.predicted_phase_rad), 2),
+                            phase_deg=round(math.degrees(est.phase_rad), 2),
+                            estimate_lsl_time=est.lsl_time, freq_hz=round(est.freq_hz, 3),
+                            band_amplitude=round(amp, 3),
+                            amplitude_threshold=round(threshold, 3)
+                            if math.isfinite(threshold) else None,
+                            stages_us=stages)
 
     def _record_calibration(self, tracker: PhaseTracker) -> None:
         peak = tracker.peak

@@ -54,11 +54,12 @@ class RunningPercentile:
     """The ``q``-th percentile of the last ``capacity`` values pushed."""
 
     def __init__(self, q: float, capacity: int, recompute_every: int = 25) -> None:
+        """``recompute_every`` = 0: only :meth:`recompute` updates the threshold."""
         self.q = q
         self._values = np.zeros(max(1, capacity))
         self._n = 0
         self._pos = 0
-        self._every = max(1, recompute_every)
+        self._every = recompute_every
         self._since = 0
         self._threshold = math.inf
 
@@ -72,9 +73,16 @@ class RunningPercentile:
         self._values[self._pos] = value
         self._pos = (self._pos + 1) % len(self._values)
         self._n = min(self._n + 1, len(self._values))
+        if self._every <= 0:
+            return
         self._since += 1
         if self._since >= self._every or self._n < self._every:
-            self._since = 0
+            self.recompute()
+
+    def recompute(self) -> None:
+        """Compute the percentile of the values held now."""
+        self._since = 0
+        if self._n:
             self._threshold = float(np.percentile(self._values[:self._n], self.q))
 
     def threshold(self) -> float:

@@ -75,7 +75,7 @@ def levinson_durbin(r: Array, order: int) -> tuple[Array, Array]:
         reflection coefficients (all ``|k| < 1`` iff the model is stable).
     """
     rr = [float(v) for v in r[:order + 1]]
-    a: list[float] = []
+    a = [0.0] * order
     k = [1.0] * order
     err = rr[0]
     for m in range(order):
@@ -86,9 +86,16 @@ def levinson_durbin(r: Array, order: int) -> tuple[Array, Array]:
             acc -= a[i] * rr[m - i]
         km = acc / err
         k[m] = km
-        a = [a[i] - km * a[m - 1 - i] for i in range(m)] + [km]
+        # a[i] <- a[i] - km * a[m-1-i], in place, the symmetric pairs together
+        for i in range(m // 2):
+            j = m - 1 - i
+            ai, aj = a[i], a[j]
+            a[i] = ai - km * aj
+            a[j] = aj - km * ai
+        if m % 2:
+            a[m // 2] -= km * a[m // 2]
+        a[m] = km
         err *= 1.0 - km * km
-    a += [0.0] * (order - len(a))
     return np.array(a), np.array(k)
 
 

@@ -4,6 +4,11 @@ Samples are pushed in small chunks on an absolute schedule: chunk ``k`` is pushe
 its last sample's time ``t0 + (end - 1) / fs`` arrives, and stamped with exactly that
 time, so there is no cumulative drift however long the replay runs (mne-lsl's player
 does the same: sleep most of the wait, then spin the rest).
+
+With ``speed`` N ≠ 1 the chunks are pushed N times faster but keep the recording's time
+base (sample ``i`` is stamped ``t0 + i / fs``), so a recorder or an offline consumer gets
+the original timing; a closed-loop service refuses such data (it is stamped in the future)
+and is evaluated faster than real time with ``closedloop offline`` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
          start_s: float = 0.0, duration_s: float | None = None, loop: bool = False,
          stop: threading.Event | None = None,
          on_start: Callable[[float], None] | None = None, t0: float | None = None,
-         on_progress: Callable[[float], None] | None = None) -> float:
+         on_progress: Callable[[float], None] | None = None, speed: float = 1.0) -> float:
     """Push ``rec`` over an LSL outlet named ``name`` until done or ``stop`` is set.
 
     Args:
@@ -35,6 +40,8 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
         ``t0``.
     """
     stop = stop or threading.Event()
+    if not speed > 0:
+        raise ValueError(f"speed must be > 0, not {speed}")
     info = pylsl.StreamInfo(name, stream_type, len(rec.labels), rec.fs, pylsl.cf_float32,
                             f"{name}-replay")
     chans = info.desc().append_child("channels")
@@ -62,10 +69,11 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
             break
         n = min(n_chunk, total - i)
         t_last = t0 + (k + n - 1) / rec.fs
-        wait = t_last - pylsl.local_clock()
+        t_push = t0 + (k + n - 1) / rec.fs / speed
+        wait = t_push - pylsl.local_clock()
         if wait > 0.002:
             time.sleep(wait - 0.001)
-        while pylsl.local_clock() < t_last:
+        while pylsl.local_clock() < t_push:
             time.sleep(0.0001)
         outlet.push_chunk(span[i:i + n], t_last)
         k += n
@@ -75,7 +83,7 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
 
 
 def play_markers(track: MarkerTrack, *, t0: float, first_timestamp: float,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, speed: float = 1.0) -> None:
     """Push a marker track at its recorded times (shifted so the recording starts at t0)."""
     stop = stop or threading.Event()
     info = pylsl.StreamInfo(track.name, track.stype, 1, pylsl.IRREGULAR_RATE,
@@ -83,8 +91,9 @@ def play_markers(track: MarkerTrack, *, t0: float, first_timestamp: float,
     outlet = pylsl.StreamOutlet(info)
     for text, ts in zip(track.markers, track.timestamps, strict=True):
         when = t0 + (float(ts) - first_timestamp)
-        while not stop.is_set() and pylsl.local_clock() < when:
-            stop.wait(min(0.01, max(0.0, when - pylsl.local_clock())))
+        push_at = t0 + (float(ts) - first_timestamp) / speed
+        while not stop.is_set() and pylsl.local_clock() < push_at:
+            stop.wait(min(0.01, max(0.0, push_at - pylsl.local_clock())))
         if stop.is_set():
             return
         outlet.push_sample([text], when)

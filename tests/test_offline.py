@@ -1,0 +1,136 @@
+"""Offline mode: deterministic, independent of chunking, and the decisions the live
+service makes on the same samples (and a replay of its session recording makes too)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pylsl
+import pytest
+
+from closedloop.config import load_config
+from closedloop.config.schema import Config
+from closedloop.control.service import ClosedLoopService
+from closedloop.recording.events import read_events
+from closedloop.replay.offline import run_offline
+from closedloop.replay.player import play
+from closedloop.replay.recording import Recording, load_edf, load_xdf
+from tests.conftest import need_data, unique
+
+SECONDS = 25.0
+
+
+def eegmat(seconds: float) -> Recording:
+    rec = load_edf(need_data("eeg", "eegmat", "Subject19_1.edf"))
+    n = int(seconds * rec.fs)
+    return Recording(data=rec.data[:n], labels=rec.labels, fs=rec.fs, unit=rec.unit,
+                     source=rec.source)
+
+
+def cfg_for(name: str, tmp: Path, *extra: str) -> Config:
+    return load_config(None, [
+        f'streams.eeg.name="{name}"', "streams.eeg.dejitter=false",
+        'phase.reference=["F3", "T3", "Cz", "P3"]', "phase.deterministic=true",
+        "phase.update_interval_ms=10", "stimulator.arm_on_start=true", "trigger.jitter_s=0.3",
+        "trigger.seed=1", "trigger.min_interval_s=1.2", "safety.min_interval_s=1.0",
+        f'recording.events="{tmp / "events.jsonl"}"', 'recording.marker_stream=""',
+        f'stimulator.coil_stream="{unique("coil")}"', *extra])
+
+
+def test_offline_is_deterministic_and_independent_of_chunking(tmp_path: Path) -> None:
+    rec = eegmat(40.0)
+    cfg = cfg_for("x", tmp_path)
+    a = run_offline(cfg, rec, chunk_ms=10.0)
+    b = run_offline(cfg, rec, chunk_ms=10.0)
+    c = run_offline(cfg, rec, chunk_ms=7.0)  # an amplifier with other chunks
+    d = run_offline(cfg, rec, chunk_ms=40.0)
+    assert a.fingerprint == b.fingerprint == c.fingerprint == d.fingerprint
+    assert len(a.pulses) >= 10
+    assert np.all(np.diff([p["lsl_time"] for p in a.pulses]) >= cfg.trigger.min_interval_s)
+    # without the deterministic grid, the chunking changes the decisions
+    loose = load_config(None, ['phase.reference=["F3", "T3", "Cz", "P3"]', "trigger.seed=1"])
+    assert run_offline(loose, rec, chunk_ms=10.0).fingerprint != \
+        run_offline(loose, rec, chunk_ms=7.0).fingerprint
+
+
+async def _live(rec: Recording, name: str, cfg: Config, *, t0: float) -> None:
+    stop = threading.Event()
+    th = threading.Thread(target=play, kwargs={"rec": rec, "name": name, "chunk_ms": 10.0,
+                                               "t0": t0, "stop": stop}, daemon=True)
+    th.start()
+    service = ClosedLoopService(cfg)
+    done = asyncio.Event()
+    task = asyncio.create_task(service.run(done))
+    try:
+        await asyncio.sleep(t0 - pylsl.local_clock() + rec.duration_s + 0.3)
+    finally:
+        done.set()
+        stop.set()
+        await task
+
+
+def _compare(live: list[dict[str, Any]], t0: float, offline: list[dict[str, Any]]) -> float:
+    """Align (LSL's clock correction shifts the live timestamps by a few µs), then check
+    that the decisions are the same ones; return the shift."""
+    assert live
+    shift = float(np.median([
+        d["estimate_lsl_time"] - min(offline, key=lambda o: abs(
+            o["estimate_lsl_time"] - d["estimate_lsl_time"]))["estimate_lsl_time"]
+        for d in live]))
+    assert abs(shift) < 0.001
+    first, last = live[0]["crossing_lsl_time"], live[-1]["crossing_lsl_time"]
+    window = [o for o in offline if first - shift - 1e-3 <= o["crossing_lsl_time"]
+              <= last - shift + 1e-3]
+    # one to one: the same crossings (to 50 µs: the clock correction drifts by a few µs),
+    # each fired or refused for the same reason
+    assert len(live) == len(window)
+    for d, o in zip(live, window, strict=True):
+        assert abs((d["crossing_lsl_time"] - shift) - o["crossing_lsl_time"]) < 5e-5, (d, o)
+        assert (d["fire"], d["reason"]) == (o["fire"], o["reason"]), (d, o)
+    return shift
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_live_replay_and_offline_make_the_same_decisions(tmp_path: Path) -> None:
+    rec = eegmat(SECONDS)
+    name_a = unique("eeg-a")
+    xdf = tmp_path / "a" / "session.xdf"
+    (tmp_path / "a").mkdir()
+    cfg_a = cfg_for(name_a, tmp_path / "a", f'recording.xdf="{xdf}"')
+    t0 = pylsl.local_clock() + 2.0
+    await _live(rec, name_a, cfg_a, t0=t0)
+    live_a = [e for e in read_events(tmp_path / "a" / "events.jsonl")
+              if e["event"] == "decision"]
+    offline = run_offline(cfg_a, rec, t0=t0)
+    _compare(live_a, t0, offline.decisions)
+    fired = [d for d in live_a if d["fire"]]
+    assert len(fired) >= 8
+
+    # the session recording, replayed over LSL into a second instance
+    session = load_xdf(xdf).first("EEG")
+    assert session.data.shape[1] == rec.data.shape[1]
+    (tmp_path / "b").mkdir()
+    name_b = unique("eeg-b")
+    cfg_b = cfg_for(name_b, tmp_path / "b")
+    t0_b = pylsl.local_clock() + 2.0
+    await _live(session, name_b, cfg_b, t0=t0_b)
+    live_b = [e for e in read_events(tmp_path / "b" / "events.jsonl")
+              if e["event"] == "decision"]
+    # the recording starts at the first sample the first instance used
+    offline_b = run_offline(cfg_b, session, t0=t0_b)
+    _compare(live_b, t0_b, offline_b.decisions)
+    # and they are the first instance's decisions, relative to the data
+    base_a = session.first_timestamp
+    b_by_time = [(d["crossing_lsl_time"] - t0_b, d["fire"], d["reason"]) for d in live_b]
+    overlap = [d for d in live_a if b_by_time[0][0] - 1e-3 <= d["crossing_lsl_time"] - base_a
+               <= b_by_time[-1][0] + 1e-3]
+    assert len(overlap) >= 0.9 * len(live_a)
+    for d, (t_b, fire_b, reason_b) in zip(overlap, b_by_time, strict=False):
+        assert abs(d["crossing_lsl_time"] - base_a - t_b) < 1e-4
+        assert (d["fire"], d["reason"]) == (fire_b, reason_b)

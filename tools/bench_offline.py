@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Speed of the offline mode (``closedloop offline``), printed as JSON.
+
+Runs the decision pipeline over (a) 120 s of simulated EEG, 64 channels at 1000 Hz (the
+target: at least 50x real time), with each estimator, and (b) a real EEGMAT recording
+(``../shared/data``, when present), and checks that two runs give the same fingerprint.
+
+Usage: ``python tools/bench_offline.py [--seconds 120]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from closedloop.config.load import load_config  # noqa: E402
+from closedloop.replay.offline import run_offline  # noqa: E402
+from closedloop.replay.recording import Recording, load_edf  # noqa: E402
+from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: E402
+
+DATA = Path(os.environ.get("CLOSEDLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def simulated(seconds: float, fs: float = 1000.0) -> Recording:
+    gen = EegGenerator(EegSimParams(fs=fs), np.random.default_rng(7))
+    block = gen.generate(int(seconds * fs))
+    return Recording(data=block.data.astype(np.float64), labels=LABELS_10_10_64, fs=fs,
+                     unit="uV", source="simulated")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=120.0)
+    args = ap.parse_args()
+    out: dict[str, Any] = {}
+    rec = simulated(args.seconds)
+    for est in ("ar", "echt"):
+        cfg = load_config(None, [f'phase.estimator="{est}"', "trigger.amplitude_percentile=50",
+                                 "trigger.seed=1"])
+        a = run_offline(cfg, rec)
+        b = run_offline(cfg, rec)
+        out[f"simulated_64ch_1000Hz_{est}"] = {**a.summary(),
+                                               "repeat_same_fingerprint":
+                                               a.fingerprint == b.fingerprint}
+    edf = DATA / "eeg" / "eegmat" / "Subject19_1.edf"
+    if edf.exists():
+        real = load_edf(edf)
+        cfg = load_config(None, ['phase.reference=["F3", "T3", "Cz", "P3"]', "trigger.seed=1"])
+        r = run_offline(cfg, real)
+        out["eegmat_subject19_500Hz_ar"] = {**r.summary(), "channels": len(real.labels)}
+    out["target_speed_x"] = 50
+    out["met"] = all(v["speed_x"] >= 50 for k, v in out.items()
+                     if k.startswith("simulated"))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
