@@ -134,3 +134,26 @@ async def test_live_replay_and_offline_make_the_same_decisions(tmp_path: Path) -
     for d, (t_b, fire_b, reason_b) in zip(overlap, b_by_time, strict=False):
         assert abs(d["crossing_lsl_time"] - base_a - t_b) < 1e-4
         assert (d["fire"], d["reason"]) == (fire_b, reason_b)
+
+
+def test_offline_cli_on_a_recording(tmp_path: Path) -> None:
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from closedloop.cli import main  # noqa: PLC0415
+    from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: PLC0415
+
+    block = EegGenerator(EegSimParams(fs=1000.0), np.random.default_rng(3)).generate(20_000)
+    npz = tmp_path / "sim.npz"
+    np.savez(npz, data=block.data, labels=np.array(LABELS_10_10_64), fs=1000.0)
+    out = io.StringIO()
+    decisions = tmp_path / "decisions.jsonl"
+    with contextlib.redirect_stdout(out):
+        rc = main(["offline", str(npz), "--decisions", str(decisions), "--set",
+                   "phase.deterministic=true", "--set", "phase.update_interval_ms=10"])
+    summary = json.loads(out.getvalue())
+    assert rc == 0 and summary["seconds"] == 20.0 and summary["fired"] >= 3
+    assert len(summary["fingerprint"]) == 64 and summary["speed_x"] > 1
+    lines = [json.loads(line) for line in decisions.read_text().splitlines()]
+    assert sum(1 for e in lines if e["event"] == "pulse") == summary["pulses"]

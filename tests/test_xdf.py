@@ -104,3 +104,35 @@ def test_replay_argument_errors_are_named(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=60, check=False)
         assert bad.returncode == 2
         assert "--stop must be after --start" in bad.stderr
+
+
+@pytest.mark.lsl
+def test_replay_at_speed_keeps_the_recordings_time_base() -> None:
+    import threading  # noqa: PLC0415
+
+    from closedloop.replay.player import play  # noqa: PLC0415
+    from closedloop.replay.recording import Recording  # noqa: PLC0415
+
+    fs = 500.0
+    rec = Recording(data=np.arange(2000.0)[:, None], labels=("C3",), fs=fs, unit="uV",
+                    source="mem")
+    name = unique("speed")
+    t0 = pylsl.local_clock() + 1.0
+    th = threading.Thread(target=play, kwargs={"rec": rec, "name": name, "t0": t0,
+                                               "speed": 4.0}, daemon=True)
+    th.start()
+    info = pylsl.resolve_byprop("name", name, 1, 5.0)[0]
+    inlet = pylsl.StreamInlet(info, max_buflen=10)
+    inlet.open_stream(3.0)
+    got_v: list[float] = []
+    got_t: list[float] = []
+    while len(got_v) < 2000 and pylsl.local_clock() < t0 + 3.0:
+        data, ts = inlet.pull_chunk(timeout=0.1)
+        got_v += [d[0] for d in data]
+        got_t += ts
+    th.join(2.0)
+    # 4 s of data in about 1 s of wall time, stamped on the recording's own time base
+    assert len(got_v) == 2000 and got_v[:3] == [0.0, 1.0, 2.0]
+    assert pylsl.local_clock() < t0 + 2.5
+    assert np.allclose(np.diff(got_t), 1.0 / fs, atol=1e-6)
+    assert got_t[-1] - got_t[0] == pytest.approx(1999 / fs, abs=1e-4)
