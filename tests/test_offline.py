@@ -73,25 +73,42 @@ async def _live(rec: Recording, name: str, cfg: Config, *, t0: float) -> None:
         await task
 
 
-def _compare(live: list[dict[str, Any]], t0: float, offline: list[dict[str, Any]]) -> float:
-    """Align (LSL's clock correction shifts the live timestamps by a few µs), then check
-    that the decisions are the same ones; return the shift."""
-    assert live
-    shift = float(np.median([
-        d["estimate_lsl_time"] - min(offline, key=lambda o: abs(
-            o["estimate_lsl_time"] - d["estimate_lsl_time"]))["estimate_lsl_time"]
-        for d in live]))
-    assert abs(shift) < 0.001
-    first, last = live[0]["crossing_lsl_time"], live[-1]["crossing_lsl_time"]
-    window = [o for o in offline if first - shift - 1e-3 <= o["crossing_lsl_time"]
-              <= last - shift + 1e-3]
-    # one to one: the same crossings (to 50 µs: the clock correction drifts by a few µs),
-    # each fired or refused for the same reason
-    assert len(live) == len(window)
-    for d, o in zip(live, window, strict=True):
-        assert abs((d["crossing_lsl_time"] - shift) - o["crossing_lsl_time"]) < 5e-5, (d, o)
+def _same_decisions(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Check that ``b``'s decisions are ``a``'s, over the span both cover.
+
+    The time bases differ (a replay starts at another LSL time; LSL's clock correction
+    moves live timestamps by up to a few hundred µs, re-estimated every few seconds), so
+    decisions are paired by the update they were made at (estimate times, updates are
+    10 ms apart, aligned by the shift that pairs the most); then each pair must be the
+    same decision: the same crossing relative to its estimate (to 5 µs), fired or refused
+    for the same reason, one to one.
+    """
+    assert a and b
+    ea = np.array([d["estimate_lsl_time"] for d in a])
+    eb = np.array([d["estimate_lsl_time"] for d in b])
+
+    def pairs(shift: float) -> np.ndarray:
+        i = np.clip(np.searchsorted(ea, eb + shift), 1, len(ea) - 1)
+        j = np.where(np.abs(ea[i] - eb - shift) < np.abs(ea[i - 1] - eb - shift), i, i - 1)
+        return np.where(np.abs(ea[j] - eb - shift) < 2e-3, j, -1)
+
+    shift = max((x - y for x in ea[:30] for y in eb[:30]),
+                key=lambda s: int(np.sum(pairs(s) >= 0)))
+    paired = pairs(shift)
+    eb_a = eb + shift  # b's estimate times on a's clock
+    keep_a = (ea >= eb_a[0] - 2e-3) & (ea <= eb_a[-1] + 2e-3)
+    keep_b = (eb_a >= ea[0] - 2e-3) & (eb_a <= ea[-1] + 2e-3)
+    assert np.sum(keep_b) >= 0.9 * len(b) and np.sum(keep_a) >= 0.5 * len(a)
+    matched = paired[keep_b]
+    assert np.all(matched >= 0) and len(set(matched)) == int(np.sum(keep_a)), (
+        int(np.sum(matched < 0)), len(set(matched)), int(np.sum(keep_a)))
+    for o, k in zip([d for d, kb in zip(b, keep_b, strict=True) if kb], matched,
+                    strict=True):
+        d = a[k]
+        rel_a = d["crossing_lsl_time"] - d["estimate_lsl_time"]
+        rel_b = o["crossing_lsl_time"] - o["estimate_lsl_time"]
+        assert abs(rel_a - rel_b) < 5e-6, (d, o)
         assert (d["fire"], d["reason"]) == (o["fire"], o["reason"]), (d, o)
-    return shift
 
 
 @pytest.mark.lsl
@@ -108,7 +125,7 @@ async def test_live_replay_and_offline_make_the_same_decisions(tmp_path: Path) -
     live_a = [e for e in read_events(tmp_path / "a" / "events.jsonl")
               if e["event"] == "decision"]
     offline = run_offline(cfg_a, rec, t0=t0)
-    _compare(live_a, t0, offline.decisions)
+    _same_decisions(offline.decisions, live_a)
     fired = [d for d in live_a if d["fire"]]
     assert len(fired) >= 8
 
@@ -124,16 +141,10 @@ async def test_live_replay_and_offline_make_the_same_decisions(tmp_path: Path) -
               if e["event"] == "decision"]
     # the recording starts at the first sample the first instance used
     offline_b = run_offline(cfg_b, session, t0=t0_b)
-    _compare(live_b, t0_b, offline_b.decisions)
-    # and they are the first instance's decisions, relative to the data
-    base_a = session.first_timestamp
-    b_by_time = [(d["crossing_lsl_time"] - t0_b, d["fire"], d["reason"]) for d in live_b]
-    overlap = [d for d in live_a if b_by_time[0][0] - 1e-3 <= d["crossing_lsl_time"] - base_a
-               <= b_by_time[-1][0] + 1e-3]
-    assert len(overlap) >= 0.9 * len(live_a)
-    for d, (t_b, fire_b, reason_b) in zip(overlap, b_by_time, strict=False):
-        assert abs(d["crossing_lsl_time"] - base_a - t_b) < 1e-4
-        assert (d["fire"], d["reason"]) == (fire_b, reason_b)
+    _same_decisions(offline_b.decisions, live_b)
+    # and they are the first instance's decisions: the same crossings of the same data
+    assert len(live_b) >= 0.9 * len(live_a)
+    _same_decisions(live_a, live_b)
 
 
 def test_offline_cli_on_a_recording(tmp_path: Path) -> None:

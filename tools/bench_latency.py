@@ -160,6 +160,9 @@ def main() -> None:
                     help="phase.estimator of the service")
     ap.add_argument("--no-budget", action="store_true",
                     help="skip the latency-budget configuration (5000 Hz, 4 EMG, MQTT on)")
+    ap.add_argument("--grid-ms", type=float, default=10.0,
+                    help="also run the budget with phase.deterministic on this update grid "
+                    "(0: skip)")
     ap.add_argument("--pusher", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--emg-channels", type=int, default=0, help=argparse.SUPPRESS)
@@ -181,8 +184,14 @@ def main() -> None:
                         f"mqtt.port={broker.port}", "mqtt.metrics_interval_s=1")
                 res = await measure(5000.0, args.seconds, args.chunk_ms, (*est, *mqtt),
                                     emg_channels=4)
-            out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on",
-                        **res})
+                out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on",
+                            **res})
+                if args.grid_ms > 0:
+                    grid = ("phase.deterministic=true", f"phase.update_interval_ms={args.grid_ms}")
+                    res = await measure(5000.0, args.seconds, args.chunk_ms,
+                                        (*est, *mqtt, *grid), emg_channels=4)
+                    out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on, "
+                                f"deterministic {args.grid_ms:g} ms update grid", **res})
         return out
 
     results = asyncio.run(run_all())

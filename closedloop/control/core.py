@@ -68,6 +68,7 @@ class DecisionCore:
         self._warm_at = math.inf  # data time from which the gate's percentile is trusted
         self._recompute_at = -math.inf
         self._next_grid = math.inf
+        self._grid_origin = math.inf
         self.set_config(cfg)
 
     def set_config(self, cfg: Config) -> None:
@@ -87,34 +88,45 @@ class DecisionCore:
         self.unit = unit_for(cfg.stimulation)
 
     def begin(self, first_sample_time: float) -> None:
-        """The first sample's time: the gate's warm-up is counted from it."""
+        """The first sample's time: the gate's warm-up is counted from it, and the
+        deterministic update grid starts at it (so it is the same for a recording and
+        its replay, whatever their absolute times)."""
         if not math.isfinite(self._warm_at):
             self._warm_at = first_sample_time + AMPLITUDE_WARMUP_S
+        if not math.isfinite(self._grid_origin):
+            self._grid_origin = first_sample_time
 
     def segments(self, ts: npt.NDArray[np.float64], offset_s: float
                  ) -> list[tuple[int, int, bool]]:
         """How to feed a chunk with timestamps ``ts``: ``(start, end, update_after)``.
 
         Normally one segment, with an update when one is due at its newest sample. With
-        ``phase.deterministic`` the chunk is cut after the first sample at or after each
-        multiple of the update interval (in the data's time), with an update there, so the
-        updates do not depend on how the samples were chunked.
+        ``phase.deterministic`` the chunk is cut after the sample nearest each multiple of
+        the update interval from the first sample (in the data's time), with an update
+        there, so the updates do not depend on how the samples were chunked.
         """
         n = len(ts)
         if not self.deterministic:
             return [(0, n, self.due(float(ts[-1]) + offset_s))]
         grid = self.interval_s
         t = ts + offset_s
+        if not math.isfinite(self._grid_origin):
+            self._grid_origin = float(t[0])
+        origin = self._grid_origin
+        half = 0.5 / self.tracker.fs_in
         if not math.isfinite(self._next_grid):
-            self._next_grid = math.ceil(float(t[0]) / grid) * grid
+            self._next_grid = origin + math.ceil((float(t[0]) - half - origin) / grid) * grid
         out: list[tuple[int, int, bool]] = []
         start = 0
         while True:
-            idx = int(np.searchsorted(t, self._next_grid - 1e-9, side="left"))
+            # the sample nearest the grid point (timestamps may jitter by some µs: LSL's
+            # clock correction), known as soon as it arrives
+            idx = int(np.searchsorted(t, self._next_grid - half, side="left"))
             if idx >= n:
                 break
-            end = idx + 1  # the first sample at or after the grid point: known at once
-            self._next_grid = (math.floor(float(t[idx]) / grid + 1e-6) + 1) * grid
+            end = idx + 1
+            k = math.floor((float(t[idx]) + half - origin) / grid) + 1
+            self._next_grid = origin + k * grid
             if end > start:
                 out.append((start, end, True))
                 self.last_update = float(t[idx])

@@ -144,6 +144,7 @@ class ClosedLoopService:
         self._heartbeat = time.monotonic()
         self._watchdog_trip: float | None = None  # how long the loop had stalled
         self._watchdog_stop = threading.Event()
+        self._result_tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> ServiceStats:
@@ -315,6 +316,8 @@ class ClosedLoopService:
             self.scheduler.cancel("shutdown")
             await asyncio.to_thread(self.scheduler.stop)
         await asyncio.sleep(0)  # deliver outcomes queued by the fire thread
+        if self._result_tasks:  # protocol results still being computed
+            await asyncio.gather(*self._result_tasks, return_exceptions=True)
         if self.log is not None and self.stim is not None:
             self._event("disarmed", by="shutdown")
         if self.meps is not None:
@@ -373,7 +376,9 @@ class ClosedLoopService:
         offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
         core = DecisionCore(cfg, tracker, latency_s=self.stim.latency_s, rng=self._rng)
         self.core = core
-        pos = ring.count
+        # from the oldest sample received (as the session recording does): the filters warm
+        # up on it, and a replay of the recording meets the same first sample
+        pos = max(0, ring.count - ring.capacity)
         calibrated = tracker.band is not None
         perf = time.perf_counter_ns
         clock_bad = False
@@ -402,6 +407,7 @@ class ClosedLoopService:
             if not len(rd.timestamps):
                 continue
             core.begin(float(rd.timestamps[0]) + offset_s)
+            chunk_newest = float(rd.timestamps[-1]) + offset_s  # when the chunk was stamped
             if self.cfg is not cfg:  # settings changed while running
                 cfg = self.cfg
                 core.set_config(cfg)
@@ -454,7 +460,7 @@ class ClosedLoopService:
                                        busy=scheduler.busy)
                 t_d = perf()
                 t_decided = pylsl.local_clock()
-                self.stats.chunk_to_decision_ms.add((t_decided - newest) * 1000.0)
+                self.stats.chunk_to_decision_ms.add((t_decided - chunk_newest) * 1000.0)
                 self.stats.update_cost_us.add((t_d - t_a) / 1000.0)
                 if decision is None:
                     continue
@@ -469,13 +475,14 @@ class ClosedLoopService:
                         "target_phase_deg": cfg.trigger.target_phase_deg,
                         "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
                         "estimate_lsl_time": est.lsl_time, "decision_lsl_time": t_decided,
-                        "chunk_lsl_time": newest, "freq_hz": round(est.freq_hz, 3),
+                        "chunk_lsl_time": chunk_newest, "freq_hz": round(est.freq_hz, 3),
                         "band_amplitude": round(amp, 3), "stages_us": stages,
                     }
                     req = PulseRequest(self._request_id, decision.fire_time, context,
                                        self.unit.offsets)
                     if scheduler.submit(req):
-                        self.stats.chunk_to_handoff_ms.add((pylsl.local_clock() - newest) * 1000)
+                        self.stats.chunk_to_handoff_ms.add(
+                            (pylsl.local_clock() - chunk_newest) * 1000)
                         core.scheduled(decision)
                     else:
                         reason = "scheduler_busy"
@@ -603,6 +610,8 @@ class ClosedLoopService:
                     f"{_RECONNECT_S:g} s, arm again when it is back")
         self.stats.refused["stimulator_fault"] += 1
         self._next_reconnect = time.monotonic() + _RECONNECT_S
+        if self._protocol is not None:
+            self.stop_protocol(by="stimulator_fault")
 
     async def _reconnect_stimulator(self) -> None:
         """Close and reopen a faulted driver; the operator must arm again."""
@@ -679,6 +688,8 @@ class ClosedLoopService:
                     action="arm again when the cause is known")
                 self._watchdog_trip = None
                 self.stats.refused["watchdog"] += 1
+                if self._protocol is not None:
+                    self.stop_protocol(by="watchdog")
             self._poll_meps()
             if time.monotonic() >= self._next_reconnect and self.stim is not None:
                 await self._reconnect_stimulator()
@@ -880,15 +891,23 @@ class ClosedLoopService:
         mep: MepProtocol = proto["mep"]
         mep.record(proto["plan"], rec.measure.p2p_uv)
         if mep.done:
-            try:
-                result = mep.result()
-            except ValueError as exc:
-                result = {"error": str(exc)}
-            self.stats.protocol_results.append({"protocol": proto["name"], **result})
-            self._event("protocol_result", protocol=proto["name"], **result)
             self.stop_protocol(by="protocol_complete")
+            # the final fit (a bootstrap, hundreds of ms) runs in a worker thread: the EEG
+            # pipeline on this loop must not stall
+            assert self._loop is not None
+            task = self._loop.create_task(self._protocol_result(proto["name"], mep))
+            self._result_tasks.add(task)
+            task.add_done_callback(self._result_tasks.discard)
         else:
             self._protocol_next()
+
+    async def _protocol_result(self, name: str, mep: MepProtocol) -> None:
+        try:
+            result = await asyncio.to_thread(mep.result)
+        except ValueError as exc:
+            result = {"error": str(exc)}
+        self.stats.protocol_results.append({"protocol": name, **result})
+        self._event("protocol_result", protocol=name, **result)
 
     def stop_protocol(self, *, by: str) -> None:
         """Stop the running protocol (if any) and disarm."""

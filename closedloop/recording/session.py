@@ -49,11 +49,11 @@ class SessionRecorder:
 
     def add_stream(self, stream_id: int, ring: RingBuffer, summary: StreamSummary,
                    stype: str, labels: Sequence[str] | None = None) -> None:
-        """Record a ring from its current position on."""
+        """Record a ring from its oldest retained sample on (the pipeline starts there too)."""
         with self._lock:
             self._writer.add_stream(stream_id, name=summary.name, stype=stype,
                                     labels=labels or summary.labels, rate_hz=summary.rate_hz)
-            self._sources.append((stream_id, ring, ring.count))
+            self._sources.append((stream_id, ring, max(0, ring.count - ring.capacity)))
 
     def event(self, kind: str, fields: dict[str, Any]) -> None:
         """A service listener: queue one event (never blocks)."""

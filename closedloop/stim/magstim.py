@@ -45,15 +45,13 @@ Magstim serial documentation it cites; they are tested against the emulator in
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from typing import Any, Literal
 
 import pylsl
 
 from closedloop.errors import StimulatorError
-from closedloop.stim.base import DriverBase
-from closedloop.stim.serial_link import SerialLink, wire_time_s
+from closedloop.stim.serial_link import SerialDriver, SerialLink, wire_time_s
 from closedloop.stim.ttl import TtlLine
 
 __all__ = ["MagstimStimulator", "crc", "frame"]
@@ -84,8 +82,10 @@ def _bit(status: int, bit: int) -> bool:
     return bool(status >> bit & 1)
 
 
-class MagstimStimulator(DriverBase):
+class MagstimStimulator(SerialDriver):
     """A Magstim on a serial port (see the module docstring for the protocol)."""
+
+    watch_name = "keepalive"
 
     def __init__(self, *, port: str, model: Model = "200", keepalive_s: float = 0.5,
                  timeout_s: float = 0.3, unlock_code: str = "",
@@ -104,8 +104,6 @@ class MagstimStimulator(DriverBase):
         self.unlock_code = unlock_code
         self._status = 0
         self._params: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.keepalives = 0
 
     # -- protocol ----------------------------------------------------------------------
@@ -168,41 +166,18 @@ class MagstimStimulator(DriverBase):
             raise StimulatorError(f"{self.name}: no coil connected")
 
     # -- Stimulator --------------------------------------------------------------------
-    def open(self) -> None:
-        self.link.open()
-        try:
-            status, _ = self.command(*self._remote_command())
-            self._check_status(status)
-            self.read_parameters()
-            self.read_temperature()
-            if self.trigger is not None:
-                self.trigger.open()
-        except BaseException:
-            self.link.close()
-            raise
-        self.clear_fault()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._keepalive, name=f"{self.name}-keepalive",
-                                        daemon=True)
-        self._thread.start()
+    def _handshake(self) -> None:
+        status, _ = self.command(*self._remote_command())
+        self._check_status(status)
+        self.read_parameters()
+        self.read_temperature()
 
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
-            self._thread = None
-        if self.link.is_open:
-            with contextlib.suppress(StimulatorError):
-                self.command("E", "A")
-            with contextlib.suppress(StimulatorError):
-                self.command("R")
-        self._armed = False
-        self.link.close()
-        if self.trigger is not None:
-            with contextlib.suppress(StimulatorError):
-                self.trigger.close()
+    def _goodbye(self) -> None:
+        with contextlib.suppress(StimulatorError):
+            self.command("E", "A")
+        self.command("R")
 
-    def _keepalive(self) -> None:
+    def _watch(self) -> None:  # the keep-alive
         last_temp = time.monotonic()
         while not self._stop.wait(min(0.1, self.keepalive_s) if self._armed and not
                                   _bit(self._status, READY) else self.keepalive_s):

@@ -29,15 +29,12 @@ in particular is this project's reading of the protocol).
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any
 
 import pylsl
 
 from closedloop.errors import StimulatorError
-from closedloop.stim.base import DriverBase
-from closedloop.stim.serial_link import SerialLink, wire_time_s
+from closedloop.stim.serial_link import SerialDriver, SerialLink, wire_time_s
 from closedloop.stim.ttl import TtlLine
 
 __all__ = ["MagVentureStimulator", "crc8", "frame"]
@@ -66,11 +63,12 @@ def _u16(x: int) -> bytes:
     return bytes([x >> 8 & 0xFF, x & 0xFF])
 
 
-class MagVentureStimulator(DriverBase):
+class MagVentureStimulator(SerialDriver):
     """A MagPro on a serial port (see the module docstring for the protocol)."""
 
     name = "magventure"
     supports_paired = True
+    watch_name = "poll"
 
     def __init__(self, *, port: str, timeout_s: float = 0.3, poll_s: float = 1.0,
                  trigger: TtlLine | None = None, latency_s: float | None = None) -> None:
@@ -81,8 +79,6 @@ class MagVentureStimulator(DriverBase):
         super().__init__(known if latency_s is None else latency_s)
         self.poll_s = poll_s
         self._state: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.polls = 0
 
     # -- protocol ----------------------------------------------------------------------
@@ -137,36 +133,13 @@ class MagVentureStimulator(DriverBase):
                 "ba_ratio": int.from_bytes(b[8:10], "big") / 100.0}
 
     # -- Stimulator --------------------------------------------------------------------
-    def open(self) -> None:
-        self.link.open()
-        try:
-            self.read_status()
-            if self.trigger is not None:
-                self.trigger.open()
-        except BaseException:
-            self.link.close()
-            raise
-        self.clear_fault()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name=f"{self.name}-poll",
-                                        daemon=True)
-        self._thread.start()
+    def _handshake(self) -> None:
+        self.read_status()
 
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
-            self._thread = None
-        if self.link.is_open:
-            with contextlib.suppress(StimulatorError):
-                self.request(b"\x02\x00", None)
-        self._armed = False
-        self.link.close()
-        if self.trigger is not None:
-            with contextlib.suppress(StimulatorError):
-                self.trigger.close()
+    def _goodbye(self) -> None:
+        self.request(b"\x02\x00", None)
 
-    def _poll(self) -> None:
+    def _watch(self) -> None:  # the status poll
         while not self._stop.wait(self.poll_s):
             try:
                 st = self.read_status()

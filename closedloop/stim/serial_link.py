@@ -14,12 +14,17 @@ import termios
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import serial
 
-from closedloop.errors import StimulatorError
+if TYPE_CHECKING:
+    from closedloop.stim.ttl import TtlLine
 
-__all__ = ["SerialLink", "wire_time_s"]
+from closedloop.errors import StimulatorError
+from closedloop.stim.base import DriverBase
+
+__all__ = ["SerialDriver", "SerialLink", "wire_time_s"]
 
 # what a port that vanished raises (termios.error is not an OSError; pyserial raises
 # TypeError when the port is closed under a read by another thread)
@@ -135,3 +140,60 @@ class SerialLink:
                     f"{self.what}: cannot set {line.upper()} on {self.port!r}: {exc} "
                     "(pseudo-terminals and some USB adapters have no modem lines; use "
                     "line = \"byte\" with a serial trigger box)") from exc
+
+
+class SerialDriver(DriverBase):
+    """What the serial-port drivers share: open with a handshake, a watch thread (keep-alive
+    or status poll) that reports a fault, close with a goodbye, optional TTL trigger route.
+
+    Subclasses set ``link`` and ``trigger`` before calling ``super().__init__`` and define
+    :meth:`_handshake`, :meth:`_watch` (runs until ``self._stop`` is set) and
+    :meth:`_goodbye`.
+    """
+
+    link: SerialLink
+    trigger: TtlLine | None
+    watch_name = "watch"
+
+    def __init__(self, latency_s: float) -> None:
+        super().__init__(latency_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _handshake(self) -> None:
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        raise NotImplementedError
+
+    def _goodbye(self) -> None:
+        raise NotImplementedError
+
+    def open(self) -> None:
+        self.link.open()
+        try:
+            self._handshake()
+            if self.trigger is not None:
+                self.trigger.open()
+        except BaseException:
+            self.link.close()
+            raise
+        self.clear_fault()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch,
+                                        name=f"{self.name}-{self.watch_name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None
+        if self.link.is_open:
+            with contextlib.suppress(StimulatorError):
+                self._goodbye()
+        self._armed = False
+        self.link.close()
+        if self.trigger is not None:
+            with contextlib.suppress(StimulatorError):
+                self.trigger.close()
