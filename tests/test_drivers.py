@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -381,3 +382,15 @@ def test_keepalive_and_fire_share_the_port_safely(faults: list[str]) -> None:
         th.join()
         assert errors == [] and faults == []
         assert len(emu.fired) == fired >= 15
+
+
+def test_parallel_port_errors_are_clear(tmp_path: Path) -> None:
+    # no parallel port on these machines: the pulse path is untested, the errors are
+    with pytest.raises(StimulatorError, match=r"parport.*cannot open '/dev/parport9'"):
+        TtlStimulator(port="/dev/parport9", line="parport").open()
+    not_a_port = tmp_path / "parport"
+    not_a_port.write_bytes(b"")
+    drv = TtlStimulator(port=str(not_a_port), line="parport")
+    with pytest.raises(StimulatorError, match="cannot claim"):
+        drv.open()
+    drv.close()

@@ -193,8 +193,9 @@ class StimulatorConfig:
                                    "byte's wire time for a trigger box, the fire command's "
                                    "wire time for serial firing). Measure it on the bench.",
                                    lo=0.0, hi=100.0)
-    ttl_line: Literal["rts", "dtr", "byte"] = opt("rts", "ttl: the trigger line (byte = a "
-                                                  "serial trigger box)")
+    ttl_line: Literal["rts", "dtr", "byte", "parport"] = opt(
+        "rts", "ttl: the trigger line (byte = a serial trigger box; parport = a parallel "
+        "port's data lines, port = /dev/parportN)")
     ttl_pulse_width_ms: float = opt(1.0, "ttl: pulse width", lo=0.01, hi=100.0)
     ttl_code: int = opt(1, "ttl byte: the value written for a pulse", lo=1, hi=255)
     trigger_port: str = opt("", "magstim-*/magventure: fire through a TTL line on this "

@@ -15,12 +15,16 @@ set on the device by hand, and ``[stimulator] intensity_pct`` must say what it i
 what the safety gate checks). The serial drivers can use a :class:`TtlLine` as their
 trigger route (``trigger_port``) while they set intensity and arm over their own port.
 
-A parallel port is not supported yet.
+- ``parport``: a parallel port's data lines through Linux's ppdev (``/dev/parportN``):
+  the code on D0-D7, then 0 after the pulse width; no wire time. This route has not been
+  tried on a physical port (none on our machines); opening a missing port is tested.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import struct
 import threading
 import time
 from typing import Any, Literal
@@ -33,7 +37,57 @@ from closedloop.stim.serial_link import SerialLink, wire_time_s
 
 __all__ = ["TtlLine", "TtlStimulator"]
 
-Line = Literal["rts", "dtr", "byte"]
+Line = Literal["rts", "dtr", "byte", "parport"]
+
+# Linux ppdev ioctls (linux/ppdev.h): _IO('p', 0x8b), _IO('p', 0x8c), _IOW('p', 0x86, char)
+_PPCLAIM = 0x708B
+_PPRELEASE = 0x708C
+_PPWDATA = 0x40017086
+
+
+class ParallelPort:
+    """The data lines of a parallel port, through Linux's ppdev."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def open(self) -> None:
+        import fcntl  # noqa: PLC0415 - POSIX only
+
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            raise StimulatorError(f"ttl (parport): cannot open {self.path!r}: {exc}") from exc
+        try:
+            fcntl.ioctl(fd, _PPCLAIM)
+        except OSError as exc:
+            os.close(fd)
+            raise StimulatorError(f"ttl (parport): cannot claim {self.path!r}: {exc}") from exc
+        self._fd = fd
+
+    def write(self, value: int) -> None:
+        import fcntl  # noqa: PLC0415
+
+        if self._fd is None:
+            raise StimulatorError(f"ttl (parport): {self.path!r} is not open")
+        try:
+            fcntl.ioctl(self._fd, _PPWDATA, struct.pack("B", value))
+        except OSError as exc:
+            raise StimulatorError(f"ttl (parport): writing {self.path!r} failed: {exc}") from exc
+
+    def close(self) -> None:
+        import fcntl  # noqa: PLC0415
+
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, _PPRELEASE)
+            os.close(fd)
 
 
 class TtlLine:
@@ -41,14 +95,15 @@ class TtlLine:
 
     def __init__(self, port: str, *, line: Line, width_s: float, code: int = 1,
                  baud: int = 115200) -> None:
-        if line not in ("rts", "dtr", "byte"):
-            raise StimulatorError(f"ttl: line must be rts, dtr or byte, not {line!r}")
+        if line not in ("rts", "dtr", "byte", "parport"):
+            raise StimulatorError(f"ttl: line must be rts, dtr, byte or parport, not {line!r}")
         if not 0 < code < 256:
             raise StimulatorError(f"ttl: trigger code must be 1..255, not {code}")
         self.line = line
         self.width_s = width_s
         self.code = code
         self.link = SerialLink(port, baud=baud, timeout_s=0.5, what=f"ttl ({line})")
+        self.parport = ParallelPort(port) if line == "parport" else None
         self._lock = threading.Lock()
 
     @property
@@ -56,22 +111,34 @@ class TtlLine:
         """Delay from :meth:`pulse` to the rising edge that is known in advance."""
         return wire_time_s(1, self.link.baud) if self.line == "byte" else 0.0
 
+    @property
+    def is_open(self) -> bool:
+        return self.parport.is_open if self.parport is not None else self.link.is_open
+
     def open(self) -> None:
-        self.link.open()
+        if self.parport is not None:
+            self.parport.open()
+        else:
+            self.link.open()
         try:
             self._low()
         except StimulatorError:
-            self.link.close()
+            self.close()
             raise
 
     def close(self) -> None:
-        if self.link.is_open:
+        if self.is_open:
             with contextlib.suppress(StimulatorError):
                 self._low()
+        if self.parport is not None:
+            self.parport.close()
+        else:
             self.link.close()
 
     def _low(self) -> None:
-        if self.line == "byte":
+        if self.parport is not None:
+            self.parport.write(0)
+        elif self.line == "byte":
             self.link.write(b"\x00")
         else:
             self.link.set_line(self.line, False)
@@ -80,7 +147,9 @@ class TtlLine:
         """Raise the line, hold it ``width_s``, lower it; return when it was raised."""
         with self._lock:
             t = float(pylsl.local_clock())
-            if self.line == "byte":
+            if self.parport is not None:
+                self.parport.write(self.code)
+            elif self.line == "byte":
                 self.link.write(bytes([self.code]))
             else:
                 self.link.set_line(self.line, True)
@@ -113,7 +182,7 @@ class TtlStimulator(DriverBase):
         self.ttl.close()
 
     def arm(self) -> None:
-        if not self.ttl.link.is_open:
+        if not self.ttl.is_open:
             raise StimulatorError("ttl: not open")
         self._armed = True
 
