@@ -92,13 +92,29 @@ async def test_a_numeric_marker_stream_is_a_fault_but_not_a_stop(
 async def test_event_log_disk_full_stops_visibly(tmp_path: Path, pushers: list[Pusher]) -> None:
     eeg = unique("eeg")
     pushers.append(Pusher(eeg, LABELS, 1000.0, mu))
-    cfg = fast(tmp_path, eeg, 'recording.events="/dev/full"')
+    cfg = fast(tmp_path, eeg, 'recording.events="/dev/full"',
+               f'safety.day_counter_file="{tmp_path / "day.json"}"')
     service = ClosedLoopService(cfg)
     stop = asyncio.Event()
     with pytest.raises(ClosedLoopError, match=r"recording\.events: cannot write /dev/full"):
         await asyncio.wait_for(service.run(stop), 15)
     assert service.stim is not None
     assert not service.stim.armed
+
+
+async def test_session_recording_disk_full_stops_visibly(tmp_path: Path,
+                                                         pushers: list[Pusher]) -> None:
+    eeg = unique("eeg")
+    pushers.append(Pusher(eeg, LABELS, 1000.0, mu))
+    cfg = fast(tmp_path, eeg, 'recording.xdf="/dev/full"')
+    service = ClosedLoopService(cfg)
+    stop = asyncio.Event()
+    with pytest.raises(ClosedLoopError, match=r"recording\.xdf: cannot write /dev/full"):
+        await asyncio.wait_for(service.run(stop), 15)
+    assert service.stim is not None and not service.stim.armed
+    events = read_events(tmp_path / "events.jsonl")
+    assert events[-1]["event"] == "session_end"
+    assert "recording.xdf" in (events[-1]["error"] or "")
 
 
 async def test_an_exception_in_the_estimator_disarms_and_stops(

@@ -134,6 +134,6 @@ def test_replay_at_speed_keeps_the_recordings_time_base() -> None:
     th.join(2.0)
     # 4 s of data in about 1 s of wall time, stamped on the recording's own time base
     assert len(got_v) == 2000 and got_v[:3] == [0.0, 1.0, 2.0]
-    assert done_at < t0 + 3.0
+    assert done_at < t0 + 3.5  # in real time it would take 4 s
     assert np.allclose(np.diff(got_t), 1.0 / fs, atol=1e-6)
     assert got_t[-1] - got_t[0] == pytest.approx(1999 / fs, abs=1e-4)

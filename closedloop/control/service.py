@@ -166,7 +166,11 @@ class ClosedLoopService:
                        config_source=self.config_source, config=config_to_dict(cfg))
         watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
         try:
-            await self._start()
+            try:
+                await self._start()
+            except ClosedLoopError as exc:  # recorded (fault, session_end), then raised
+                self._fail(exc)
+                raise
             self.ready.set()
             self._heartbeat = time.monotonic()
             watchdog.start()
@@ -294,11 +298,15 @@ class ClosedLoopService:
                        processing_rate_hz=self.tracker.fs,
                        band_hz=list(self.tracker.band) if self.tracker.band else "auto")
         if cfg.recording.xdf:
-            self.recorder = SessionRecorder(cfg.recording.xdf)
-            assert self.eeg.ring is not None
-            self.recorder.add_stream(1, self.eeg.ring, eeg, "EEG")
-            if self.emg is not None and self.emg.ring is not None and self.emg.summary:
-                self.recorder.add_stream(2, self.emg.ring, self.emg.summary, "EMG")
+            try:
+                self.recorder = SessionRecorder(cfg.recording.xdf)
+                assert self.eeg.ring is not None
+                self.recorder.add_stream(1, self.eeg.ring, eeg, "EEG")
+                if self.emg is not None and self.emg.ring is not None and self.emg.summary:
+                    self.recorder.add_stream(2, self.emg.ring, self.emg.summary, "EMG")
+            except OSError as exc:
+                raise ClosedLoopError(f"recording.xdf: cannot write {cfg.recording.xdf}: "
+                                      f"{exc}") from exc
             self.add_listener(self.recorder.event)
             self.recorder.event("session_start", {"lsl_time": pylsl.local_clock(),
                                                   "version": __version__,
@@ -344,7 +352,8 @@ class ClosedLoopService:
                            error=str(self._fatal) if self._fatal else None)
             await asyncio.to_thread(self.log.close)
         if self.recorder is not None:
-            await asyncio.to_thread(self.recorder.close)
+            with contextlib.suppress(OSError):  # already reported (recording.xdf fault)
+                await asyncio.to_thread(self.recorder.close)
 
     # -- thread hand-offs --------------------------------------------------------------
     def _wake_from_thread(self) -> None:

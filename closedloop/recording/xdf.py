@@ -9,6 +9,7 @@ complete chunk. Files are read back with pyxdf (the reference reader).
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +37,14 @@ class XdfWriter:
 
     def __init__(self, path: str | Path) -> None:
         self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._fh.write(b"XDF:")
-        self._chunk(_FILE_HEADER, b'<?xml version="1.0"?><info><version>1.0</version></info>')
+        try:
+            self._fh.write(b"XDF:")
+            self._chunk(_FILE_HEADER,
+                        b'<?xml version="1.0"?><info><version>1.0</version></info>')
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._fh.close()  # a full disk: do not leave it to the garbage collector
+            raise
         self._streams: dict[int, dict[str, float | int | str]] = {}
 
     def _chunk(self, tag: int, content: bytes) -> None:
