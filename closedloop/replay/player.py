@@ -24,6 +24,8 @@ from closedloop.replay.recording import MarkerTrack, Recording
 
 __all__ = ["play", "play_markers"]
 
+_LINGER_S = 0.5
+
 
 def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float = 10.0,
          start_s: float = 0.0, duration_s: float | None = None, loop: bool = False,
@@ -79,6 +81,8 @@ def play(rec: Recording, *, name: str, stream_type: str = "EEG", chunk_ms: float
         k += n
         if on_progress is not None and k % max(1, int(rec.fs)) < n:  # about once a second
             on_progress(k / rec.fs)
+    # an outlet dropped at once takes its last chunks with it: give the inlets a moment
+    stop.wait(_LINGER_S)
     return t0
 
 
@@ -97,3 +101,4 @@ def play_markers(track: MarkerTrack, *, t0: float, first_timestamp: float,
         if stop.is_set():
             return
         outlet.push_sample([text], when)
+    stop.wait(_LINGER_S)  # as play(): the last marker must reach the inlets
