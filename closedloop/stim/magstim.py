@@ -48,8 +48,6 @@ import contextlib
 import time
 from typing import Any, Literal
 
-import pylsl
-
 from closedloop.errors import StimulatorError
 from closedloop.stim.serial_link import SerialDriver, SerialLink, wire_time_s
 from closedloop.stim.ttl import TtlLine
@@ -204,13 +202,8 @@ class MagstimStimulator(SerialDriver):
         self._check_status(status)
         self._armed = True
 
-    def disarm(self) -> None:
-        self._armed = False
-        if self.link.is_open and self._fault is None:
-            try:
-                self.command("E", "A")
-            except StimulatorError as exc:
-                self.report_fault(f"disarm: {exc}")
+    def _device_disarm(self) -> None:
+        self.command("E", "A")
 
     def set_intensity(self, pct: float) -> float:
         level = round(pct)
@@ -258,21 +251,13 @@ class MagstimStimulator(SerialDriver):
             raise StimulatorError(f"{self.name}: set train {want} but device reads {got}")
         return p
 
+    def _serial_fire(self) -> None:
+        self.command("E", "H")
+
     def fire(self) -> float:
-        if not self._armed:
-            raise StimulatorError(f"{self.name}: not armed")
-        if self.trigger is not None:
-            t_ttl = self.trigger.pulse() + self.latency_s
-            self._status &= ~(1 << READY)
-            return t_ttl
-        t = float(pylsl.local_clock())
-        try:
-            self.command("E", "H")
-        except StimulatorError as exc:
-            self.report_fault(f"fire: {exc}")
-            raise
+        t = super().fire()
         self._status &= ~(1 << READY)  # recharging: ready again when the device says so
-        return t + self.latency_s
+        return t
 
     def status(self) -> dict[str, Any]:
         s = self._status

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pylsl
-
 from closedloop.errors import StimulatorError
 from closedloop.stim.serial_link import SerialDriver, SerialLink, wire_time_s
 from closedloop.stim.ttl import TtlLine
@@ -162,13 +160,8 @@ class MagVentureStimulator(SerialDriver):
         self._set_enabled(True)
         self._armed = True
 
-    def disarm(self) -> None:
-        self._armed = False
-        if self.link.is_open and self._fault is None:
-            try:
-                self._set_enabled(False)
-            except StimulatorError as exc:
-                self.report_fault(f"disable: {exc}")
+    def _device_disarm(self) -> None:
+        self._set_enabled(False)
 
     def set_intensity(self, pct: float) -> float:
         level = round(pct)
@@ -228,18 +221,8 @@ class MagVentureStimulator(SerialDriver):
                                   f"reads {wf}")
         return wf
 
-    def fire(self) -> float:
-        if not self._armed:
-            raise StimulatorError(f"{self.name}: not armed")
-        if self.trigger is not None:
-            return self.trigger.pulse() + self.latency_s
-        t = float(pylsl.local_clock())
-        try:
-            self.request(b"\x03\x01", None)
-        except StimulatorError as exc:
-            self.report_fault(f"fire: {exc}")
-            raise
-        return t + self.latency_s
+    def _serial_fire(self) -> None:
+        self.request(b"\x03\x01", None)
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "port": self.link.port, "device": dict(self._state),

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pylsl
 import serial
 
 if TYPE_CHECKING:
@@ -147,8 +148,8 @@ class SerialDriver(DriverBase):
     or status poll) that reports a fault, close with a goodbye, optional TTL trigger route.
 
     Subclasses set ``link`` and ``trigger`` before calling ``super().__init__`` and define
-    :meth:`_handshake`, :meth:`_watch` (runs until ``self._stop`` is set) and
-    :meth:`_goodbye`.
+    :meth:`_handshake`, :meth:`_watch` (runs until ``self._stop`` is set), :meth:`_goodbye`,
+    :meth:`_device_disarm` and :meth:`_serial_fire`.
     """
 
     link: SerialLink
@@ -168,6 +169,34 @@ class SerialDriver(DriverBase):
 
     def _goodbye(self) -> None:
         raise NotImplementedError
+
+    def _device_disarm(self) -> None:
+        raise NotImplementedError
+
+    def _serial_fire(self) -> None:
+        raise NotImplementedError
+
+    def disarm(self) -> None:
+        self._armed = False
+        if self.link.is_open and self._fault is None:
+            try:
+                self._device_disarm()
+            except StimulatorError as exc:
+                self.report_fault(f"disarm: {exc}")
+
+    def fire(self) -> float:
+        """Fire through the TTL route when there is one, else the serial command."""
+        if not self._armed:
+            raise StimulatorError(f"{self.name}: not armed")
+        if self.trigger is not None:
+            return self.trigger.pulse() + self.latency_s
+        t = float(pylsl.local_clock())
+        try:
+            self._serial_fire()
+        except StimulatorError as exc:
+            self.report_fault(f"fire: {exc}")
+            raise
+        return t + self.latency_s
 
     def open(self) -> None:
         self.link.open()
