@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from closedloop import __version__
+from closedloop.blas import single_threaded_blas
 from closedloop.config.load import config_to_dict, load_config, parse_overrides
 from closedloop.errors import ClosedLoopError, ConfigError, ControlError
 
@@ -108,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="*", default=[], help="Hjorth reference channels")
     p.add_argument("--estimators", nargs="+", default=None)
     p.add_argument("--train-s", type=float, default=60.0,
-                   help="seconds that train ETP and give the peak; scored after them")
+                   help="seconds that train ETP and wiener and give the peak; scored after")
+    p.add_argument("--rhythm", choices=["alpha", "beta", "theta"], default="alpha",
+                   help="where the individual peak is looked for")
     p.add_argument("--json", dest="json_out", default=None, help="write the report here")
     p.add_argument("--png", dest="png_out", default=None, help="polar histogram PNG")
 
@@ -345,7 +348,7 @@ def _cmd_evaluate_phase(args: argparse.Namespace) -> int:
               f"{', '.join(ESTIMATORS)})", file=sys.stderr)
         return 2
     report = evaluate_file(Path(args.file), channel=args.channel, reference=args.reference,
-                           estimators=names, train_s=args.train_s,
+                           estimators=names, train_s=args.train_s, rhythm=args.rhythm,
                            json_out=Path(args.json_out) if args.json_out else None,
                            png_out=Path(args.png_out) if args.png_out else None)
     print(f"{report['file']}: {report['signal']}, peak {report['peak_hz']} Hz, SNR "
@@ -374,16 +377,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
               "the participant should sit still, eyes open, relaxed", flush=True)
         x, fs = record_live(cfg, args.seconds, progress=lambda s: print(
             f"  {s:.0f} s", end="\r", flush=True))
-    result = calibrate_signal(x, fs)
+    result = calibrate_signal(x, fs, cfg.phase.rhythm)
     print(f"peak {result['peak_hz']} Hz, SNR {result['snr_db']} dB; band "
           f"{result['band_hz'][0]:g}-{result['band_hz'][1]:g} Hz")
     for name, s in result["scores_amp_above_median"].items():
-        print(f"  {name:<5} circular SD {s['circ_sd_deg']}°, bias {s['bias_deg']}° "
+        print(f"  {name:<6} circular SD {s['circ_sd_deg']}°, bias {s['bias_deg']}° "
               "(amplitude above the median)")
     print(f"best: {result['estimator']}; {result['verdict']}")
     if args.out:
-        write_config(cfg, result, Path(args.out))
-        print(f"written: {args.out}")
+        model = write_config(cfg, result, Path(args.out), x, fs)
+        print(f"written: {args.out}" + (f" and {model}" if model else ""))
     print(json.dumps(result))
     return 0 if result["useful"] else 3
 
@@ -477,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [e for e in extra if e not in fields]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    single_threaded_blas()
     # keep liblsl's INFO chatter out of the terminal (a user's own LSLAPICFG wins)
     os.environ.setdefault("LSLAPICFG", str(Path(__file__).parent / "resources" / "lsl_api.cfg"))
     handlers = {"run": _cmd_run, "simulate": _cmd_simulate, "demo": _cmd_demo,

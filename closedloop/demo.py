@@ -241,6 +241,7 @@ def summarize(stats: ServiceStats, truth: list[dict[str, Any]], cfg: Config) -> 
         "update_cost_us": stats.update_cost_us.summary(),
         "samples_lost": stats.samples_lost,
         "calibration": stats.calibration,
+        "estimator": {"name": cfg.phase.estimator, **(stats.estimator or {})},
         "protocol_results": stats.protocol_results,
     }
 
@@ -260,6 +261,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         "",
         "== closedloop demo summary ==",
+        f"phase estimator:     {_estimator(s['estimator'])}",
         f"pulses fired:        {s['pulses_fired']}  (of {s['decisions']} decisions)",
         f"refused:             {refused}",
         f"phase error vs truth (target {_targets(s['target_phase_deg'])}): "
@@ -283,6 +285,16 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"round trips {m.get('round_trip_ms')} ms; messages seen "
                      f"{m.get('messages_seen')}")
     return "\n".join(lines)
+
+
+def _estimator(e: dict[str, Any]) -> str:
+    if e["name"] != "wiener":
+        return str(e["name"])
+    state = e.get("wiener", "collecting")
+    if state == "ready":
+        return (f"wiener (trained on this session's first seconds; expected circular SD "
+                f"{e['expected_sd_deg_above_median']}° above the median amplitude)")
+    return f"wiener: {state} (AR forward prediction until it is trained)"
 
 
 def _targets(t: float | list[float]) -> str:

@@ -124,11 +124,11 @@ async def test_an_exception_in_the_estimator_disarms_and_stops(
     calls = {"n": 0}
     real = PhaseTracker.estimate
 
-    def flaky(self: PhaseTracker):  # type: ignore[no-untyped-def]
+    def flaky(self: PhaseTracker, back: int = 0):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] > 300:
             raise FloatingPointError("injected")
-        return real(self)
+        return real(self, back)
 
     monkeypatch.setattr(PhaseTracker, "estimate", flaky)
     service = ClosedLoopService(fast(tmp_path, eeg))
@@ -169,3 +169,4 @@ async def test_eeg_clock_jump_blocks_decisions(tmp_path: Path, pushers: list[Pus
     assert not [t for t in pulses if marks["jump"] + 0.05 < t < marks["back"]]
     assert [t for t in pulses if t < marks["jump"]]
     assert [t for t in pulses if t > marks["back"]], "pulses resume once the clock is sane"
+

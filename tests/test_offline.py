@@ -168,3 +168,49 @@ def test_offline_cli_on_a_recording(tmp_path: Path) -> None:
     assert len(summary["fingerprint"]) == 64 and summary["speed_x"] > 1
     lines = [json.loads(line) for line in decisions.read_text().splitlines()]
     assert sum(1 for e in lines if e["event"] == "pulse") == summary["pulses"]
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_pulses_fired_live_land_as_accurately_as_offline(tmp_path: Path) -> None:
+    """The phase error of actual pulses, against the offline ground truth of the whole
+    recording: the live service on real EEG replayed over LSL (updates as chunks arrive,
+    the default estimator trained during the session) is no worse than the offline run of
+    the same configuration (same estimator, same gates), within noise."""
+    from closedloop.control.stats import circular_stats_deg  # noqa: PLC0415
+    from closedloop.phase.truth import ground_truth  # noqa: PLC0415
+
+    seconds = 80.0
+    rec = eegmat(seconds)
+    name = unique("eeg-phase")
+    cfg = load_config(None, [
+        f'streams.eeg.name="{name}"', "streams.eeg.dejitter=false",
+        'phase.reference=["F3", "T3", "Cz", "P3"]', "phase.calibration_s=20",
+        "stimulator.arm_on_start=true", "trigger.min_interval_s=1.0", "trigger.jitter_s=0.2",
+        "safety.min_interval_s=1.0", f'recording.events="{tmp_path / "events.jsonl"}"',
+        'recording.marker_stream=""', f'stimulator.coil_stream="{unique("coil")}"'])
+    t0 = pylsl.local_clock() + 2.0
+    await _live(rec, name, cfg, t0=t0)
+    events = read_events(tmp_path / "events.jsonl")
+    trained = [e for e in events if e["event"] == "phase_estimator"
+               and e["wiener"] == "ready"]
+    assert trained, [e for e in events if e["event"] == "phase_estimator"]
+    band = tuple(trained[0]["band_hz"])
+    switch_s = 20.0 + 2.0 + 0.5  # training data, switch delay, the gate's first values
+    live = [e["lsl_time"] - t0 for e in events if e["event"] == "pulse"]
+    offline = [p["lsl_time"] - t0 for p in run_offline(cfg, rec, t0=t0).pulses]
+    whole = load_edf(need_data("eeg", "eegmat", "Subject19_1.edf"))
+    hjorth = whole.channel("C3") - np.mean([whole.channel(c) for c in ("F3", "T3", "Cz", "P3")],
+                                           axis=0)
+    truth = ground_truth(hjorth, whole.fs, band)  # type: ignore[arg-type]
+
+    def errors(times: list[float]) -> dict[str, Any]:
+        idx = [round(t * whole.fs) for t in times if switch_s < t < seconds - 0.5]
+        return circular_stats_deg([float(np.degrees(truth.phase[i])) for i in idx])
+
+    got, ref = errors(live), errors(offline)
+    assert got["n"] >= 15 and ref["n"] >= 15, (got, ref)
+    assert got["sd_deg"] <= ref["sd_deg"] + 5.0, (got, ref)
+    assert abs(got["mean_deg"] - ref["mean_deg"]) <= 10.0, (got, ref)
+    assert got["sd_deg"] < 30.0, got

@@ -10,7 +10,13 @@ from scipy.linalg import solve_toeplitz
 
 from closedloop.config.schema import PhaseConfig
 from closedloop.control.stats import circular_stats_deg
-from closedloop.phase.ar_forecast import ARForecaster, ARParams, levinson_durbin
+from closedloop.phase.ar_forecast import (
+    ARForecaster,
+    ARParams,
+    levinson_durbin,
+    toeplitz_index,
+    yule_walker,
+)
 from closedloop.phase.peak import find_peak
 from closedloop.phase.tracker import PhaseTracker
 
@@ -41,6 +47,36 @@ def test_levinson_matches_toeplitz_solve_and_flags_instability() -> None:
     assert np.all(np.abs(k) < 1)
     _, k_bad = levinson_durbin(np.array([1.0, 1.5, 1.0]), 2)  # not a valid autocorrelation
     assert np.any(np.abs(k_bad) >= 1)
+
+
+def test_cholesky_yule_walker_agrees_with_levinson_on_stability() -> None:
+    """The estimator's one-call stability test (positive definite Toeplitz matrix) says
+    unstable exactly when Levinson-Durbin finds a reflection coefficient of 1 or more,
+    and otherwise gives the same coefficients; on narrow-band signals (near-singular,
+    where shipped implementations go wrong) and on perturbed lags that are no longer a
+    valid autocorrelation."""
+    rng = np.random.default_rng(11)
+    verdicts = {True: 0, False: 0}
+    for trial in range(400):
+        order = int(rng.integers(2, 31))
+        n = 200
+        t = np.arange(n)
+        x = np.sin(2 * np.pi * rng.uniform(0.01, 0.2) * t) + rng.uniform(1e-4, 1) * \
+            rng.normal(size=n)
+        r = np.correlate(x, x, "full")[n - 1:n + order] / n
+        if trial % 2:  # break it at random lags
+            r[rng.integers(1, order + 1, size=2)] *= rng.uniform(-2.0, 2.0, size=2)
+        a_ref, k = levinson_durbin(r, order)
+        kmax = float(np.max(np.abs(k)))
+        if abs(kmax - 1.0) < 1e-6:
+            continue  # too close to the boundary for either to be decisive
+        a = yule_walker(r, toeplitz_index(order))
+        stable = kmax < 1.0
+        assert (a is not None) == stable, (trial, order, kmax)
+        if a is not None:
+            np.testing.assert_allclose(a, a_ref, rtol=1e-6, atol=1e-6 * np.abs(a_ref).max())
+        verdicts[stable] += 1
+    assert verdicts[True] > 100 and verdicts[False] > 50
 
 
 @pytest.mark.parametrize("freq", [8.5, 10.0, 12.0])
@@ -125,6 +161,37 @@ def test_tracker_phase_refers_to_the_true_sample_time(fs_in: float) -> None:
     assert stats["n"] > 100
     assert abs(stats["mean_deg"]) < 5  # type: ignore[arg-type]
     assert stats["sd_deg"] < 10  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("estimator", ["ar", "echt"])
+def test_estimates_inside_a_long_chunk_equal_those_taken_as_it_came(estimator: str) -> None:
+    """The offline mode pushes a second at once and asks for the updates inside it
+    (``back``): the same numbers, to the bit, as pushing up to each update and asking."""
+    rng = np.random.default_rng(9)
+    fs_in = 1000.0
+    labels = ["C3", "FC1", "FC5", "CP1", "CP5"]
+    cfg = PhaseConfig(estimator=estimator)  # type: ignore[arg-type]
+    n = int(3 * fs_in)
+    t = 5.0 + np.arange(n) / fs_in
+    data = rng.normal(0, 3, (n, len(labels)))
+    data[:, 0] += 10 * np.cos(2 * np.pi * 10.7 * t)
+    split = PhaseTracker(fs_in=fs_in, labels=labels, cfg=cfg)
+    whole = PhaseTracker(fs_in=fs_in, labels=labels, cfg=cfg)
+    head = int(1.3 * fs_in)  # an odd start, so the decimator's phase is not zero
+    split.push(data[:head], t[:head])
+    whole.push(data[:head], t[:head])
+    cuts = list(range(head + 7, n, 23))
+    expected = []
+    for a, b in zip([head, *cuts], cuts, strict=False):
+        split.push(data[a:b], t[a:b])
+        expected.append((split.estimate(), split.band_amplitude))
+    counts = [whole.decimated_count(b - head) for b in cuts[:len(expected)]]
+    total = whole.decimated_count(n - head)
+    whole.push(data[head:], t[head:])
+    got = [(whole.estimate(total - k), whole.amplitude_at(total - k)) for k in counts]
+    assert len(got) == len(expected) > 50
+    assert all(e is not None for e, _ in expected)
+    assert got == expected
 
 
 def test_tracker_auto_band_and_reset_after_gap() -> None:
@@ -225,3 +292,34 @@ def test_real_eeg_regression_on_a_short_segment() -> None:
     for r in results:
         assert r.scores["all"]["n"] > 5000
         assert abs(r.scores["amp>median"]["bias_deg"]) < 20  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("rhythm", "freq"), [("theta", 6.0), ("alpha", 10.5),
+                                              ("beta", 21.0)])
+def test_auto_band_finds_each_rhythm(rhythm: str, freq: float) -> None:
+    """``band_hz = "auto"`` looks for the peak where the configured rhythm lives, on a
+    1/f background that also carries a strong alpha rhythm, and the phase follows it."""
+    rng = np.random.default_rng(12)
+    fs = 500.0
+    n = int(30 * fs)
+    spectrum = np.fft.rfft(rng.normal(size=n))
+    f = np.fft.rfftfreq(n, 1 / fs)
+    background = np.fft.irfft(spectrum / np.sqrt(np.maximum(f, 0.5)), n) * 8.0
+    t = np.arange(n) / fs
+    phase = 2 * np.pi * freq * t
+    x = background + 3.0 * np.cos(phase)
+    if rhythm != "alpha":
+        x += 4.0 * np.cos(2 * np.pi * 10.5 * t + 1.0)  # a stronger alpha, to be ignored
+    cfg = PhaseConfig(reference=(), band_hz="auto", rhythm=rhythm,  # type: ignore[arg-type]
+                      calibration_s=20.0)  # the default estimator, trained from 22 s
+    tracker = PhaseTracker(fs_in=fs, labels=["C3"], cfg=cfg)
+    errs = []
+    for i in range(0, n, 10):
+        tracker.push(x[i:i + 10, None], t[i:i + 10])
+        if i >= 22 * fs and (e := tracker.estimate()) is not None:
+            errs.append(math.degrees(math.remainder(e.phase_rad - phase[i + 9], 2 * math.pi)))
+    assert tracker.peak is not None and abs(tracker.peak.peak_hz - freq) <= 0.5
+    assert tracker.band is not None and tracker.band[0] < freq < tracker.band[1]
+    assert tracker.wiener_state == "ready"
+    assert len(errs) > 300
+    assert circular_stats_deg(errs)["sd_deg"] < 25  # type: ignore[operator]

@@ -47,9 +47,11 @@ os.environ.setdefault("LSLAPICFG", str(Path(__file__).resolve().parent.parent / 
 import pylsl
 
 from closedloop.config import load_config
+from closedloop.config.schema import PhaseConfig
 from closedloop.control.service import ClosedLoopService
 from closedloop.control.stats import LatencyRing
 from closedloop.mqtt.local_broker import local_broker
+from closedloop.phase.tracker import WIENER_SWITCH_DELAY_S
 from closedloop.recording.events import read_events
 from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.sim.simulator import make_outlet
@@ -81,11 +83,12 @@ def pusher(name: str, rate: float, chunk_ms: float, seconds: float, emg_channels
 
 
 async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str, ...] = (),
-                  during: Any = None, emg_channels: int = 0) -> dict[str, object]:
+                  during: Any = None, emg_channels: int = 0, warmup_s: float = 2.0
+                  ) -> dict[str, object]:
     """One service run against a fresh pusher; ``during(service)`` runs while measuring."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
     child = subprocess.Popen([sys.executable, __file__, "--pusher", name, "--rate", str(rate),
-                              "--chunk-ms", str(chunk_ms), "--seconds", str(seconds + 8),
+                              "--chunk-ms", str(chunk_ms), "--seconds", str(seconds + 6 + warmup_s),
                               "--emg-channels", str(emg_channels)])
     if emg_channels:
         labels = json.dumps(["FDI", "APB", "ADM", "ECR"][:emg_channels])
@@ -104,7 +107,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
     try:
         task = asyncio.create_task(service.run(stop))
         await service.ready.wait()
-        await asyncio.sleep(2.0)  # warm-up: LSL connection, filters, amplitude history
+        await asyncio.sleep(warmup_s)  # LSL connection, filters, amplitude history, training
         for ring in (service.stats.chunk_to_decision_ms, service.stats.chunk_to_handoff_ms,
                      service.stats.fire_error_ms, service.stats.update_cost_us):
             ring.reset()  # measure after the warm-up only
@@ -156,8 +159,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 5000.0])
     ap.add_argument("--chunk-ms", type=float, default=2.0)
-    ap.add_argument("--estimator", choices=("ar", "echt"), default="ar",
-                    help="phase.estimator of the service")
+    ap.add_argument("--estimator", choices=("ar", "echt", "wiener"),
+                    default=PhaseConfig().estimator,
+                    help="phase.estimator of the service (default: the configuration's; "
+                    "wiener trains on the first 10 s and is measured after its switch)")
     ap.add_argument("--no-budget", action="store_true",
                     help="skip the latency-budget configuration (5000 Hz, 4 EMG, MQTT on)")
     ap.add_argument("--grid-ms", type=float, default=10.0,
@@ -171,25 +176,29 @@ def main() -> None:
         pusher(args.pusher, args.rate, args.chunk_ms, args.seconds, args.emg_channels)
         return
 
-    est = (f'phase.estimator="{args.estimator}"',)
+    est: tuple[str, ...] = (f'phase.estimator="{args.estimator}"',)
+    warmup = 2.0
+    if args.estimator == "wiener":
+        est = (*est, "phase.calibration_s=15")
+        warmup += 15.0 + WIENER_SWITCH_DELAY_S
 
     async def run_all() -> list[dict[str, object]]:
         out = []
         for r in args.rates:
-            res = await measure(r, args.seconds, args.chunk_ms, est)
+            res = await measure(r, args.seconds, args.chunk_ms, est, warmup_s=warmup)
             out.append({"configuration": f"{r:g} Hz x 64 EEG", **res})
         if not args.no_budget:  # the issue's latency budget: EMG and MQTT telemetry too
             async with local_broker(kinds=("existing", "mosquitto")) as broker:
                 mqtt = ("mqtt.enabled=true", f'mqtt.instance="bench-{uuid.uuid4().hex[:6]}"',
                         f"mqtt.port={broker.port}", "mqtt.metrics_interval_s=1")
                 res = await measure(5000.0, args.seconds, args.chunk_ms, (*est, *mqtt),
-                                    emg_channels=4)
+                                    emg_channels=4, warmup_s=warmup)
                 out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on",
                             **res})
                 if args.grid_ms > 0:
                     grid = ("phase.deterministic=true", f"phase.update_interval_ms={args.grid_ms}")
                     res = await measure(5000.0, args.seconds, args.chunk_ms,
-                                        (*est, *mqtt, *grid), emg_channels=4)
+                                        (*est, *mqtt, *grid), emg_channels=4, warmup_s=warmup)
                     out.append({"configuration": "5000 Hz x 64 EEG + 4 EMG, MQTT telemetry on, "
                                 f"deterministic {args.grid_ms:g} ms update grid", **res})
         return out

@@ -3,7 +3,9 @@
 
 Runs the decision pipeline over (a) 120 s of simulated EEG, 64 channels at 1000 Hz (the
 target: at least 50x real time), with each estimator, and (b) a real EEGMAT recording
-(``../shared/data``, when present), and checks that two runs give the same fingerprint.
+(``../shared/data``, when present), ``--repeats`` times each: the speed is the median of
+the runs (all are listed; these machines are shared and noisy), and every run must give
+the same fingerprint.
 
 Usage: ``python tools/bench_offline.py [--seconds 120]``
 """
@@ -37,26 +39,31 @@ def simulated(seconds: float, fs: float = 1000.0) -> Recording:
                      unit="uV", source="simulated")
 
 
+def _repeat(cfg: Any, rec: Recording, repeats: int) -> dict[str, Any]:
+    runs = [run_offline(cfg, rec) for _ in range(max(1, repeats))]
+    speeds = sorted(r.speed_x for r in runs)
+    return {**runs[0].summary(), "speed_x": round(float(np.median(speeds)), 1),
+            "speed_x_runs": [round(v, 1) for v in speeds],
+            "repeat_same_fingerprint": len({r.fingerprint for r in runs}) == 1}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     out: dict[str, Any] = {}
     rec = simulated(args.seconds)
     for est in ("ar", "echt"):
         cfg = load_config(None, [f'phase.estimator="{est}"', "trigger.amplitude_percentile=50",
                                  "trigger.seed=1"])
-        a = run_offline(cfg, rec)
-        b = run_offline(cfg, rec)
-        out[f"simulated_64ch_1000Hz_{est}"] = {**a.summary(),
-                                               "repeat_same_fingerprint":
-                                               a.fingerprint == b.fingerprint}
+        out[f"simulated_64ch_1000Hz_{est}"] = _repeat(cfg, rec, args.repeats)
     edf = DATA / "eeg" / "eegmat" / "Subject19_1.edf"
     if edf.exists():
         real = load_edf(edf)
         cfg = load_config(None, ['phase.reference=["F3", "T3", "Cz", "P3"]', "trigger.seed=1"])
-        r = run_offline(cfg, real)
-        out["eegmat_subject19_500Hz_ar"] = {**r.summary(), "channels": len(real.labels)}
+        out["eegmat_subject19_500Hz_ar"] = {**_repeat(cfg, real, args.repeats),
+                                            "channels": len(real.labels)}
     out["target_speed_x"] = 50
     out["met"] = all(v["speed_x"] >= 50 for k, v in out.items()
                      if k.startswith("simulated"))

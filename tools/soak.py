@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,32 @@ import pylsl  # noqa: E402
 from closedloop.config import load_config  # noqa: E402
 from closedloop.control.service import ClosedLoopService  # noqa: E402
 from closedloop.mqtt.local_broker import local_broker  # noqa: E402
+
+
+def rss_by_kind_mb() -> dict[str, float]:
+    """Resident memory by mapping: the main heap, anonymous mappings (thread arenas,
+    large arrays, thread stacks) and files (code, libraries), from /proc/self/smaps."""
+    out = {"heap": 0.0, "anonymous": 0.0, "file": 0.0}
+    kind = "file"
+    with open("/proc/self/smaps", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            head = line.split(maxsplit=6)
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header
+                path = head[5].strip() if len(head) > 5 else ""
+                kind = "heap" if path == "[heap]" else "anonymous" if not path or \
+                    path.startswith("[anon") or path.startswith("[stack") else "file"
+            elif head[0] == "Rss:":
+                out[kind] += int(head[1]) / 1024.0
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def malloc_trim() -> bool:
+    """Give free heap memory back to the system (glibc); False where unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def rss_mb() -> float:
@@ -82,10 +111,19 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         s = service.stats
         fired0, refused0 = s.fired, sum(s.refused.values())
         s.chunk_to_decision_ms.reset()
+        snap0: tracemalloc.Snapshot | None = None
+        by_kind0: dict[str, float] | None = None
+        objects0 = 0
+        if args.tracemalloc:
+            tracemalloc.start(args.tracemalloc)
         while time.monotonic() < end and not task.done():
             await asyncio.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
             now = time.monotonic()
             samples.append((round(now - t0, 1), round(rss_mb(), 2)))
+            if by_kind0 is None and now - t0 >= args.warmup_s:
+                by_kind0, objects0 = rss_by_kind_mb(), len(gc.get_objects())
+                if args.tracemalloc:
+                    snap0 = tracemalloc.take_snapshot()
             if now >= next_block or now >= end:
                 refused = sum(s.refused.values())
                 blocks.append({"block": len(blocks) + 1, "end_s": round(now - t0, 1),
@@ -94,6 +132,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 fired0, refused0 = s.fired, refused
                 s.chunk_to_decision_ms.reset()
                 next_block += block_s
+        growth_sites = _growth_sites(snap0) if snap0 is not None else None
+        by_kind1, objects1 = rss_by_kind_mb(), len(gc.get_objects())
+        rss_before_trim = rss_mb()
+        trimmed = malloc_trim()
+        rss_after_trim = rss_mb()
         elapsed_lsl = pylsl.local_clock() - first_sample_lsl
         received = service.eeg.ring.count if service.eeg and service.eeg.ring else 0
         resets = service.tracker.resets if service.tracker else None
@@ -124,9 +167,27 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                                           and expected - received <= int(0.01 * fs)),
                     "p99_last_within_20pct_of_first":
                         (p99_last <= 1.2 * p99_first) if p99_first and p99_last else None},
+        "python_heap_growth_sites": growth_sites,
+        "memory_diagnosis": {
+            "rss_by_mapping_after_warmup_mb": by_kind0, "rss_by_mapping_end_mb": by_kind1,
+            "python_objects_after_warmup": objects0, "python_objects_end": objects1,
+            "rss_end_before_malloc_trim_mb": round(rss_before_trim, 2),
+            "rss_end_after_malloc_trim_mb": round(rss_after_trim, 2),
+            "malloc_trim_released": trimmed,
+            "service_heap_trim_ms": stats.heap_trim_ms.summary()},
         "mqtt_broker": f"{broker.kind}:{broker.port}",
         "lsl_start": lsl0,
     }
+
+
+def _growth_sites(snap0: tracemalloc.Snapshot, top: int = 15) -> list[dict[str, Any]]:
+    """Where the Python heap grew since ``snap0`` (tracemalloc), largest first."""
+    snap1 = tracemalloc.take_snapshot()
+    skip = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    diff = snap1.filter_traces(skip).compare_to(snap0.filter_traces(skip), "traceback")
+    return [{"kib": round(d.size_diff / 1024, 1), "blocks": d.count_diff,
+             "where": [f"{f.filename}:{f.lineno}" for f in d.traceback][-6:]}
+            for d in diff[:top]]
 
 
 def main() -> None:
@@ -137,6 +198,9 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=60.0)
     ap.add_argument("--file", type=Path, default=REPO.parent / "shared" / "data" / "eeg"
                     / "eegmat" / "Subject19_1.edf")
+    ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                    help="diagnose growth: trace Python allocations (this many frames) and "
+                         "report where the heap grew after the warm-up (slows the service)")
     args = ap.parse_args()
     print(json.dumps(asyncio.run(soak(args)), indent=2))
 

@@ -238,6 +238,13 @@ def check_cross_fields(cfg: Config, source: str) -> None:
         if sel is not None and not (sel.name or sel.type or sel.source_id):
             raise ConfigError(source=source, key=f"streams.{role}",
                               problem="give at least one of name, type, source_id")
+    for k, cond in enumerate(cfg.trigger.power_conditions):
+        lo, hi = cond.band_hz
+        if not 0 < lo < hi or hi >= cfg.phase.processing_rate_hz / 2.5:
+            raise ConfigError(source=source, key=f"trigger.power_conditions[{k}].band_hz",
+                              problem=f"expected 0 < low < high < processing rate / 2.5 "
+                              f"({cfg.phase.processing_rate_hz / 2.5:g} Hz), got "
+                              f"[{lo:g}, {hi:g}]")
     band = cfg.phase.band_hz
     if band != "auto":
         lo, hi = band

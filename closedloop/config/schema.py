@@ -114,19 +114,30 @@ BandSpec = tuple[float, float] | Literal["auto"]
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseConfig:
-    """Spatial filter, band and the phase estimator (AR forward prediction)."""
+    """Spatial filter, band and the phase estimator."""
 
     channel: str = opt("C3", "EEG channel label whose phase is targeted")
     reference: tuple[str, ...] = opt(("FC1", "FC5", "CP1", "CP5"),
                                "Hjorth/Laplacian: channel minus the mean of these; [] = none")
     band_hz: BandSpec = opt((8.0, 13.0), "pass band [low, high] in Hz, or \"auto\": "
                             "individual peak ± 2 Hz found during calibration_s")
+    rhythm: Literal["alpha", "beta", "theta"] = opt(
+        "alpha", "band_hz = \"auto\": where the individual peak is looked for: alpha/mu "
+        "7-14 Hz (band: peak ± 2 Hz), beta 13-30 Hz (± 3 Hz), theta 4-8 Hz (± 1.5 Hz)")
     calibration_s: float = opt(30.0, "seconds of data used to find the peak when band_hz is "
-                               "\"auto\"", lo=5.0, hi=600.0)
-    estimator: Literal["ar", "echt"] = opt("ar", "phase estimator: \"ar\" (AR forward "
-                                           "prediction, Zrenner et al. 2018) or \"echt\" "
-                                           "(endpoint-corrected Hilbert transform, "
-                                           "Schreglmann et al. 2021)")
+                               "\"auto\", and to train the \"wiener\" estimator",
+                               lo=5.0, hi=600.0)
+    estimator: Literal["ar", "echt", "wiener"] = opt(
+        "wiener", "phase estimator: \"ar\" (AR forward prediction, Zrenner et al. 2018), "
+        "\"echt\" (endpoint-corrected Hilbert transform, Schreglmann et al. 2021) or "
+        "\"wiener\" (a causal filter trained on the person's first calibration_s of EEG "
+        "to output the offline ground truth; AR until it is trained; reports the error it "
+        "expects for each estimate)")
+    wiener_file: str | None = opt(None, "wiener: a trained filter written by `closedloop "
+                                  "calibrate` (.npz); none = train on the first "
+                                  "calibration_s of the session")
+    wiener_taps_ms: float = opt(500.0, "wiener: length of the trained filter", lo=100.0,
+                                hi=2000.0)
     echt_window_ms: float = opt(1000.0, "ecHT: analysis window", lo=200.0, hi=4000.0)
     processing_rate_hz: float = opt(500.0, "EEG is low-passed and decimated to about this "
                                     "rate before phase estimation", lo=100.0, hi=5000.0)
@@ -151,6 +162,21 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PowerCondition:
+    """A band-power condition that must hold too (e.g. beta power with the mu phase)."""
+
+    band_hz: tuple[float, float] = opt((13.0, 30.0), "band whose amplitude is checked")
+    channel: str | None = opt(None, "EEG channel (none = phase.channel)")
+    reference: tuple[str, ...] | None = opt(None, "Hjorth reference channels (none = "
+                                            "phase.reference when the channel is "
+                                            "phase.channel, else no reference)")
+    percentile: float = opt(50.0, "running percentile of the band's amplitude over "
+                            "trigger.amplitude_window_s", lo=0.0, hi=100.0)
+    above: bool = opt(True, "true: fire only when the amplitude is above the percentile; "
+                      "false: only when below it")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TriggerConfig:
     """When to fire."""
 
@@ -161,6 +187,11 @@ class TriggerConfig:
                                "fire", lo=0.0, hi=180.0)
     amplitude_percentile: float = opt(50.0, "fire only when band amplitude is above this "
                                       "running percentile (0 = no gate)", lo=0.0, hi=100.0)
+    max_expected_error_deg: float = opt(20.0, "fire only when the estimator expects a "
+                                        "phase error (circular SD) at most this large for "
+                                        "the estimate (estimators that report one: "
+                                        "\"wiener\"); 0 = no confidence gate",
+                                        lo=0.0, hi=180.0)
     amplitude_window_s: float = opt(30.0, "length of the running amplitude history",
                                     lo=1.0, hi=3600.0)
     min_interval_s: float = opt(2.0, "minimum time between pulses", lo=HARD_MIN_INTERVAL_S,
@@ -172,6 +203,9 @@ class TriggerConfig:
     max_lateness_ms: float = opt(1.0, "a pulse that would leave later than this after its "
                                  "scheduled time is refused", lo=0.05, hi=50.0)
     seed: int | None = opt(None, "seed of the interval jitter (None = random)")
+    power_conditions: tuple[PowerCondition, ...] = opt(
+        (), "more conditions that must all hold for a pulse: [[trigger.power_conditions]] "
+        "tables with band_hz, channel, reference, percentile, above")
 
 
 @dataclass(frozen=True, kw_only=True)

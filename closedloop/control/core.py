@@ -37,14 +37,17 @@ THRESHOLD_EVERY_S = 0.1
 
 
 class Update:
-    """One estimator update: the estimate, the band amplitude and the gate's threshold."""
+    """One estimator update: the estimate, the band amplitude and the gate's threshold,
+    and the power conditions' verdict (None: all hold, else the refusal reason)."""
 
-    __slots__ = ("amplitude", "est", "threshold")
+    __slots__ = ("amplitude", "condition_failure", "est", "threshold")
 
-    def __init__(self, est: PhaseEstimate, amplitude: float, threshold: float) -> None:
+    def __init__(self, est: PhaseEstimate, amplitude: float, threshold: float,
+                 condition_failure: str | None = None) -> None:
         self.est = est
         self.amplitude = amplitude
         self.threshold = threshold
+        self.condition_failure = condition_failure
 
 
 class DecisionCore:
@@ -63,6 +66,9 @@ class DecisionCore:
                                           int(cfg.trigger.amplitude_window_s * 1000.0
                                               / max(cfg.phase.update_interval_ms, 1.0)),
                                           recompute_every=0)
+        self.conditions = cfg.trigger.power_conditions  # fixed for the session
+        self.cond_hist = [RunningPercentile(c.percentile, self.amp_hist.capacity,
+                                            recompute_every=0) for c in self.conditions]
         self.state = TriggerState()
         self.last_update = -math.inf
         self._warm_at = math.inf  # data time from which the gate's percentile is trusted
@@ -78,7 +84,8 @@ class DecisionCore:
         self.params = PolicyParams(target_rad=math.radians(trig.target_phase_deg),
                                    tolerance_rad=math.radians(trig.tolerance_deg),
                                    min_interval_s=trig.min_interval_s,
-                                   lead_s=self.latency_s + trig.scheduling_margin_ms / 1000.0)
+                                   lead_s=self.latency_s + trig.scheduling_margin_ms / 1000.0,
+                                   max_expected_error_deg=trig.max_expected_error_deg)
         if self.amp_hist.q != trig.amplitude_percentile:
             self.amp_hist.q = trig.amplitude_percentile
             self._recompute_at = -math.inf
@@ -148,23 +155,47 @@ class DecisionCore:
         self.last_update = newest
         return True
 
-    def estimate(self) -> Update | None:
-        """Run the estimator; feed the amplitude gate."""
-        est = self.tracker.estimate()
+    def estimate(self, back: int = 0, t: float | None = None) -> Update | None:
+        """Run the estimator; feed the amplitude gate.
+
+        By default at the newest sample, the update's time being :attr:`last_update`;
+        the offline mode pushes long chunks and asks for the updates inside them: ``back``
+        samples of the tracker's history before the newest, at data time ``t``.
+        """
+        est = self.tracker.estimate(back)
         if est is None:
             return None
-        amp = self.tracker.band_amplitude
+        amp = self.tracker.amplitude_at(back)
         self.amp_hist.push(amp)
-        t = self.last_update
+        cond_amps = self.tracker.condition_amplitudes(back) if self.conditions else ()
+        for hist, value in zip(self.cond_hist, cond_amps, strict=True):
+            hist.push(value)
+        if t is None:
+            t = self.last_update
         if not math.isfinite(self._warm_at):
             self._warm_at = t + AMPLITUDE_WARMUP_S
         if t >= self._recompute_at and t >= self._warm_at - THRESHOLD_EVERY_S:
             self.amp_hist.recompute()
+            for hist in self.cond_hist:
+                hist.recompute()
             self._recompute_at = (math.floor(t / THRESHOLD_EVERY_S) + 1) * THRESHOLD_EVERY_S
         q = self.cfg.trigger.amplitude_percentile
         threshold = (-math.inf if q <= 0 else self.amp_hist.threshold()
                      if t >= self._warm_at else math.inf)
-        return Update(est, amp, threshold)
+        return Update(est, amp, threshold, self._condition_failure(cond_amps, t))
+
+    def _condition_failure(self, amps: tuple[float, ...], t: float) -> str | None:
+        """Why the power conditions do not all hold (None when they do)."""
+        for k, (cond, hist, amp) in enumerate(zip(self.conditions, self.cond_hist, amps,
+                                                  strict=True)):
+            if t < self._warm_at:
+                return "power_condition_unknown"
+            threshold = hist.threshold()
+            if cond.above and amp < threshold:
+                return f"power_condition_{k}_below"
+            if not cond.above and amp > threshold:
+                return f"power_condition_{k}_above"
+        return None
 
     def decide(self, u: Update, *, now: float, armed: bool, busy: bool) -> Decision | None:
         """The trigger policy's decision at ``now`` (None: nothing to decide yet)."""
@@ -175,7 +206,7 @@ class DecisionCore:
             decision, self.state = decide(
                 u.est, now=now, params=self.params, state=self.state, armed=armed,
                 horizon_s=max(self.min_horizon, 1.5 * self.spacing), amplitude=u.amplitude,
-                amplitude_threshold=u.threshold)
+                amplitude_threshold=u.threshold, condition_failure=u.condition_failure)
         return decision
 
     def scheduled(self, decision: Decision) -> None:

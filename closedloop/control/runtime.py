@@ -1,8 +1,9 @@
 """Settings that may change while the service runs, validated like the config file.
 
-Only a whitelist of keys is live-settable (target phase, tolerance, band, amplitude gate,
-interval, jitter, intensity). Each change is applied to the whole configuration and run
-through the same validation as a TOML file, so an MQTT payload gets exactly the same
+Only a whitelist of keys is live-settable (target phase, tolerance, band, amplitude
+and confidence gates, interval, jitter, intensity). Each change is applied to the whole
+configuration and run through the same validation as a TOML file, so an MQTT payload
+gets exactly the same
 error messages (naming the key) and the same bounds, including the safety limits: a value
 beyond them is refused, never clamped. Safety limits themselves, streams and drivers can
 only change by restarting with another file.
@@ -24,6 +25,7 @@ LIVE_KEYS: dict[str, str] = {
     "target_phase_deg": "trigger.target_phase_deg",
     "tolerance_deg": "trigger.tolerance_deg",
     "amplitude_percentile": "trigger.amplitude_percentile",
+    "max_expected_error_deg": "trigger.max_expected_error_deg",
     "min_interval_s": "trigger.min_interval_s",
     "jitter_s": "trigger.jitter_s",
     "band_hz": "phase.band_hz",

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,11 @@ import numpy as np
 import pylsl
 
 from closedloop import __version__
+from closedloop.blas import single_threaded_blas
 from closedloop.config.load import config_to_dict, load_config
 from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
 from closedloop.control.core import DecisionCore
+from closedloop.control.memory import trim_heap
 from closedloop.control.runtime import (
     LIVE_KEYS,
     apply_live_settings,
@@ -72,6 +75,7 @@ _MAX_REJECTED_IN_A_ROW = 5
 _HOUSEKEEPING_S = 0.01
 _RECONNECT_S = 5.0  # a faulted stimulator is reopened this often (it stays disarmed)
 _STATUS_FILE_S = 1.0
+_TRIM_HEAP_S = 60.0  # freed C heap is given back to the system this often
 _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
 _MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
@@ -90,16 +94,18 @@ class ServiceStats:
     fired: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     # bounded: a daemon runs for months (the event log keeps everything; these serve the
-    # summary, metrics and status)
-    pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2_000))
-    meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=8_000))
+    # summary, metrics and status). A pulse record is about 1.5 kB, an MEP's 0.7 kB.
+    pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
+    meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2_000))
     stream_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
     chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
     chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
     fire_error_ms: LatencyRing = field(default_factory=LatencyRing)
     update_cost_us: LatencyRing = field(default_factory=LatencyRing)
+    heap_trim_ms: LatencyRing = field(default_factory=LatencyRing)
     samples_lost: int = 0
     calibration: dict[str, Any] | None = None
+    estimator: dict[str, Any] | None = None  # the wiener filter's state, when it is used
     protocol_results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -108,7 +114,9 @@ class ClosedLoopService:
 
     def __init__(self, cfg: Config, *, config_source: str = "",
                  config_overrides: tuple[str, ...] = ()) -> None:
+        single_threaded_blas()
         self.cfg = cfg
+        self._trainer: ThreadPoolExecutor | None = None
         self.config_source = config_source
         self.config_overrides = config_overrides
         self.stats = ServiceStats()
@@ -240,7 +248,10 @@ class ClosedLoopService:
         self.eeg = StreamReader(
             role="eeg", selector=cfg.streams.eeg, acquisition=cfg.acquisition,
             required_labels={"phase.channel": [cfg.phase.channel],
-                             "phase.reference": list(cfg.phase.reference)},
+                             "phase.reference": list(cfg.phase.reference),
+                             **{f"trigger.power_conditions[{k}]":
+                                [c for c in (cond.channel, *(cond.reference or ())) if c]
+                                for k, cond in enumerate(cfg.trigger.power_conditions)}},
             on_data=self._wake_from_thread, on_event=on_event)
         self.eeg.start()
         if cfg.streams.emg is not None:
@@ -257,7 +268,10 @@ class ClosedLoopService:
             self.pulse_markers.start()
         timeout = cfg.acquisition.resolve_timeout_s
         eeg = await asyncio.to_thread(self.eeg.wait_connected, timeout)
-        self.tracker = PhaseTracker(fs_in=eeg.rate_hz, labels=eeg.labels, cfg=cfg.phase)
+        self._trainer = ThreadPoolExecutor(1, thread_name_prefix="closedloop-train")
+        self.tracker = PhaseTracker(fs_in=eeg.rate_hz, labels=eeg.labels, cfg=cfg.phase,
+                                    trainer=self._trainer.submit,
+                                    conditions=cfg.trigger.power_conditions)
         emg_labels = None
         if self.emg is not None:
             try:
@@ -339,6 +353,8 @@ class ClosedLoopService:
         for reader in (self.eeg, self.emg, self.pulse_markers):
             if reader is not None:
                 await asyncio.to_thread(reader.stop)
+        if self._trainer is not None:
+            self._trainer.shutdown(wait=False, cancel_futures=True)
         if self.stim is not None:
             with contextlib.suppress(StimulatorError):
                 await asyncio.to_thread(self.stim.driver.close)
@@ -389,6 +405,9 @@ class ClosedLoopService:
         # up on it, and a replay of the recording meets the same first sample
         pos = max(0, ring.count - ring.capacity)
         calibrated = tracker.band is not None
+        wiener_state = tracker.wiener_state
+        if wiener_state == "ready":  # a calibrated model file
+            self._record_estimator(tracker)
         perf = time.perf_counter_ns
         clock_bad = False
         behind_since: float | None = None
@@ -432,6 +451,9 @@ class ClosedLoopService:
                 newest = float(rd.timestamps[seg_end - 1]) + offset_s
                 update = core.estimate()
                 t_c = perf()
+                if tracker.wiener_state != wiener_state:
+                    wiener_state = tracker.wiener_state
+                    self._record_estimator(tracker)
                 if update is None:
                     continue
                 est, amp, threshold = update.est, update.amplitude, update.threshold
@@ -486,6 +508,8 @@ class ClosedLoopService:
                         "estimate_lsl_time": est.lsl_time, "decision_lsl_time": t_decided,
                         "chunk_lsl_time": chunk_newest, "freq_hz": round(est.freq_hz, 3),
                         "band_amplitude": round(amp, 3), "stages_us": stages,
+                        **({"expected_error_deg": round(est.expected_error_deg, 1)}
+                           if est.expected_error_deg is not None else {}),
                     }
                     req = PulseRequest(self._request_id, decision.fire_time, context,
                                        self.unit.offsets)
@@ -508,7 +532,21 @@ class ClosedLoopService:
                             band_amplitude=round(amp, 3),
                             amplitude_threshold=round(threshold, 3)
                             if math.isfinite(threshold) else None,
+                            expected_error_deg=round(est.expected_error_deg, 1)
+                            if est.expected_error_deg is not None else None,
                             stages_us=stages)
+
+    def _record_estimator(self, tracker: PhaseTracker) -> None:
+        """The Wiener filter started training, took over, or could not be trained."""
+        model = tracker.wiener
+        fields: dict[str, Any] = {"wiener": tracker.wiener_state}
+        if model is not None and tracker.wiener_state == "ready":
+            fields.update(band_hz=list(model.band_hz), peak_hz=model.peak_hz,
+                          snr_db=round(model.snr_db, 2), rhythm=model.rhythm,
+                          expected_sd_deg_above_median=round(
+                              model.holdout_sd_deg_above_median, 1))
+        self.stats.estimator = fields
+        self._event("phase_estimator", **fields)
 
     def _record_calibration(self, tracker: PhaseTracker) -> None:
         peak = tracker.peak
@@ -686,6 +724,7 @@ class ClosedLoopService:
     # -- housekeeping ------------------------------------------------------------------
     async def _housekeeping(self) -> None:
         next_status = 0.0
+        next_trim = time.monotonic() + _TRIM_HEAP_S
         status_error_said = False
         while True:
             await asyncio.sleep(_HOUSEKEEPING_S)
@@ -710,6 +749,11 @@ class ClosedLoopService:
                 if error is not None and not status_error_said:
                     status_error_said = True  # once: it would repeat every second
                     self._event("status_file_error", message=error)
+            if time.monotonic() >= next_trim:
+                next_trim = time.monotonic() + _TRIM_HEAP_S
+                t0 = time.perf_counter()
+                await asyncio.to_thread(trim_heap)
+                self.stats.heap_trim_ms.add((time.perf_counter() - t0) * 1000.0)
             if self.recorder is not None and self.recorder.error is not None:
                 self._fail(ClosedLoopError(f"recording.xdf: cannot write "
                                            f"{self.recorder.path}: {self.recorder.error}"))
@@ -986,12 +1030,28 @@ class ClosedLoopService:
                        "samples_lost": s.samples_lost},
             "last_pulse_lsl_time": last,
             "settings": self.settings(),
+            "phase": self._phase_status(),
             "fault": str(self._fatal) if self._fatal else None,
             "stimulator": self.stim.driver.status() if self.stim is not None else None,
             "stimulation": {"pattern": self.unit.kind, "units_fired": self.units_fired,
                             "pulses_today": (self.stim.gate.day_count
                                              if self.stim is not None else None)},
         }
+
+    def _phase_status(self) -> dict[str, Any] | None:
+        """The estimator in use, its band and (wiener) its training and expected error."""
+        tr = self.tracker
+        if tr is None:
+            return None
+        out: dict[str, Any] = {"estimator": type(tr.estimator).__name__ if tr.estimator
+                               else None, "tracker": tr.status().state,
+                               "band_hz": list(tr.band) if tr.band else None}
+        if tr.wiener_state != "off":
+            out["wiener"] = tr.wiener_state
+            if tr.wiener is not None:
+                out["wiener_expected_sd_deg_above_median"] = round(
+                    tr.wiener.holdout_sd_deg_above_median, 1)
+        return out
 
     def metrics(self) -> dict[str, Any]:
         """Latency percentiles, phase accuracy proxy, buffer fill, dropped samples."""

@@ -40,6 +40,8 @@ class PolicyParams:
     tolerance_rad: float
     min_interval_s: float
     lead_s: float  # stimulator latency + scheduling margin
+    # refuse estimates whose own expected error is larger (0 = no confidence gate)
+    max_expected_error_deg: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +72,16 @@ class Decision:
 
 
 def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: TriggerState,
-           armed: bool, amplitude: float, amplitude_threshold: float, horizon_s: float
-           ) -> tuple[Decision | None, TriggerState]:
+           armed: bool, amplitude: float, amplitude_threshold: float, horizon_s: float,
+           condition_failure: str | None = None) -> tuple[Decision | None, TriggerState]:
     """Decide about the next crossing of the target phase, if it is due now.
 
     Args:
         horizon_s: How far beyond the earliest instant a crossing is decided now: the
             time until the next update is expected (a later crossing waits for a fresher
             estimate).
+        condition_failure: Why the trigger's power conditions do not hold (a refusal
+            reason), or None when they all do.
 
     Returns:
         ``(decision, new_state)``; ``decision`` is None when there is nothing to decide yet.
@@ -113,6 +117,11 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
         return refuse("amplitude_unknown")  # the gate has no history yet
     if amplitude < amplitude_threshold:
         return refuse("amplitude_below_gate")
+    if condition_failure is not None:
+        return refuse(condition_failure)
+    if (params.max_expected_error_deg > 0.0 and est.expected_error_deg is not None
+            and est.expected_error_deg > params.max_expected_error_deg):
+        return refuse("low_confidence")
     return Decision(True, "target_phase", fire_time, crossing, predicted), new_state
 
 

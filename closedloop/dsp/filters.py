@@ -103,6 +103,12 @@ class Decimator:
         self._phase = (self._phase - len(x)) % self.factor
         return out, out_ts
 
+    def kept_count(self, n: int) -> int:
+        """How many of the next chunk's first ``n`` samples :meth:`process` will keep."""
+        if self._filter is None:
+            return n
+        return len(range(self._phase, n, self.factor))
+
     def phase_delay_s(self, freq_hz: float) -> float:
         """Delay the anti-alias filter adds at ``freq_hz`` (0 without decimation)."""
         if self._filter is None:

@@ -23,8 +23,18 @@ class SpatialFilter:
     weights: npt.NDArray[np.float64]
 
     def apply(self, data: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
-        """(n, channels) samples to the (n,) filtered signal."""
-        return np.asarray(data[:, list(self.indices)] @ self.weights, dtype=np.float64)
+        """(n, channels) samples to the (n,) filtered signal.
+
+        Summed column by column in a fixed order, not by a matrix product: a BLAS kernel
+        may round a row differently depending on how many rows it is given, and the same
+        samples must give the same numbers however they were chunked.
+        """
+        first, *rest = self.indices
+        y: npt.NDArray[np.float64] = np.multiply(data[:, first], self.weights[0],
+                                                 dtype=np.float64)
+        for i, w in zip(rest, self.weights[1:], strict=True):
+            y += np.multiply(data[:, i], w, dtype=np.float64)
+        return y
 
 
 def hjorth(labels: Sequence[str], channel: str, reference: Sequence[str]) -> SpatialFilter:

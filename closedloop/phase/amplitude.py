@@ -42,12 +42,20 @@ class BandAmplitude:
         """Feed a chunk; return the amplitude at its last sample."""
         if x.size == 0:
             return self.value
+        self.series(x)
+        return self.value
+
+    def series(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Feed a chunk; return the amplitude at each of its samples."""
+        if x.size == 0:
+            return np.zeros(0)
         y = self._bp.process(x)
         if self._zi is None:  # steady state for a constant power of y[0]**2
             self._zi = np.array([-self._a[1] * float(y[0]) ** 2])
         power, self._zi = signal.lfilter(self._b, self._a, y * y, zi=self._zi)
         self.value = math.sqrt(max(0.0, 2.0 * float(power[-1])))
-        return self.value
+        amp: npt.NDArray[np.float64] = np.sqrt(np.maximum(0.0, 2.0 * power))
+        return amp
 
 
 class RunningPercentile:
@@ -62,6 +70,11 @@ class RunningPercentile:
         self._every = recompute_every
         self._since = 0
         self._threshold = math.inf
+
+    @property
+    def capacity(self) -> int:
+        """How many values are held at most."""
+        return len(self._values)
 
     @property
     def count(self) -> int:

@@ -28,23 +28,25 @@ from closedloop.dsp.spatial import hjorth
 from closedloop.errors import ClosedLoopError
 from closedloop.phase.evaluate import evaluate_signal
 from closedloop.phase.report import load_recording
+from closedloop.phase.wiener import MIN_SNR_DB, train_wiener
 
-__all__ = ["LIVE_ESTIMATORS", "calibrate_signal", "record_live", "write_config"]
+__all__ = ["LIVE_ESTIMATORS", "MIN_SNR_DB", "calibrate_signal", "record_live", "write_config"]
 
-LIVE_ESTIMATORS = ("ar", "echt")
+LIVE_ESTIMATORS = ("ar", "echt", "wiener")
 # Below these the phase is not worth targeting: the published methods reach about 45-50°
 # on the weakest EEGMAT subjects, close to a uniform error on the gated trials.
-MIN_SNR_DB = 6.0
 MAX_USEFUL_SD_DEG = 40.0
 
 
-def calibrate_signal(x: npt.NDArray[np.float64], fs: float) -> dict[str, Any]:
+def calibrate_signal(x: npt.NDArray[np.float64], fs: float, rhythm: str = "alpha"
+                     ) -> dict[str, Any]:
     """Peak, SNR and the scores of the live estimators on ``x`` (first third trains)."""
     train_s = min(60.0, len(x) / fs / 3.0)
     if len(x) / fs < 40.0:
         raise ClosedLoopError(f"{len(x) / fs:.0f} s of EEG is too little to calibrate "
                               "(at least 40 s; a few minutes are better)")
-    info, results = evaluate_signal(x, fs, estimators=LIVE_ESTIMATORS, train_s=train_s)
+    info, results = evaluate_signal(x, fs, estimators=LIVE_ESTIMATORS, train_s=train_s,
+                                    rhythm=rhythm)
     scores = {r.name: r.scores["amp>median"] for r in results}
     best = min(scores, key=lambda n: float(scores[n]["circ_sd_deg"] or 1e9))
     sd = float(scores[best]["circ_sd_deg"] or 1e9)
@@ -61,13 +63,16 @@ def calibrate_signal(x: npt.NDArray[np.float64], fs: float) -> dict[str, Any]:
 
 
 def signal_from_file(cfg: Config, path: Path) -> tuple[npt.NDArray[np.float64], float]:
-    """The configured spatial filter applied to a recording."""
+    """The configured spatial filter applied to a recording, decimated to the processing
+    rate as the live tracker does."""
     rec = load_recording(path)
     try:
         spatial = hjorth(rec.labels, cfg.phase.channel, cfg.phase.reference)
     except ValueError as exc:
         raise ClosedLoopError(f"{path}: {exc}; it has {', '.join(rec.labels)}") from exc
-    return spatial.apply(rec.data), rec.fs
+    dec = Decimator(rec.fs, Decimator.factor_for(rec.fs, cfg.phase.processing_rate_hz))
+    x, _ = dec.process(spatial.apply(rec.data), np.arange(len(rec.data)) / rec.fs)
+    return x, dec.fs_out
 
 
 def record_live(cfg: Config, seconds: float,
@@ -103,11 +108,26 @@ def record_live(cfg: Config, seconds: float,
         reader.stop()
 
 
-def write_config(cfg: Config, result: dict[str, Any], path: Path) -> None:
-    """A copy of ``cfg`` with the calibrated band and estimator, as TOML."""
+def write_config(cfg: Config, result: dict[str, Any], path: Path,
+                 x: npt.NDArray[np.float64] | None = None, fs: float = 0.0) -> Path | None:
+    """A copy of ``cfg`` with the calibrated band and estimator, as TOML.
+
+    When the best estimator is ``wiener``, its filter is trained on all of ``x`` and
+    written beside the config (``<name>.wiener.npz``, referenced by ``phase.wiener_file``);
+    that path is returned.
+    """
     data = config_to_dict(cfg)
-    data["phase"]["band_hz"] = [round(float(v), 3) for v in result["band_hz"]]
+    band = (float(result["band_hz"][0]), float(result["band_hz"][1]))
+    data["phase"]["band_hz"] = [round(v, 3) for v in band]
     data["phase"]["estimator"] = result["estimator"]
+    model_path = None
+    if result["estimator"] == "wiener":
+        if x is None:
+            raise ValueError("the wiener estimator needs the calibration data to train on")
+        model_path = path.with_suffix(".wiener.npz").resolve()
+        train_wiener(x, fs, taps_ms=cfg.phase.wiener_taps_ms, band_hz=band,
+                     rhythm=cfg.phase.rhythm).save(model_path)
+        data["phase"]["wiener_file"] = str(model_path)
 
     def drop_none(d: Any) -> Any:
         if isinstance(d, dict):
@@ -118,3 +138,4 @@ def write_config(cfg: Config, result: dict[str, Any], path: Path) -> None:
               f"{result['snr_db']} dB, {result['estimator']} expected circular SD "
               f"{result['expected_circ_sd_deg']}°; {result['verdict']}\n")
     path.write_text(header + tomli_w.dumps(drop_none(data)))
+    return model_path

@@ -23,12 +23,16 @@ class PhaseEstimate:
         phase_rad: Phase in ``(-pi, pi]``; 0 = positive peak, pi = trough.
         freq_hz: Instantaneous frequency, for extrapolating ``phase_at``.
         amplitude: Envelope of the band-limited signal at ``lsl_time`` (signal units).
+        expected_error_deg: The estimator's confidence: the circular SD of phase error it
+            expects for this estimate (measured on held-out calibration data), or None
+            when it cannot say.
     """
 
     lsl_time: float
     phase_rad: float
     freq_hz: float
     amplitude: float
+    expected_error_deg: float | None = None
 
     def phase_at(self, t: float) -> float:
         """Phase extrapolated to LSL time ``t`` at constant frequency."""

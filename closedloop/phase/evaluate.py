@@ -25,8 +25,9 @@ from closedloop.phase.etp import ETP
 from closedloop.phase.peak import find_peak
 from closedloop.phase.resonator import Resonator
 from closedloop.phase.truth import ground_truth
+from closedloop.phase.wiener import WienerPhase, train_wiener
 
-__all__ = ["ESTIMATORS", "EvaluationResult", "evaluate_signal", "score"]
+__all__ = ["ESTIMATORS", "PUBLISHED", "EvaluationResult", "evaluate_signal", "score"]
 
 Array = npt.NDArray[np.float64]
 
@@ -40,6 +41,7 @@ class EvaluationResult:
     cost_us: dict[str, float]
     errors: Array  # radians, at every scored point (NaN where no estimate)
     gates: dict[str, npt.NDArray[np.bool_]]
+    expected: Array | None = None  # the estimator's own expected error (deg), if it says
 
 
 def score(errors: Array) -> dict[str, float | int | None]:
@@ -68,7 +70,7 @@ def _window_runner(est: Any) -> Runner:
 
 
 def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
-          train: Array, step: int) -> Runner:
+          train: Array, step: int, rhythm: str = "alpha") -> Runner:
     if name == "ar":
         ar = ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=500, fir_ms=128,
                                            edge_ms=64, order=20, hilbert_window_ms=128))
@@ -88,14 +90,18 @@ def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
             pos["n"] = i
             return res.estimate(float(i - 1))
         return run
+    if name == "wiener":  # ours: trained on the training period, like ETP
+        return _window_runner(WienerPhase(train_wiener(train, fs, band_hz=band,
+                                                       rhythm=rhythm)))
     raise ValueError(f"unknown estimator {name}")
 
 
-ESTIMATORS = ("ar", "etp", "echt", "resonator")
+PUBLISHED = ("ar", "etp", "echt", "resonator")
+ESTIMATORS = (*PUBLISHED, "wiener")
 
 
 def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMATORS,
-                    train_s: float = 60.0, step: int | None = None
+                    train_s: float = 60.0, step: int | None = None, rhythm: str = "alpha"
                     ) -> tuple[dict[str, Any], list[EvaluationResult]]:
     """Run each estimator causally over ``x``; score after ``train_s``.
 
@@ -105,20 +111,22 @@ def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMA
     """
     step = step or max(1, int(0.01 * fs + 0.5))
     n_train = int(train_s * fs)
-    whole_peak = find_peak(x, fs)
+    whole_peak = find_peak(x, fs, rhythm=rhythm)
     truth = ground_truth(x, fs, whole_peak.band_hz)
-    train_peak = find_peak(x[:n_train], fs)
+    train_peak = find_peak(x[:n_train], fs, rhythm=rhythm)
     idx = np.arange(n_train, len(x) + 1, step)  # estimate at sample idx-1 with data [:idx]
     amp = truth.amplitude[idx - 1]
     gates = {"all": np.ones(len(idx), bool), "amp>median": amp > np.median(amp),
              "amp>p75": amp > np.percentile(amp, 75)}
     results = []
     for name in estimators:
-        run = _make(name, fs, train_peak.band_hz, train_peak.peak_hz, x[:n_train], step)
+        run = _make(name, fs, train_peak.band_hz, train_peak.peak_hz, x[:n_train], step,
+                    rhythm)
         if name == "resonator":  # let it settle on the training data first
             for j in range(step, n_train, step):
                 run(x, j)
         errors = np.full(len(idx), np.nan)
+        expected = np.full(len(idx), np.nan)
         costs = []
         for k, i in enumerate(idx):
             t0 = time.perf_counter_ns()
@@ -126,12 +134,15 @@ def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMA
             costs.append(time.perf_counter_ns() - t0)
             if est is not None:
                 errors[k] = est.phase_rad - truth.phase[i - 1]
+                if est.expected_error_deg is not None:
+                    expected[k] = est.expected_error_deg
         c = np.array(costs) / 1000.0
         results.append(EvaluationResult(
             name=name, scores={g: score(errors[m]) for g, m in gates.items()},
             cost_us={"median": round(float(np.median(c)), 1),
                      "p99": round(float(np.percentile(c, 99)), 1)},
-            errors=errors, gates=gates))
+            errors=errors, gates=gates,
+            expected=expected if np.isfinite(expected).any() else None))
     info = {"peak_hz": whole_peak.peak_hz, "snr_db": round(whole_peak.snr_db, 2),
             "truth_band_hz": list(whole_peak.band_hz),
             "estimator_band_hz": list(train_peak.band_hz),

@@ -86,13 +86,15 @@ def polar_png(results: Sequence[EvaluationResult], path: Path, title: str) -> No
 
 def evaluate_file(path: Path, *, channel: str, reference: Sequence[str],
                   estimators: Sequence[str] = ESTIMATORS, train_s: float = 60.0,
-                  json_out: Path | None = None, png_out: Path | None = None) -> dict[str, Any]:
+                  json_out: Path | None = None, png_out: Path | None = None,
+                  rhythm: str = "alpha") -> dict[str, Any]:
     """Evaluate, write the JSON and PNG when asked, and return the report."""
     x, fs = load_signal(path, channel, reference)
     if len(x) < (train_s + 20.0) * fs:
         raise ClosedLoopError(f"{path}: {len(x) / fs:.0f} s is too short: {train_s:g} s of "
                               "training plus at least 20 s to score")
-    info, results = evaluate_signal(x, fs, estimators=tuple(estimators), train_s=train_s)
+    info, results = evaluate_signal(x, fs, estimators=tuple(estimators), train_s=train_s,
+                                    rhythm=rhythm)
     report = {"file": str(path), "signal": f"{channel}" + (
         f" - mean({', '.join(reference)})" if reference else ""), "fs": fs, **info,
         "estimators": {r.name: {"scores": r.scores, "cost_us": r.cost_us} for r in results}}

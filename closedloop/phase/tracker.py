@@ -14,20 +14,23 @@ taken off the LSL timestamps by the reader).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from closedloop.config.schema import PhaseConfig
+from closedloop.config.schema import PhaseConfig, PowerCondition
 from closedloop.dsp.filters import Decimator
-from closedloop.dsp.spatial import hjorth
+from closedloop.dsp.spatial import SpatialFilter, hjorth
 from closedloop.phase.amplitude import BandAmplitude
 from closedloop.phase.ar_forecast import ARForecaster, ARParams
 from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.peak import PeakFit, find_peak
+from closedloop.phase.wiener import WienerModel, WienerPhase, train_wiener
 
 __all__ = ["PhaseTracker", "TrackerStatus"]
 
@@ -38,6 +41,21 @@ Array = npt.NDArray[np.float64]
 # resets the filters. Loss and recovery of the stream reset them explicitly anyway.
 _GAP_S = 0.05
 _RECALIBRATION_MAX_S = 60.0
+# the trained filter takes over this much data after its training data ends: training runs
+# in a worker thread live, and the switch happens at the same sample live and offline
+WIENER_SWITCH_DELAY_S = 2.0
+
+Trainer = Callable[[Callable[[], WienerModel]], "Future[WienerModel]"]
+
+
+def _run_now(fn: Callable[[], WienerModel]) -> Future[WienerModel]:
+    """Train in the calling thread (offline, tests)."""
+    fut: Future[WienerModel] = Future()
+    try:
+        fut.set_result(fn())
+    except Exception as exc:  # handed to whoever reads the future
+        fut.set_exception(exc)
+    return fut
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +66,37 @@ class TrackerStatus:
     detail: str = ""
 
 
-class PhaseTracker:
-    """Stateful EEG-to-phase chain for one target channel."""
+class _Condition:
+    """A power condition's own chain: spatial filter, decimator, band amplitude."""
 
-    def __init__(self, *, fs_in: float, labels: Sequence[str], cfg: PhaseConfig) -> None:
+    def __init__(self, cond: PowerCondition, labels: Sequence[str], cfg: PhaseConfig,
+                 decimator: Decimator) -> None:
+        channel = cond.channel or cfg.channel
+        reference = (cond.reference if cond.reference is not None else
+                     cfg.reference if channel == cfg.channel else ())
+        self.spatial: SpatialFilter = hjorth(labels, channel, reference)
+        self.decimator = Decimator(decimator.fs_in, decimator.factor)
+        self.amplitude = BandAmplitude(decimator.fs_out, cond.band_hz)
+
+    def process(self, data: npt.NDArray[np.floating], ts: Array) -> Array:
+        x, _ = self.decimator.process(self.spatial.apply(data), ts)
+        return self.amplitude.series(x)
+
+    def reset(self) -> None:
+        self.decimator.reset()
+        self.amplitude.reset()
+
+
+class PhaseTracker:
+    """Stateful EEG-to-phase chain for one target channel (and the band amplitudes of
+    the trigger's power conditions)."""
+
+    def __init__(self, *, fs_in: float, labels: Sequence[str], cfg: PhaseConfig,
+                 trainer: Trainer | None = None,
+                 conditions: Sequence[PowerCondition] = ()) -> None:
+        """``trainer`` runs the Wiener filter's training (``phase.estimator = "wiener"``
+        without a model file): by default at once, in the calling thread; the live
+        service hands it to a worker thread."""
         self.cfg = cfg
         self.fs_in = fs_in
         self.spatial = hjorth(labels, cfg.channel, cfg.reference)
@@ -62,23 +107,41 @@ class PhaseTracker:
                       _RECALIBRATION_MAX_S) * self.fs) + 16
         self._x = np.zeros(cap)
         self._t = np.zeros(cap)
+        self._a = np.zeros(cap)  # band amplitude at each sample (0 before the band is known)
+        self._conditions = [_Condition(c, labels, cfg, self.decimator) for c in conditions]
+        self._c = np.zeros((len(self._conditions), cap))  # their amplitudes
         self._end = 0  # write position in the history arrays
         self._n = 0  # valid samples ending at _end (since the last reset)
         self._last_ts: float | None = None
         self.peak: PeakFit | None = None
         self.band: tuple[float, float] | None = None
-        self.estimator: ARForecaster | EcHT | None = None
+        self.estimator: ARForecaster | EcHT | WienerPhase | None = None
         self.amplitude: BandAmplitude | None = None
         self._delay_s = 0.0
         self.resets = 0
-        if cfg.band_hz != "auto":
+        self._total = 0  # samples ever written to the history (never reset)
+        self._trainer = trainer or _run_now
+        self.wiener: WienerModel | None = None
+        self.wiener_state = "off" if cfg.estimator != "wiener" else "collecting"
+        self._training: Future[WienerModel] | None = None
+        self._switch_at = 0  # value of _total from which the trained filter is used
+        if cfg.estimator == "wiener" and cfg.wiener_file:
+            self.wiener = WienerModel.load(Path(cfg.wiener_file), self.fs)
+            self.wiener_state = "ready"
+            self._set_band(self.wiener.band_hz)
+        elif cfg.band_hz != "auto":
             self._set_band(cfg.band_hz)
 
     def set_band(self, band: tuple[float, float]) -> None:
         """Use another band from now on (the estimator and amplitude filter restart)."""
         self._set_band(band)
+        self._feed_amplitude_history()
+
+    def _feed_amplitude_history(self) -> None:
+        """Run the (new) band's amplitude filter over the history held."""
         if self.amplitude is not None and self._n:
-            self.amplitude.process(self._x[self._end - self._n:self._end])
+            span = slice(self._end - self._n, self._end)
+            self._a[span] = self.amplitude.series(self._x[span])
 
     def available_s(self) -> float:
         """Seconds of continuous signal held."""
@@ -94,7 +157,8 @@ class PhaseTracker:
         if n > self._n:
             raise ValueError(f"only {self._n / self.fs:.1f} s of continuous EEG held, "
                              f"{seconds:g} s asked for")
-        self.peak = find_peak(self._x[self._end - n:self._end], self.fs)
+        self.peak = find_peak(self._x[self._end - n:self._end], self.fs,
+                              rhythm=self.cfg.rhythm)
         self.set_band(self.peak.band_hz)
         return self.peak
 
@@ -104,7 +168,9 @@ class PhaseTracker:
         params = ARParams.from_ms(fs=self.fs, band_hz=band, window_ms=c.window_ms,
                                   fir_ms=c.fir_ms, edge_ms=c.edge_ms, order=c.ar_order,
                                   hilbert_window_ms=c.hilbert_window_ms)
-        if c.estimator == "echt":  # centred on the band's middle (the peak), same width
+        if self.wiener is not None:
+            self.estimator = WienerPhase(self.wiener)
+        elif c.estimator == "echt":  # centred on the band's middle (the peak), same width
             self.estimator = EcHT(fs=self.fs, centre_hz=(band[0] + band[1]) / 2.0,
                                   width_hz=band[1] - band[0],
                                   window=round(c.echt_window_ms * self.fs / 1000.0))
@@ -118,6 +184,8 @@ class PhaseTracker:
         self.decimator.reset()
         if self.amplitude is not None:
             self.amplitude.reset()
+        for cond in self._conditions:
+            cond.reset()
         self._n = 0
         self._last_ts = None
         self.resets += 1
@@ -132,33 +200,73 @@ class PhaseTracker:
                 self.reset()
         self._last_ts = float(ts[-1])
         x, xt = self.decimator.process(self.spatial.apply(data), ts)
-        if self.amplitude is not None:
-            self.amplitude.process(x)
         m = len(x)
         if m == 0:
             return
+        amp = self.amplitude.series(x) if self.amplitude is not None else np.zeros(m)
+        cond_amp = [c.process(data, ts) for c in self._conditions]
         cap = len(self._x)
         if m >= cap:
-            x, xt, m = x[-cap:], xt[-cap:], cap
+            x, xt, amp, m = x[-cap:], xt[-cap:], amp[-cap:], cap
+            cond_amp = [c[-cap:] for c in cond_amp]
         # shift left only when the end is reached: amortised, no per-chunk allocation
         if self._end + m > cap:
             keep = min(self._n, cap - m)
             self._x[:keep] = self._x[self._end - keep:self._end]
             self._t[:keep] = self._t[self._end - keep:self._end]
+            self._a[:keep] = self._a[self._end - keep:self._end]
+            self._c[:, :keep] = self._c[:, self._end - keep:self._end]
             self._end = keep
         self._x[self._end:self._end + m] = x
         self._t[self._end:self._end + m] = xt
+        self._a[self._end:self._end + m] = amp
+        for k, c in enumerate(cond_amp):
+            self._c[k, self._end:self._end + m] = c
         self._end += m
+        self._total += m
         self._n = min(self._n + m, self._end)
-        if self.band is None and self._n >= self.cfg.calibration_s * self.fs:
+        n_cal = self.cfg.calibration_s * self.fs
+        if self.band is None and self._n >= n_cal:
             self._calibrate()
+        if self.wiener_state == "collecting" and self.band is not None and self._n >= n_cal:
+            self._start_training(int(n_cal))
+
+    def _start_training(self, n: int) -> None:
+        """Train the Wiener filter on the first ``n`` samples of the continuous signal
+        held (the same samples however they were chunked); it takes over
+        :data:`WIENER_SWITCH_DELAY_S` after them (AR forward prediction until then)."""
+        start = self._end - self._n
+        x = self._x[start:start + n].copy()
+        band = self.band if self.cfg.band_hz != "auto" else None
+        taps_ms = self.cfg.wiener_taps_ms
+        rhythm = self.cfg.rhythm
+        self.wiener_state = "training"
+        self._switch_at = self._total - self._n + n + int(WIENER_SWITCH_DELAY_S * self.fs)
+        self._training = self._trainer(
+            lambda: train_wiener(x, self.fs, taps_ms=taps_ms, band_hz=band, rhythm=rhythm))
+
+    def _maybe_switch(self, sample: int) -> None:
+        """Install the trained filter once the estimate's sample reaches the switch point
+        (waiting for the training if it has not finished by then)."""
+        if self._training is None or sample < self._switch_at:
+            return
+        training, self._training = self._training, None
+        try:
+            model = training.result()
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            self.wiener_state = f"failed: {exc}"
+            return
+        self.wiener = model
+        self.wiener_state = "ready"
+        if self.band is None:  # pragma: no cover - training starts after the band is known
+            self._set_band(model.band_hz)
+        self.estimator = WienerPhase(model)
 
     def _calibrate(self) -> None:
         x = self._x[self._end - self._n:self._end]
-        self.peak = find_peak(x, self.fs)
+        self.peak = find_peak(x, self.fs, rhythm=self.cfg.rhythm)
         self._set_band(self.peak.band_hz)
-        assert self.amplitude is not None
-        self.amplitude.process(x)
+        self._feed_amplitude_history()
 
     def status(self) -> TrackerStatus:
         """Whether :meth:`estimate` can give an estimate now, and why not."""
@@ -169,13 +277,22 @@ class PhaseTracker:
             return TrackerStatus("warming_up", f"{self._n} of {self.estimator.window} samples")
         return TrackerStatus("ready")
 
-    def estimate(self) -> PhaseEstimate | None:
-        """Phase at the newest sample, or None when not ready or the fit was unusable."""
+    def decimated_count(self, n_raw: int) -> int:
+        """How many samples the history gains from the first ``n_raw`` raw samples of the
+        next chunk (for :meth:`estimate` at a sample inside a chunk pushed whole)."""
+        return self.decimator.kept_count(n_raw)
+
+    def estimate(self, back: int = 0) -> PhaseEstimate | None:
+        """Phase at the newest sample (or ``back`` samples of the history before it), or
+        None when not ready or the fit was unusable."""
+        if self._training is not None:
+            self._maybe_switch(self._total - back)
         est = self.estimator
-        if est is None or self._n < est.window:
+        if est is None or self._n - back < est.window:
             return None
-        x = self._x[self._end - est.window:self._end]
-        result = est.estimate(x, float(self._t[self._end - 1]) - self._delay_s)
+        end = self._end - back
+        x = self._x[end - est.window:end]
+        result = est.estimate(x, float(self._t[end - 1]) - self._delay_s)
         if result is None or self.band is None:
             return None
         lo, hi = self.band
@@ -183,10 +300,23 @@ class PhaseTracker:
             return None  # the forecast left the band: do not trust its phase
         return result
 
+    def amplitude_at(self, back: int = 0) -> float:
+        """The causal band amplitude at the newest sample or ``back`` samples before it
+        (0 before the band is known)."""
+        if self._n <= back:
+            return 0.0
+        return float(self._a[self._end - 1 - back])
+
+    def condition_amplitudes(self, back: int = 0) -> tuple[float, ...]:
+        """The band amplitude of each power condition, as :meth:`amplitude_at`."""
+        if self._n <= back:
+            return tuple(0.0 for _ in self._conditions)
+        return tuple(float(v) for v in self._c[:, self._end - 1 - back])
+
     @property
     def band_amplitude(self) -> float:
         """The causal band amplitude at the newest sample (0 before the band is known)."""
-        return self.amplitude.value if self.amplitude is not None else 0.0
+        return self.amplitude_at(0)
 
     @property
     def newest_time(self) -> float | None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from closedloop.blas import single_threaded_blas
 from closedloop.config.schema import Config
 from closedloop.control.core import DecisionCore
 from closedloop.mep.tracker import MepTracker
@@ -37,6 +38,8 @@ from closedloop.stim.safety import SafetyGate, SafetyLimits
 from closedloop.streams.ring import RingBuffer
 
 __all__ = ["OfflineResult", "fingerprint", "run_offline"]
+
+_BLOCK_S = 1.0  # seconds of EEG pushed through the filters at once
 
 
 @dataclass
@@ -83,9 +86,11 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
                 chunk_ms: float = 10.0, delay_ms: float = 1.0, t0: float | None = None,
                 armed: bool = True) -> OfflineResult:
     """Run the decision pipeline over ``eeg`` (samples stamped ``t0 + i / fs``)."""
+    single_threaded_blas()
     start_wall = time.perf_counter()
     t0 = eeg.first_timestamp if t0 is None else t0
-    tracker = PhaseTracker(fs_in=eeg.fs, labels=eeg.labels, cfg=cfg.phase)
+    tracker = PhaseTracker(fs_in=eeg.fs, labels=eeg.labels, cfg=cfg.phase,
+                           conditions=cfg.trigger.power_conditions)
     latency = (cfg.stimulator.latency_ms or 0.0) / 1000.0
     core = DecisionCore(cfg, tracker, latency_s=latency,
                         rng=np.random.default_rng(cfg.trigger.seed))
@@ -104,17 +109,42 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
     busy_until = -math.inf
     units = 0
     unit = core.unit
-    for i in range(0, data.shape[0], n_chunk):
-        chunk = data[i:i + n_chunk]
-        stamps = t0 + (i + np.arange(chunk.shape[0])) / eeg.fs
+    n_total = data.shape[0]
+    # Once the band is known, chunks are pushed through the filters in blocks of many
+    # (their per-call cost dominates otherwise) and the updates inside a block are then
+    # taken at their own samples of the tracker's history: the filters give the same
+    # numbers however the samples are split, so the decisions are the same.
+    n_block = n_chunk * max(1, round(_BLOCK_S * eeg.fs / n_chunk))
+    i = 0
+    while i < n_total:
+        j = min(n_total, i + (n_block if tracker.band is not None else n_chunk))
+        stamps = t0 + np.arange(i, j) / eeg.fs
         if i == 0:
             core.begin(float(stamps[0]) + offset_s)
-        for a, b, update_here in core.segments(stamps, offset_s):
-            tracker.push(chunk[a:b], stamps[a:b])
-            if update_here:
-                units, busy_until = _update(core, float(stamps[b - 1]) + offset_s, delay,
-                                            armed, units, busy_until, gate, intensity,
-                                            per_trigger, cfg, out)
+        if tracker.band is None:  # calibrating: the chunk as it comes, the band may change
+            for a, b, update_here in core.segments(stamps, offset_s):
+                tracker.push(data[i + a:i + b], stamps[a:b])
+                if update_here:
+                    units, busy_until = _update(core, float(stamps[b - 1]) + offset_s, delay,
+                                                armed, units, busy_until, gate, intensity,
+                                                per_trigger, cfg, out)
+            i = j
+            continue
+        # where the updates fall, chunk by chunk as the live path would see them
+        updates: list[tuple[int, float, float]] = []
+        for c in range(0, j - i, n_chunk):
+            part = stamps[c:c + n_chunk]
+            for _, b, update_here in core.segments(part, offset_s):
+                if update_here:
+                    updates.append((tracker.decimated_count(c + b),
+                                    float(part[b - 1]) + offset_s, core.spacing))
+        kept = tracker.decimated_count(j - i)
+        tracker.push(data[i:j], stamps)
+        for k, newest, spacing in updates:
+            core.spacing = spacing
+            units, busy_until = _update(core, newest, delay, armed, units, busy_until, gate,
+                                        intensity, per_trigger, cfg, out, back=kept - k)
+        i = j
     if emg is not None and out.pulses:
         out.meps = _meps(cfg, emg, out.pulses, unit.kind, t0)
     out.wall_s = time.perf_counter() - start_wall
@@ -123,10 +153,11 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
 
 def _update(core: DecisionCore, newest: float, delay: float, armed: bool, units: int,
             busy_until: float, gate: SafetyGate, intensity: float, per_trigger: int,
-            cfg: Config, out: OfflineResult) -> tuple[int, float]:
-    """One estimator update and its decision, as the live service would make them."""
+            cfg: Config, out: OfflineResult, back: int = 0) -> tuple[int, float]:
+    """One estimator update and its decision, as the live service would make them
+    (``back``: the update's sample is this many samples before the tracker's newest)."""
     unit = core.unit
-    update = core.estimate()
+    update = core.estimate(back, t=newest)
     if update is None:
         return units, busy_until
     out.updates += 1
