@@ -201,8 +201,15 @@ def test_calibrate_from_a_file_writes_a_usable_config(tmp_path: Path) -> None:
     from closedloop.config import load_config  # noqa: PLC0415
 
     cfg = load_config(out)
-    assert cfg.phase.estimator == result["estimator"]
+    assert cfg.phase.estimator == result["estimator"] == "wiener"
     assert cfg.phase.band_hz == tuple(result["band_hz"])
+    # the trained filter is written beside the config, and the tracker starts with it
+    assert cfg.phase.wiener_file == str(out.with_suffix(".wiener.npz").resolve())
+    from closedloop.phase.tracker import PhaseTracker  # noqa: PLC0415
+
+    tracker = PhaseTracker(fs_in=500.0, labels=["C3", "F3", "T3", "Cz", "P3"], cfg=cfg.phase)
+    assert tracker.wiener_state == "ready"
+    assert tracker.band == tracker.wiener.band_hz  # type: ignore[union-attr]
     weak = subprocess.run([sys.executable, "-m", "closedloop", "calibrate", "-c",
                            str(REPO / "configs" / "eegmat-replay.toml"), "--file",
                            str(data / "Subject01_1.edf")],
