@@ -237,7 +237,7 @@ class PhaseTracker:
         :data:`WIENER_SWITCH_DELAY_S` after them (AR forward prediction until then)."""
         start = self._end - self._n
         x = self._x[start:start + n].copy()
-        band = self.band if self.cfg.band_hz != "auto" else None
+        band = self.band  # fixed, or found in these same samples ("auto")
         taps_ms = self.cfg.wiener_taps_ms
         rhythm = self.cfg.rhythm
         self.wiener_state = "training"
@@ -263,7 +263,10 @@ class PhaseTracker:
         self.estimator = WienerPhase(model)
 
     def _calibrate(self) -> None:
-        x = self._x[self._end - self._n:self._end]
+        """The individual peak in the first ``calibration_s`` of the continuous signal
+        (the same samples however they were chunked)."""
+        start = self._end - self._n
+        x = self._x[start:start + int(self.cfg.calibration_s * self.fs)]
         self.peak = find_peak(x, self.fs, rhythm=self.cfg.rhythm)
         self._set_band(self.peak.band_hz)
         self._feed_amplitude_history()
