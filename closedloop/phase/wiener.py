@@ -64,7 +64,8 @@ class WienerModel:
     weights: CArray  # applied to the newest ``taps`` samples, oldest first
     band_hz: tuple[float, float]
     peak_hz: float
-    # expected circular SD of error (deg) for output amplitudes above each edge
+    # expected circular SD of error (deg) of outputs with amplitudes from each edge to the
+    # next (the last bin has no upper end): 8 bins holding equal shares of training data
     amp_edges: Array
     expected_sd_deg: Array
     holdout_sd_deg_above_median: float
@@ -171,8 +172,10 @@ def train_wiener(x: Array, fs: float, *, taps_ms: float = 500.0, lam: float = 1e
     err = np.angle(out * np.conj(target))
     amp = np.abs(out)
     edges = np.quantile(amp, np.linspace(0.0, 1.0, _AMP_BINS + 1)[:-1])
-    # expected error for outputs above each edge (a gate at that amplitude)
-    sd = np.array([_circ_sd_deg(err[amp >= e]) for e in edges])
+    # expected error of outputs of about this amplitude: per bin between the edges
+    upper = [*edges[1:], np.inf]
+    sd = np.array([_circ_sd_deg(err[(amp >= lo) & (amp < hi)])
+                   for lo, hi in zip(edges, upper, strict=True)])
     above = _circ_sd_deg(err[amp > np.median(amp)])
     w = _solve(gram_all, rhs_all, lam)  # final weights from all the data
     return WienerModel(fs=fs, weights=w, band_hz=band, peak_hz=peak.peak_hz,
