@@ -97,6 +97,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
     cfg = load_config(None, [
         f'streams.eeg.name="{name}"', "streams.eeg.dejitter=false",
         f'recording.events="{events}"', f'stimulator.coil_stream="{name}-coil"',
+        f'safety.day_counter_file="{events.with_suffix(".day.json")}"',  # this run's own
         'recording.marker_stream=""', "stimulator.arm_on_start=true",
         "trigger.tolerance_deg=180", "trigger.scheduling_margin_ms=0",
         "trigger.amplitude_percentile=0", "trigger.min_interval_s=0.1", "trigger.jitter_s=0",
@@ -139,6 +140,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
         child.terminate()
         child.wait(5)
         events.unlink(missing_ok=True)
+        events.with_suffix(".day.json").unlink(missing_ok=True)
     cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (w1 - w0) * 100
     return {
         "rate_hz": rate, "channels": 64, "chunk_ms": chunk_ms, "seconds": seconds,
