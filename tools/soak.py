@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import json
 import os
@@ -40,6 +39,7 @@ os.environ.setdefault("LSLAPICFG", str(REPO / "closedloop" / "resources" / "lsl_
 import pylsl  # noqa: E402
 
 from closedloop.config import load_config  # noqa: E402
+from closedloop.control.memory import trim_heap  # noqa: E402
 from closedloop.control.service import ClosedLoopService  # noqa: E402
 from closedloop.mqtt.local_broker import local_broker  # noqa: E402
 
@@ -59,15 +59,6 @@ def rss_by_kind_mb() -> dict[str, float]:
             elif head[0] == "Rss:":
                 out[kind] += int(head[1]) / 1024.0
     return {k: round(v, 2) for k, v in out.items()}
-
-
-def malloc_trim() -> bool:
-    """Give free heap memory back to the system (glibc); False where unavailable."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def rss_mb() -> float:
@@ -136,7 +127,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         growth_sites = _growth_sites(snap0) if snap0 is not None else None
         by_kind1, objects1 = rss_by_kind_mb(), len(gc.get_objects())
         rss_before_trim = rss_mb()
-        trimmed = malloc_trim()
+        trimmed = trim_heap()
         rss_after_trim = rss_mb()
         elapsed_lsl = pylsl.local_clock() - first_sample_lsl
         received = service.eeg.ring.count if service.eeg and service.eeg.ring else 0

@@ -186,10 +186,12 @@ class DecisionCore:
 
     def _condition_failure(self, amps: tuple[float, ...], t: float) -> str | None:
         """Why the power conditions do not all hold (None when they do)."""
+        if not self.conditions:
+            return None
+        if t < self._warm_at:
+            return "power_condition_unknown"
         for k, (cond, hist, amp) in enumerate(zip(self.conditions, self.cond_hist, amps,
                                                   strict=True)):
-            if t < self._warm_at:
-                return "power_condition_unknown"
             threshold = hist.threshold()
             if cond.above and amp < threshold:
                 return f"power_condition_{k}_below"

@@ -30,20 +30,11 @@ class BandAmplitude:
         self._b = np.array([alpha])
         self._a = np.array([1.0, alpha - 1.0])
         self._zi: npt.NDArray[np.float64] | None = None
-        self.value = 0.0
 
     def reset(self) -> None:
         """Forget the state (after a gap)."""
         self._bp.reset()
         self._zi = None
-        self.value = 0.0
-
-    def process(self, x: npt.NDArray[np.float64]) -> float:
-        """Feed a chunk; return the amplitude at its last sample."""
-        if x.size == 0:
-            return self.value
-        self.series(x)
-        return self.value
 
     def series(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Feed a chunk; return the amplitude at each of its samples."""
@@ -53,7 +44,6 @@ class BandAmplitude:
         if self._zi is None:  # steady state for a constant power of y[0]**2
             self._zi = np.array([-self._a[1] * float(y[0]) ** 2])
         power, self._zi = signal.lfilter(self._b, self._a, y * y, zi=self._zi)
-        self.value = math.sqrt(max(0.0, 2.0 * float(power[-1])))
         amp: npt.NDArray[np.float64] = np.sqrt(np.maximum(0.0, 2.0 * power))
         return amp
 
