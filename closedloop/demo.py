@@ -288,13 +288,16 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def _estimator(e: dict[str, Any]) -> str:
-    if e["name"] != "wiener":
-        return str(e["name"])
-    state = e.get("wiener", "collecting")
-    if state == "ready":
-        return (f"wiener (trained on this session's first seconds; expected circular SD "
+    name = str(e["name"])
+    if "training" not in e:
+        return name
+    state = e["training"]
+    if state != "ready":
+        return f"{name}: {state} (AR forward prediction until it is trained)"
+    if "expected_sd_deg_above_median" in e:
+        return (f"{name} (trained on this session's first seconds; expected circular SD "
                 f"{e['expected_sd_deg_above_median']}° above the median amplitude)")
-    return f"wiener: {state} (AR forward prediction until it is trained)"
+    return f"{name} (trained on this session's first seconds)"
 
 
 def _targets(t: float | list[float]) -> str:

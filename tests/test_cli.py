@@ -208,7 +208,7 @@ def test_calibrate_from_a_file_writes_a_usable_config(tmp_path: Path) -> None:
     from closedloop.phase.tracker import PhaseTracker  # noqa: PLC0415
 
     tracker = PhaseTracker(fs_in=500.0, labels=["C3", "F3", "T3", "Cz", "P3"], cfg=cfg.phase)
-    assert tracker.wiener_state == "ready"
+    assert tracker.training_state == "ready"
     assert tracker.band == tracker.wiener.band_hz  # type: ignore[union-attr]
     weak = subprocess.run([sys.executable, "-m", "closedloop", "calibrate", "-c",
                            str(REPO / "configs" / "eegmat-replay.toml"), "--file",

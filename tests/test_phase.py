@@ -324,6 +324,6 @@ def test_auto_band_finds_each_rhythm(rhythm: str, freq: float) -> None:
             errs.append(math.degrees(math.remainder(e.phase_rad - phase[i + 9], 2 * math.pi)))
     assert tracker.peak is not None and abs(tracker.peak.peak_hz - freq) <= 0.5
     assert tracker.band is not None and tracker.band[0] < freq < tracker.band[1]
-    assert tracker.wiener_state == "ready"
+    assert tracker.training_state == "ready"
     assert len(errs) > 300
     assert circular_stats_deg(errs)["sd_deg"] < 25  # type: ignore[operator]

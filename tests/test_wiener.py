@@ -12,7 +12,7 @@ import pytest
 
 from closedloop.config.schema import PhaseConfig
 from closedloop.control.stats import circular_stats_deg
-from closedloop.phase.tracker import WIENER_SWITCH_DELAY_S, PhaseTracker
+from closedloop.phase.tracker import TRAINED_SWITCH_DELAY_S, PhaseTracker
 from closedloop.phase.truth import ground_truth
 from closedloop.phase.wiener import WienerModel, WienerPhase, train_wiener
 
@@ -20,11 +20,12 @@ FS = 500.0
 
 
 def drifting_rhythm(seconds: float, rng: np.random.Generator, *, noise: float = 0.6,
-                    resets: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """An alpha-like rhythm whose frequency wanders (9.5-11.5 Hz), with its exact phase;
-    with ``resets``, the phase jumps at random moments (about every 3 s)."""
+                    resets: bool = False, drift_hz: float = 0.8
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """An alpha-like rhythm whose frequency wanders (10.5 ± ``drift_hz``), with its exact
+    phase; with ``resets``, the phase jumps at random moments (about every 3 s)."""
     n = int(seconds * FS)
-    freq = 10.5 + 0.8 * np.sin(2 * np.pi * 0.05 * np.arange(n) / FS)
+    freq = 10.5 + drift_hz * np.sin(2 * np.pi * 0.05 * np.arange(n) / FS)
     phase = np.cumsum(2 * np.pi * freq / FS)
     if resets:
         jumps = rng.random(n) < 1.0 / (3 * FS)
@@ -180,8 +181,8 @@ def test_tracker_trains_then_switches_at_the_same_sample_however_chunked() -> No
         b = PhaseTracker(fs_in=FS, labels=["C3"], cfg=cfg, trainer=pool.submit)
         got_a = {i: (p, c) for i, p, c in _feed(a, x, [10])}
         got_b = {i: (p, c) for i, p, c in _feed(b, x, [7, 23, 5, 40])}
-    assert a.wiener_state == b.wiener_state == "ready"
-    switch = int((20.0 + WIENER_SWITCH_DELAY_S) * FS)
+    assert a.training_state == b.training_state == "ready"
+    switch = int((20.0 + TRAINED_SWITCH_DELAY_S) * FS)
     # AR before the switch (no expected error), the trained filter after it
     assert all(c is None for i, (_, c) in got_a.items() if i < switch)
     assert all(c is not None for i, (_, c) in got_a.items() if i >= switch + 10)
@@ -198,7 +199,7 @@ def test_tracker_uses_a_calibrated_model_from_the_start(tmp_path: Path) -> None:
     train_wiener(x, FS).save(path)
     cfg = PhaseConfig(reference=(), estimator="wiener", wiener_file=str(path))
     tracker = PhaseTracker(fs_in=FS, labels=["C3"], cfg=cfg)
-    assert tracker.wiener_state == "ready"
+    assert tracker.training_state == "ready"
     got = _feed(tracker, x[: int(3 * FS)], [10])
     assert got and all(c is not None for _, _, c in got)
     with pytest.raises(ValueError, match="trained at 500 Hz"):
@@ -214,5 +215,5 @@ def test_failed_training_keeps_the_ar_estimates() -> None:
     cfg = PhaseConfig(reference=(), estimator="wiener", calibration_s=6.0)
     tracker = PhaseTracker(fs_in=FS, labels=["C3"], cfg=cfg)
     got = _feed(tracker, x, [10])
-    assert tracker.wiener_state.startswith("failed: ") and "too little" in tracker.wiener_state
+    assert tracker.training_state.startswith("failed: ") and "too little" in tracker.training_state
     assert got[-1][0] > 10 * FS and got[-1][2] is None  # still estimating, with AR

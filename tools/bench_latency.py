@@ -51,7 +51,7 @@ from closedloop.config.schema import PhaseConfig
 from closedloop.control.service import ClosedLoopService
 from closedloop.control.stats import LatencyRing
 from closedloop.mqtt.local_broker import local_broker
-from closedloop.phase.tracker import WIENER_SWITCH_DELAY_S
+from closedloop.phase.tracker import TRAINED_SWITCH_DELAY_S
 from closedloop.recording.events import read_events
 from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.sim.simulator import make_outlet
@@ -182,7 +182,7 @@ def main() -> None:
     warmup = 2.0
     if args.estimator == "wiener":
         est = (*est, "phase.calibration_s=15")
-        warmup += 15.0 + WIENER_SWITCH_DELAY_S
+        warmup += 15.0 + TRAINED_SWITCH_DELAY_S
 
     async def run_all() -> list[dict[str, object]]:
         out = []

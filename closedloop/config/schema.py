@@ -125,11 +125,14 @@ class PhaseConfig:
         "alpha", "band_hz = \"auto\": where the individual peak is looked for: alpha/mu "
         "7-14 Hz (band: peak ± 2 Hz), beta 13-30 Hz (± 3 Hz), theta 4-8 Hz (± 1.5 Hz)")
     calibration_s: float = opt(30.0, "seconds of data used to find the peak when band_hz is "
-                               "\"auto\", and to train the \"wiener\" estimator",
-                               lo=5.0, hi=600.0)
-    estimator: Literal["ar", "echt", "wiener"] = opt(
+                               "\"auto\", and to train the \"wiener\" and \"etp\" "
+                               "estimators", lo=5.0, hi=600.0)
+    estimator: Literal["ar", "echt", "etp", "resonator", "wiener"] = opt(
         "wiener", "phase estimator: \"ar\" (AR forward prediction, Zrenner et al. 2018), "
-        "\"echt\" (endpoint-corrected Hilbert transform, Schreglmann et al. 2021) or "
+        "\"echt\" (endpoint-corrected Hilbert transform, Schreglmann et al. 2021), "
+        "\"etp\" (educated temporal prediction, Shirinpour et al. 2020: trained on the "
+        "first calibration_s, AR until then; uses window_ms and edge_ms), \"resonator\" "
+        "(a complex resonator at the band's centre, per sample) or "
         "\"wiener\" (a causal filter trained on the person's first calibration_s of EEG "
         "to output the offline ground truth; AR until it is trained; reports the error it "
         "expects for each estimate)")
@@ -151,10 +154,11 @@ class PhaseConfig:
     decision_delay_ms: float = opt(1.0, "deterministic: the processing delay decisions "
                                    "assume (a pulse that cannot make it is refused as late)",
                                    lo=0.0, hi=50.0)
-    window_ms: float = opt(500.0, "AR: length of the analysis window", lo=200.0, hi=4000.0)
+    window_ms: float = opt(500.0, "AR and ETP: length of the analysis window", lo=200.0,
+                           hi=4000.0)
     fir_ms: float = opt(128.0, "AR: length of the zero-phase FIR band-pass", lo=20.0,
                         hi=1000.0)
-    edge_ms: float = opt(64.0, "AR: filtered samples dropped at each window edge",
+    edge_ms: float = opt(64.0, "AR and ETP: filtered samples dropped at each window edge",
                          lo=0.0, hi=1000.0)
     ar_order: int = opt(20, "AR: model order", lo=2, hi=100)
     hilbert_window_ms: float = opt(128.0, "AR: Hilbert transform window around now",

@@ -53,6 +53,7 @@ from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
 from closedloop.mep.protocols import MEP_PROTOCOLS, MepProtocol, make_mep_protocol
 from closedloop.mep.tracker import MepRecord, MepTracker
+from closedloop.phase.etp import ETP
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog, clean_json
 from closedloop.recording.markers import PulseMarkerOutlet
@@ -405,8 +406,8 @@ class ClosedLoopService:
         # up on it, and a replay of the recording meets the same first sample
         pos = max(0, ring.count - ring.capacity)
         calibrated = tracker.band is not None
-        wiener_state = tracker.wiener_state
-        if wiener_state == "ready":  # a calibrated model file
+        training_state = tracker.training_state
+        if training_state == "ready":  # a calibrated model file
             self._record_estimator(tracker)
         perf = time.perf_counter_ns
         clock_bad = False
@@ -451,8 +452,8 @@ class ClosedLoopService:
                 newest = float(rd.timestamps[seg_end - 1]) + offset_s
                 update = core.estimate()
                 t_c = perf()
-                if tracker.wiener_state != wiener_state:
-                    wiener_state = tracker.wiener_state
+                if tracker.training_state != training_state:
+                    training_state = tracker.training_state
                     self._record_estimator(tracker)
                 if update is None:
                     continue
@@ -537,14 +538,18 @@ class ClosedLoopService:
                             stages_us=stages)
 
     def _record_estimator(self, tracker: PhaseTracker) -> None:
-        """The Wiener filter started training, took over, or could not be trained."""
+        """A trained estimator started training, took over, or could not be trained."""
         model = tracker.wiener
-        fields: dict[str, Any] = {"wiener": tracker.wiener_state}
-        if model is not None and tracker.wiener_state == "ready":
+        fields: dict[str, Any] = {"estimator": tracker.cfg.estimator,
+                                  "training": tracker.training_state}
+        if model is not None and tracker.training_state == "ready":
             fields.update(band_hz=list(model.band_hz), peak_hz=model.peak_hz,
                           snr_db=round(model.snr_db, 2), rhythm=model.rhythm,
                           expected_sd_deg_above_median=round(
                               model.holdout_sd_deg_above_median, 1))
+        elif isinstance(tracker.estimator, ETP) and tracker.training_state == "ready":
+            fields.update(band_hz=list(tracker.estimator.band),
+                          inter_peak_interval_ms=round(tracker.estimator.ipi_s * 1000, 1))
         self.stats.estimator = fields
         self._event("phase_estimator", **fields)
 
@@ -1039,15 +1044,16 @@ class ClosedLoopService:
         }
 
     def _phase_status(self) -> dict[str, Any] | None:
-        """The estimator in use, its band and (wiener) its training and expected error."""
+        """The estimator in use, its band and (trained ones) their training and (wiener)
+        expected error."""
         tr = self.tracker
         if tr is None:
             return None
         out: dict[str, Any] = {"estimator": type(tr.estimator).__name__ if tr.estimator
                                else None, "tracker": tr.status().state,
                                "band_hz": list(tr.band) if tr.band else None}
-        if tr.wiener_state != "off":
-            out["wiener"] = tr.wiener_state
+        if tr.training_state != "off":
+            out["training"] = tr.training_state
             if tr.wiener is not None:
                 out["wiener_expected_sd_deg_above_median"] = round(
                     tr.wiener.holdout_sd_deg_above_median, 1)

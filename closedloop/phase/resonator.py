@@ -7,6 +7,11 @@ at negligible cost. Two in cascade sharpen the band. This is the "resonant oscil
 the individual peak frequency" of the published comparisons (e.g. the resonator used by
 Rosenblum et al. 2021/2022 for real-time phase estimation); its weakness is a phase bias
 that grows with the distance of the momentary frequency from the centre.
+
+Everything is a per-sample recursion (the DC is removed by a one-pole running mean), so
+the output does not depend on how the samples were chunked: the live tracker keeps the
+resonator's output per sample and reads it at any sample (:meth:`Resonator.process`,
+:meth:`Resonator.estimate_from`).
 """
 
 from __future__ import annotations
@@ -22,43 +27,74 @@ from closedloop.phase.estimate import PhaseEstimate
 __all__ = ["Resonator"]
 
 Array = npt.NDArray[np.float64]
+Complex = npt.NDArray[np.complex128]
+
+# time constant of the running mean that removes the DC before the resonator
+_DC_TAU_S = 2.0
 
 
 class Resonator:
-    """Streaming complex resonator; :meth:`push` samples, then :meth:`estimate`."""
+    """Streaming complex resonator: :meth:`process` samples (or :meth:`push` them), then
+    :meth:`estimate` (or :meth:`estimate_from` a stored output)."""
 
     name = "resonator"
 
     def __init__(self, *, fs: float, centre_hz: float, bandwidth_hz: float = 3.0,
                  stages: int = 2) -> None:
         self.fs = fs
+        self.centre_hz = centre_hz
         r = math.exp(-math.pi * bandwidth_hz / fs)
         pole = r * np.exp(1j * 2 * math.pi * centre_hz / fs)
         self._b = np.array([1.0 - r], dtype=complex)
         self._a = np.array([1.0, -pole], dtype=complex)
-        self._zi = [np.zeros(1, dtype=complex) for _ in range(stages)]
-        self._last = np.zeros(2, dtype=complex)
-        self._mean = 0.0
+        self._stages = stages
+        alpha = 1.0 - math.exp(-1.0 / (_DC_TAU_S * fs))
+        self._dc_b = np.array([alpha])
+        self._dc_a = np.array([1.0, alpha - 1.0])
+        # samples to settle (one second), and over which the frequency is averaged
+        self.window = int(fs)
+        self.slope = max(1, int(fs / centre_hz / 8))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all state (a gap in the data)."""
+        self._zi = [np.zeros(1, dtype=complex) for _ in range(self._stages)]
+        self._dc_zi: Array | None = None
+        self._tail: Complex = np.zeros(0, dtype=complex)
         self._n = 0
 
-    def push(self, x: Array) -> None:
-        """Feed new samples (the DC is removed with a slow running mean)."""
+    def process(self, x: Array) -> Complex:
+        """The resonator's output (analytic signal estimate) at each new sample."""
+        x = np.asarray(x, dtype=float)
         if not len(x):
-            return
-        self._mean += 0.001 * (float(np.mean(x)) - self._mean) if self._n else float(x[0])
-        y: npt.NDArray[np.complexfloating] = (np.asarray(x, dtype=float) - self._mean).astype(
-            complex)
+            return np.zeros(0, dtype=complex)
+        if self._dc_zi is None:  # start the running mean at the first sample
+            self._dc_zi = np.array([x[0] * (1.0 - self._dc_b[0])])
+        mean, self._dc_zi = signal.lfilter(self._dc_b, self._dc_a, x, zi=self._dc_zi)
+        y: Complex = (x - mean).astype(complex)
         for k, zi in enumerate(self._zi):
             y, self._zi[k] = signal.lfilter(self._b, self._a, y, zi=zi)
-        self._last = np.concatenate((self._last, y))[-2:]
+        self._tail = np.concatenate((self._tail, y))[-(self.slope + 1):]
         self._n += len(x)
+        return y
+
+    def push(self, x: Array) -> None:
+        """Feed new samples (output kept only for :meth:`estimate`)."""
+        self.process(x)
+
+    def estimate_from(self, z: Complex, t_last: float) -> PhaseEstimate | None:
+        """Phase from the resonator's newest outputs ``z`` (at least ``slope + 1``, the
+        last at ``t_last``); frequency from the mean phase step over them."""
+        if len(z) < 2 or not np.all(np.isfinite(z)):
+            return None
+        tail = z[-(self.slope + 1):]
+        step = float(np.angle(np.sum(tail[1:] * np.conj(tail[:-1]))))
+        return PhaseEstimate(lsl_time=t_last, phase_rad=float(np.angle(tail[-1])),
+                             freq_hz=step * self.fs / (2 * math.pi),
+                             amplitude=float(abs(tail[-1])) * 2.0)
 
     def estimate(self, t_last: float) -> PhaseEstimate | None:
         """Phase of the resonator state at the newest sample."""
-        if self._n < self.fs:  # one second to settle
+        if self._n < self.window:  # one second to settle
             return None
-        z0, z1 = self._last
-        step = float(np.angle(z1 * np.conj(z0)))
-        return PhaseEstimate(lsl_time=t_last, phase_rad=float(np.angle(z1)),
-                             freq_hz=step * self.fs / (2 * math.pi),
-                             amplitude=float(abs(z1)) * 2.0)
+        return self.estimate_from(self._tail, t_last)

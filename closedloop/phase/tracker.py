@@ -1,9 +1,15 @@
-"""From raw EEG chunks to phase estimates: spatial filter, decimation, band, AR.
+"""From raw EEG chunks to phase estimates: spatial filter, decimation, band, estimator.
 
 :class:`PhaseTracker` is the functional core of the EEG side: no threads, no LSL, no
 clock. It is fed chunks (samples and LSL timestamps) and asked for an estimate; it keeps
 a preallocated history of the spatially filtered, decimated signal. When the band is
 ``"auto"`` it first collects ``calibration_s`` of data and finds the individual peak.
+
+Estimators of three kinds: window estimators (AR, ecHT) read the newest samples of the
+history; trained ones (``wiener``, ``etp``) are trained on the first ``calibration_s`` of
+the continuous signal (in a worker thread live) and take over from AR forward prediction
+:data:`TRAINED_SWITCH_DELAY_S` after that data ends; the streaming ``resonator`` is fed
+every sample and its output is kept beside the signal.
 
 Timing: the decimator's anti-alias filter delays the signal by a known amount at the band
 centre; the estimate's time is moved back by it, so that phase refers to the true
@@ -29,10 +35,12 @@ from closedloop.phase.amplitude import BandAmplitude
 from closedloop.phase.ar_forecast import ARForecaster, ARParams
 from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
+from closedloop.phase.etp import ETP
 from closedloop.phase.peak import PeakFit, find_peak
+from closedloop.phase.resonator import Resonator
 from closedloop.phase.wiener import WienerModel, WienerPhase, train_wiener
 
-__all__ = ["PhaseTracker", "TrackerStatus"]
+__all__ = ["TRAINED", "PhaseTracker", "TrackerStatus"]
 
 Array = npt.NDArray[np.float64]
 
@@ -41,16 +49,20 @@ Array = npt.NDArray[np.float64]
 # resets the filters. Loss and recovery of the stream reset them explicitly anyway.
 _GAP_S = 0.05
 _RECALIBRATION_MAX_S = 60.0
-# the trained filter takes over this much data after its training data ends: training runs
-# in a worker thread live, and the switch happens at the same sample live and offline
-WIENER_SWITCH_DELAY_S = 2.0
+# a trained estimator takes over this much data after its training data ends: training
+# runs in a worker thread live, and the switch happens at the same sample live and offline
+TRAINED_SWITCH_DELAY_S = 2.0
+# estimators trained on the first calibration_s of the session (AR until they are)
+TRAINED = ("wiener", "etp")
 
-Trainer = Callable[[Callable[[], WienerModel]], "Future[WienerModel]"]
+Trained = WienerModel | ETP
+Trainer = Callable[[Callable[[], Trained]], "Future[Trained]"]
+WindowEstimator = ARForecaster | EcHT | WienerPhase | ETP
 
 
-def _run_now(fn: Callable[[], WienerModel]) -> Future[WienerModel]:
+def _run_now(fn: Callable[[], Trained]) -> Future[Trained]:
     """Train in the calling thread (offline, tests)."""
-    fut: Future[WienerModel] = Future()
+    fut: Future[Trained] = Future()
     try:
         fut.set_result(fn())
     except Exception as exc:  # handed to whoever reads the future
@@ -94,9 +106,9 @@ class PhaseTracker:
     def __init__(self, *, fs_in: float, labels: Sequence[str], cfg: PhaseConfig,
                  trainer: Trainer | None = None,
                  conditions: Sequence[PowerCondition] = ()) -> None:
-        """``trainer`` runs the Wiener filter's training (``phase.estimator = "wiener"``
-        without a model file): by default at once, in the calling thread; the live
-        service hands it to a worker thread."""
+        """``trainer`` runs the training of a trained estimator (``wiener`` without a
+        model file, ``etp``): by default at once, in the calling thread; the live service
+        hands it to a worker thread."""
         self.cfg = cfg
         self.fs_in = fs_in
         self.spatial = hjorth(labels, cfg.channel, cfg.reference)
@@ -110,24 +122,29 @@ class PhaseTracker:
         self._a = np.zeros(cap)  # band amplitude at each sample (0 before the band is known)
         self._conditions = [_Condition(c, labels, cfg, self.decimator) for c in conditions]
         self._c = np.zeros((len(self._conditions), cap))  # their amplitudes
+        # the streaming estimator's output at each sample (resonator only)
+        self._z = np.zeros(cap if cfg.estimator == "resonator" else 0, dtype=complex)
+        self.resonator: Resonator | None = None
         self._end = 0  # write position in the history arrays
         self._n = 0  # valid samples ending at _end (since the last reset)
         self._last_ts: float | None = None
         self.peak: PeakFit | None = None
         self.band: tuple[float, float] | None = None
-        self.estimator: ARForecaster | EcHT | WienerPhase | None = None
+        self.estimator: WindowEstimator | Resonator | None = None
         self.amplitude: BandAmplitude | None = None
         self._delay_s = 0.0
         self.resets = 0
         self._total = 0  # samples ever written to the history (never reset)
         self._trainer = trainer or _run_now
-        self.wiener: WienerModel | None = None
-        self.wiener_state = "off" if cfg.estimator != "wiener" else "collecting"
-        self._training: Future[WienerModel] | None = None
-        self._switch_at = 0  # value of _total from which the trained filter is used
+        self.wiener: WienerModel | None = None  # the trained filter ("wiener")
+        self._trained: WienerPhase | ETP | None = None  # the trained estimator in use
+        # "off" (not a trained estimator), "collecting", "training", "ready", "failed: why"
+        self.training_state = "collecting" if cfg.estimator in TRAINED else "off"
+        self._training: Future[Trained] | None = None
+        self._switch_at = 0  # value of _total from which the trained estimator is used
         if cfg.estimator == "wiener" and cfg.wiener_file:
-            self.wiener = WienerModel.load(Path(cfg.wiener_file), self.fs)
-            self.wiener_state = "ready"
+            self._install(WienerModel.load(Path(cfg.wiener_file), self.fs))
+            assert self.wiener is not None
             self._set_band(self.wiener.band_hz)
         elif cfg.band_hz != "auto":
             self._set_band(cfg.band_hz)
@@ -138,10 +155,12 @@ class PhaseTracker:
         self._feed_amplitude_history()
 
     def _feed_amplitude_history(self) -> None:
-        """Run the (new) band's amplitude filter over the history held."""
+        """Run the (new) band's amplitude filter and resonator over the history held."""
+        span = slice(self._end - self._n, self._end)
         if self.amplitude is not None and self._n:
-            span = slice(self._end - self._n, self._end)
             self._a[span] = self.amplitude.series(self._x[span])
+        if self.resonator is not None and self._n:
+            self._z[span] = self.resonator.process(self._x[span])
 
     def available_s(self) -> float:
         """Seconds of continuous signal held."""
@@ -168,12 +187,19 @@ class PhaseTracker:
         params = ARParams.from_ms(fs=self.fs, band_hz=band, window_ms=c.window_ms,
                                   fir_ms=c.fir_ms, edge_ms=c.edge_ms, order=c.ar_order,
                                   hilbert_window_ms=c.hilbert_window_ms)
-        if self.wiener is not None:
-            self.estimator = WienerPhase(self.wiener)
+        self.resonator = None
+        if self._trained is not None:  # keeps the band it was trained for
+            self.estimator = self._trained
         elif c.estimator == "echt":  # centred on the band's middle (the peak), same width
             self.estimator = EcHT(fs=self.fs, centre_hz=(band[0] + band[1]) / 2.0,
                                   width_hz=band[1] - band[0],
                                   window=round(c.echt_window_ms * self.fs / 1000.0))
+        elif c.estimator == "resonator":  # on the individual peak, else the band's middle
+            centre = (self.peak.peak_hz if self.peak is not None and self.peak.band_hz == band
+                      else math.sqrt(band[0] * band[1]))
+            self.resonator = Resonator(fs=self.fs, centre_hz=centre,
+                                       bandwidth_hz=min(3.0, band[1] - band[0]))
+            self.estimator = self.resonator
         else:
             self.estimator = ARForecaster(params)
         self.amplitude = BandAmplitude(self.fs, band)
@@ -184,6 +210,8 @@ class PhaseTracker:
         self.decimator.reset()
         if self.amplitude is not None:
             self.amplitude.reset()
+        if self.resonator is not None:
+            self.resonator.reset()
         for cond in self._conditions:
             cond.reset()
         self._n = 0
@@ -204,10 +232,12 @@ class PhaseTracker:
         if m == 0:
             return
         amp = self.amplitude.series(x) if self.amplitude is not None else np.zeros(m)
+        z = self.resonator.process(x) if self.resonator is not None else None
         cond_amp = [c.process(data, ts) for c in self._conditions]
         cap = len(self._x)
         if m >= cap:
             x, xt, amp, m = x[-cap:], xt[-cap:], amp[-cap:], cap
+            z = z[-cap:] if z is not None else None
             cond_amp = [c[-cap:] for c in cond_amp]
         # shift left only when the end is reached: amortised, no per-chunk allocation
         if self._end + m > cap:
@@ -216,34 +246,57 @@ class PhaseTracker:
             self._t[:keep] = self._t[self._end - keep:self._end]
             self._a[:keep] = self._a[self._end - keep:self._end]
             self._c[:, :keep] = self._c[:, self._end - keep:self._end]
+            if len(self._z):
+                self._z[:keep] = self._z[self._end - keep:self._end]
             self._end = keep
         self._x[self._end:self._end + m] = x
         self._t[self._end:self._end + m] = xt
         self._a[self._end:self._end + m] = amp
         for k, c in enumerate(cond_amp):
             self._c[k, self._end:self._end + m] = c
+        if z is not None:
+            self._z[self._end:self._end + m] = z
         self._end += m
         self._total += m
         self._n = min(self._n + m, self._end)
         n_cal = self.cfg.calibration_s * self.fs
         if self.band is None and self._n >= n_cal:
             self._calibrate()
-        if self.wiener_state == "collecting" and self.band is not None and self._n >= n_cal:
+        if self.training_state == "collecting" and self.band is not None and self._n >= n_cal:
             self._start_training(int(n_cal))
 
     def _start_training(self, n: int) -> None:
-        """Train the Wiener filter on the first ``n`` samples of the continuous signal
-        held (the same samples however they were chunked); it takes over
-        :data:`WIENER_SWITCH_DELAY_S` after them (AR forward prediction until then)."""
+        """Train the estimator on the first ``n`` samples of the continuous signal held
+        (the same samples however they were chunked); it takes over
+        :data:`TRAINED_SWITCH_DELAY_S` after them (AR forward prediction until then)."""
         start = self._end - self._n
         x = self._x[start:start + n].copy()
         band = self.band  # fixed, or found in these same samples ("auto")
-        taps_ms = self.cfg.wiener_taps_ms
-        rhythm = self.cfg.rhythm
-        self.wiener_state = "training"
-        self._switch_at = self._total - self._n + n + int(WIENER_SWITCH_DELAY_S * self.fs)
-        self._training = self._trainer(
-            lambda: train_wiener(x, self.fs, taps_ms=taps_ms, band_hz=band, rhythm=rhythm))
+        assert band is not None
+        c, fs = self.cfg, self.fs
+        train: Callable[[], Trained]
+        if c.estimator == "wiener":
+            def train() -> Trained:
+                return train_wiener(x, fs, taps_ms=c.wiener_taps_ms, band_hz=band,
+                                    rhythm=c.rhythm)
+        else:
+            def train() -> Trained:
+                etp = ETP(fs=fs, band_hz=band, window=round(c.window_ms * fs / 1000.0),
+                          edge=round(c.edge_ms * fs / 1000.0))
+                etp.train(x, max(1, round(0.01 * fs)))
+                return etp
+        self.training_state = "training"
+        self._switch_at = self._total - self._n + n + int(TRAINED_SWITCH_DELAY_S * self.fs)
+        self._training = self._trainer(train)
+
+    def _install(self, trained: Trained) -> None:
+        if isinstance(trained, WienerModel):
+            self.wiener = trained
+            self._trained = WienerPhase(trained)
+        else:
+            self._trained = trained
+        self.training_state = "ready"
+        self.estimator = self._trained
 
     def _maybe_switch(self, sample: int) -> None:
         """Install the trained filter once the estimate's sample reaches the switch point
@@ -252,15 +305,11 @@ class PhaseTracker:
             return
         training, self._training = self._training, None
         try:
-            model = training.result()
+            trained = training.result()
         except (ValueError, np.linalg.LinAlgError) as exc:
-            self.wiener_state = f"failed: {exc}"
+            self.training_state = f"failed: {exc}"
             return
-        self.wiener = model
-        self.wiener_state = "ready"
-        if self.band is None:  # pragma: no cover - training starts after the band is known
-            self._set_band(model.band_hz)
-        self.estimator = WienerPhase(model)
+        self._install(trained)
 
     def _calibrate(self) -> None:
         """The individual peak in the first ``calibration_s`` of the continuous signal
@@ -294,8 +343,11 @@ class PhaseTracker:
         if est is None or self._n - back < est.window:
             return None
         end = self._end - back
-        x = self._x[end - est.window:end]
-        result = est.estimate(x, float(self._t[end - 1]) - self._delay_s)
+        t_last = float(self._t[end - 1]) - self._delay_s
+        if isinstance(est, Resonator):
+            result = est.estimate_from(self._z[end - est.slope - 1:end], t_last)
+        else:
+            result = est.estimate(self._x[end - est.window:end], t_last)
         if result is None or self.band is None:
             return None
         lo, hi = self.band
