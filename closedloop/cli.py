@@ -363,6 +363,7 @@ def _cmd_evaluate_phase(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from closedloop.phase.calibrate import (  # noqa: PLC0415
+        LIVE_ESTIMATORS,
         calibrate_signal,
         record_live,
         signal_from_file,
@@ -377,13 +378,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
               "the participant should sit still, eyes open, relaxed", flush=True)
         x, fs = record_live(cfg, args.seconds, progress=lambda s: print(
             f"  {s:.0f} s", end="\r", flush=True))
-    result = calibrate_signal(x, fs, cfg.phase.rhythm)
+    print(f"scoring {len(LIVE_ESTIMATORS)} estimators and their variants on "
+          f"{len(x) / fs:.0f} s of EEG (about a minute)", flush=True)
+    result = calibrate_signal(x, fs, cfg.phase)
     print(f"peak {result['peak_hz']} Hz, SNR {result['snr_db']} dB; band "
           f"{result['band_hz'][0]:g}-{result['band_hz'][1]:g} Hz")
     for name, s in result["scores_amp_above_median"].items():
-        print(f"  {name:<6} circular SD {s['circ_sd_deg']}°, bias {s['bias_deg']}° "
+        print(f"  {name:<34} circular SD {s['circ_sd_deg']}°, bias {s['bias_deg']}° "
               "(amplitude above the median)")
-    print(f"best: {result['estimator']}; {result['verdict']}")
+    shown = " ".join(f"{k}={v:g}" for k, v in result["parameters"].items())
+    print(f"best: {result['estimator']} {shown}; {result['verdict']}")
     if args.out:
         model = write_config(cfg, result, Path(args.out), x, fs)
         print(f"written: {args.out}" + (f" and {model}" if model else ""))

@@ -142,6 +142,12 @@ class PhaseConfig:
     wiener_taps_ms: float = opt(500.0, "wiener: length of the trained filter", lo=100.0,
                                 hi=2000.0)
     echt_window_ms: float = opt(1000.0, "ecHT: analysis window", lo=200.0, hi=4000.0)
+    resonator_bandwidth_hz: float = opt(4.0, "resonator: its -3 dB bandwidth (at most the "
+                                        "band's width)", lo=0.5, hi=20.0)
+    resonator_retune_s: float = opt(10.0, "resonator: move its centre half way to the "
+                                    "individual peak of the last 60 s this often; 0 = "
+                                    "fixed on the peak found at calibration", lo=0.0,
+                                    hi=3600.0)
     processing_rate_hz: float = opt(500.0, "EEG is low-passed and decimated to about this "
                                     "rate before phase estimation", lo=100.0, hi=5000.0)
     update_interval_ms: float = opt(2.0, "run the estimator at most this often",
@@ -196,6 +202,11 @@ class TriggerConfig:
                                         "the estimate (estimators that report one: "
                                         "\"wiener\"); 0 = no confidence gate",
                                         lo=0.0, hi=180.0)
+    wait_for_training: bool = opt(True, "trained estimators (phase.estimator \"wiener\" "
+                                  "without a wiener_file, \"etp\"): no pulse until the "
+                                  "trained one takes over (refused as estimator_training; "
+                                  "estimator_untrained if its training failed); false: fire "
+                                  "on AR forward prediction meanwhile, without a confidence")
     amplitude_window_s: float = opt(30.0, "length of the running amplitude history",
                                     lo=1.0, hi=3600.0)
     min_interval_s: float = opt(2.0, "minimum time between pulses", lo=HARD_MIN_INTERVAL_S,

@@ -93,6 +93,7 @@ class DecisionCore:
         self.deterministic = cfg.phase.deterministic and self.interval_s > 0
         self.decision_delay_s = cfg.phase.decision_delay_ms / 1000.0
         self.unit = unit_for(cfg.stimulation)
+        self.wait_for_training = trig.wait_for_training
 
     def begin(self, first_sample_time: float) -> None:
         """The first sample's time: the gate's warm-up is counted from it, and the
@@ -208,8 +209,17 @@ class DecisionCore:
             decision, self.state = decide(
                 u.est, now=now, params=self.params, state=self.state, armed=armed,
                 horizon_s=max(self.min_horizon, 1.5 * self.spacing), amplitude=u.amplitude,
-                amplitude_threshold=u.threshold, condition_failure=u.condition_failure)
+                amplitude_threshold=u.threshold, condition_failure=u.condition_failure,
+                not_ready=self.not_ready())
         return decision
+
+    def not_ready(self) -> str | None:
+        """Why no pulse may fire on the current estimator yet: a trained estimator that
+        has not taken over (``trigger.wait_for_training``)."""
+        state = self.tracker.training_state
+        if not self.wait_for_training or state in ("off", "ready"):
+            return None
+        return "estimator_untrained" if state.startswith("failed") else "estimator_training"
 
     def scheduled(self, decision: Decision) -> None:
         """A unit was scheduled for ``decision``: the next may start after it, its pause

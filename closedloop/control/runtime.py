@@ -26,6 +26,7 @@ LIVE_KEYS: dict[str, str] = {
     "tolerance_deg": "trigger.tolerance_deg",
     "amplitude_percentile": "trigger.amplitude_percentile",
     "max_expected_error_deg": "trigger.max_expected_error_deg",
+    "wait_for_training": "trigger.wait_for_training",
     "min_interval_s": "trigger.min_interval_s",
     "jitter_s": "trigger.jitter_s",
     "band_hz": "phase.band_hz",

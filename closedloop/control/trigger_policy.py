@@ -73,7 +73,8 @@ class Decision:
 
 def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: TriggerState,
            armed: bool, amplitude: float, amplitude_threshold: float, horizon_s: float,
-           condition_failure: str | None = None) -> tuple[Decision | None, TriggerState]:
+           condition_failure: str | None = None, not_ready: str | None = None
+           ) -> tuple[Decision | None, TriggerState]:
     """Decide about the next crossing of the target phase, if it is due now.
 
     Args:
@@ -82,6 +83,8 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
             estimate).
         condition_failure: Why the trigger's power conditions do not hold (a refusal
             reason), or None when they all do.
+        not_ready: Why the estimator is not to be trusted yet (a refusal reason: the
+            trained estimator has not taken over), or None.
 
     Returns:
         ``(decision, new_state)``; ``decision`` is None when there is nothing to decide yet.
@@ -113,6 +116,8 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
         return refuse("disarmed")
     if fire_time < state.next_allowed:
         return refuse("min_interval")
+    if not_ready is not None:
+        return refuse(not_ready)
     if math.isnan(amplitude_threshold) or amplitude_threshold == math.inf:
         return refuse("amplitude_unknown")  # the gate has no history yet
     if amplitude < amplitude_threshold:

@@ -5,19 +5,24 @@ every ``step`` samples (10 ms by default); errors are scored after a training pe
 (ETP learns from it; the individual peak is found in it) at all points and where the
 ground-truth amplitude is above its median and 75th percentile, as in the published
 comparisons.
+
+Each estimator runs with the parameters of a :class:`~closedloop.config.schema.PhaseConfig`
+(the defaults unless given), as the live tracker would; ``closedloop calibrate`` scores
+several parameter variants this way.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from closedloop.config.schema import PhaseConfig
 from closedloop.phase.ar_forecast import ARForecaster, ARParams
 from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
@@ -70,19 +75,28 @@ def _window_runner(est: Any) -> Runner:
 
 
 def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
-          train: Array, step: int, rhythm: str = "alpha") -> Runner:
+          train: Array, step: int, c: PhaseConfig) -> Runner:
+    """The estimator ``name`` with the parameters of ``c`` (its rhythm too)."""
+    def samples(ms: float) -> int:
+        return round(ms * fs / 1000.0)
+
     if name == "ar":
-        ar = ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=500, fir_ms=128,
-                                           edge_ms=64, order=20, hilbert_window_ms=128))
+        ar = ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=c.window_ms,
+                                           fir_ms=c.fir_ms, edge_ms=c.edge_ms,
+                                           order=c.ar_order,
+                                           hilbert_window_ms=c.hilbert_window_ms))
         return _window_runner(ar)
     if name == "echt":
-        return _window_runner(EcHT(fs=fs, centre_hz=peak_hz, window=int(fs)))
+        return _window_runner(EcHT(fs=fs, centre_hz=peak_hz,
+                                   window=samples(c.echt_window_ms)))
     if name == "etp":
-        etp = ETP(fs=fs, band_hz=band, window=int(0.5 * fs), edge=int(0.064 * fs))
+        etp = ETP(fs=fs, band_hz=band, window=samples(c.window_ms), edge=samples(c.edge_ms))
         etp.train(train, step)
         return _window_runner(etp)
     if name == "resonator":
-        res = Resonator(fs=fs, centre_hz=peak_hz)
+        res = Resonator(fs=fs, centre_hz=peak_hz, rhythm=c.rhythm,
+                        bandwidth_hz=min(c.resonator_bandwidth_hz, band[1] - band[0]),
+                        retune_every_s=c.resonator_retune_s)
         pos = {"n": 0}
 
         def run(x: Array, i: int) -> PhaseEstimate | None:
@@ -91,8 +105,8 @@ def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
             return res.estimate(float(i - 1))
         return run
     if name == "wiener":  # ours: trained on the training period, like ETP
-        return _window_runner(WienerPhase(train_wiener(train, fs, band_hz=band,
-                                                       rhythm=rhythm)))
+        return _window_runner(WienerPhase(train_wiener(
+            train, fs, band_hz=band, rhythm=c.rhythm, taps_ms=c.wiener_taps_ms)))
     raise ValueError(f"unknown estimator {name}")
 
 
@@ -101,9 +115,13 @@ ESTIMATORS = (*PUBLISHED, "wiener")
 
 
 def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMATORS,
-                    train_s: float = 60.0, step: int | None = None, rhythm: str = "alpha"
+                    train_s: float = 60.0, step: int | None = None, rhythm: str = "alpha",
+                    variants: Mapping[str, tuple[str, PhaseConfig]] | None = None
                     ) -> tuple[dict[str, Any], list[EvaluationResult]]:
     """Run each estimator causally over ``x``; score after ``train_s``.
+
+    ``variants`` (label -> estimator name and the parameters to run it with) replaces
+    ``estimators``, each with the default parameters and ``rhythm``.
 
     Returns:
         ``(info, results)``: the peak, bands and ground-truth spread, and per-estimator
@@ -118,10 +136,13 @@ def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMA
     amp = truth.amplitude[idx - 1]
     gates = {"all": np.ones(len(idx), bool), "amp>median": amp > np.median(amp),
              "amp>p75": amp > np.percentile(amp, 75)}
+    if variants is None:
+        params = PhaseConfig(rhythm=rhythm)  # type: ignore[arg-type]
+        variants = {name: (name, params) for name in estimators}
     results = []
-    for name in estimators:
+    for label, (name, params) in variants.items():
         run = _make(name, fs, train_peak.band_hz, train_peak.peak_hz, x[:n_train], step,
-                    rhythm)
+                    params)
         if name == "resonator":  # let it settle on the training data first
             for j in range(step, n_train, step):
                 run(x, j)
@@ -138,7 +159,7 @@ def evaluate_signal(x: Array, fs: float, *, estimators: tuple[str, ...] = ESTIMA
                     expected[k] = est.expected_error_deg
         c = np.array(costs) / 1000.0
         results.append(EvaluationResult(
-            name=name, scores={g: score(errors[m]) for g, m in gates.items()},
+            name=label, scores={g: score(errors[m]) for g, m in gates.items()},
             cost_us={"median": round(float(np.median(c)), 1),
                      "p99": round(float(np.percentile(c, 99)), 1)},
             errors=errors, gates=gates,

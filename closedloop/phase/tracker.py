@@ -197,8 +197,10 @@ class PhaseTracker:
         elif c.estimator == "resonator":  # on the individual peak, else the band's middle
             centre = (self.peak.peak_hz if self.peak is not None and self.peak.band_hz == band
                       else math.sqrt(band[0] * band[1]))
-            self.resonator = Resonator(fs=self.fs, centre_hz=centre,
-                                       bandwidth_hz=min(3.0, band[1] - band[0]))
+            self.resonator = Resonator(
+                fs=self.fs, centre_hz=centre, rhythm=c.rhythm,
+                bandwidth_hz=min(c.resonator_bandwidth_hz, band[1] - band[0]),
+                retune_every_s=c.resonator_retune_s)
             self.estimator = self.resonator
         else:
             self.estimator = ARForecaster(params)
