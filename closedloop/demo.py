@@ -41,6 +41,9 @@ def demo_overrides(prefix: str, events: str) -> list[str]:
         f'recording.events="{events}"', "stimulator.arm_on_start=true",
         "trigger.min_interval_s=1.5", "trigger.jitter_s=0.3", "safety.min_interval_s=1.0",
         "trigger.amplitude_percentile=50", "trigger.amplitude_window_s=10",
+        # the trained filter takes over (and pulses start) 17 s in: 15 s of training data
+        # (about the least it needs), then the switch delay
+        "phase.calibration_s=15",
     ]
 
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_summary_is_safe_complete_and_bounded(tmp_path: Path) -> None:
     events = tmp_path / "demo.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "closedloop", "demo", "--duration", "14", "--eeg-rate", "1000",
+        [sys.executable, "-m", "closedloop", "demo", "--duration", "26", "--eeg-rate", "1000",
          "--seed", "11", "--json", "--events", str(events),
          "--set", "trigger.min_interval_s=0.7", "--set", "safety.min_interval_s=0.6"],
         capture_output=True, text=True, timeout=90, check=False)

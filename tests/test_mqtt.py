@@ -50,7 +50,8 @@ def mqtt_config(tmp_path: Path, eeg: str, instance: str, *extra: str, port: int 
         "mqtt.enabled=true", f'mqtt.instance="{instance}"', f"mqtt.port={port}",
         "mqtt.metrics_interval_s=0.5", "mqtt.status_interval_s=0.5",
         "trigger.amplitude_percentile=0", "trigger.min_interval_s=0.3", "trigger.jitter_s=0",
-        "safety.min_interval_s=0.3", "mqtt.reconnect_max_s=0.5", *extra])
+        "safety.min_interval_s=0.3", "mqtt.reconnect_max_s=0.5",
+        "trigger.wait_for_training=false", *extra])  # pulses from the start (as test_service)
 
 
 @pytest.fixture

@@ -31,10 +31,14 @@ pytestmark = [pytest.mark.lsl, pytest.mark.slow, pytest.mark.asyncio]
 
 
 def config(tmp_path: Path, *overrides: str) -> Config:
+    """The service's tests are about the service, not the estimator: pulses may fire
+    from the start (AR forward prediction until the filter is trained). Waiting for the
+    training (the default) is tested in test_offline.py."""
     return load_config(None, [f'recording.events="{tmp_path / "events.jsonl"}"',
                               f'stimulator.coil_stream="{unique("coil")}"',
                               f'recording.marker_stream="{unique("pulses")}"',
-                              "acquisition.resolve_timeout_s=10", *overrides])
+                              "acquisition.resolve_timeout_s=10",
+                              "trigger.wait_for_training=false", *overrides])
 
 
 async def run_service(cfg: Config, seconds: float,
