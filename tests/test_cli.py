@@ -63,7 +63,8 @@ def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
              "--set", f'stimulator.coil_stream="{prefix}-coil"',
              "--set", f'recording.events="{events}"',
              "--set", f'recording.marker_stream="{prefix}-pulses"',
-             "--set", "trigger.min_interval_s=0.5", "--set", "safety.min_interval_s=0.5"],
+             "--set", "trigger.min_interval_s=0.5", "--set", "safety.min_interval_s=0.5",
+             "--set", "trigger.wait_for_training=false"],  # a pulse soon
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -247,7 +248,8 @@ def test_a_killed_session_leaves_readable_recordings(tmp_path: Path) -> None:
     sets = [f'streams.eeg.name="{prefix}-EEG"', f'streams.emg.name="{prefix}-EMG"',
             f'stimulator.coil_stream="{prefix}-coil"', f'recording.events="{events}"',
             f'recording.xdf="{xdf}"', 'recording.marker_stream=""',
-            "trigger.min_interval_s=0.5", "safety.min_interval_s=0.5"]
+            "trigger.min_interval_s=0.5", "safety.min_interval_s=0.5",
+            "trigger.wait_for_training=false"]  # a pulse soon
     run = subprocess.Popen(
         [sys.executable, "-m", "closedloop", "run", "--config",
          str(REPO / "configs" / "demo.toml"), *(a for s in sets for a in ("--set", s))],
