@@ -51,7 +51,7 @@ from closedloop.config.schema import PhaseConfig
 from closedloop.control.service import ClosedLoopService
 from closedloop.control.stats import LatencyRing
 from closedloop.mqtt.local_broker import local_broker
-from closedloop.phase.tracker import TRAINED_SWITCH_DELAY_S
+from closedloop.phase.tracker import TRAINED, TRAINED_SWITCH_DELAY_S
 from closedloop.recording.events import read_events
 from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.sim.simulator import make_outlet
@@ -161,10 +161,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 5000.0])
     ap.add_argument("--chunk-ms", type=float, default=2.0)
-    ap.add_argument("--estimator", choices=("ar", "echt", "wiener"),
+    ap.add_argument("--estimator", choices=("ar", "echt", "etp", "resonator", "wiener"),
                     default=PhaseConfig().estimator,
                     help="phase.estimator of the service (default: the configuration's; "
-                    "wiener trains on the first 10 s and is measured after its switch)")
+                    "wiener and etp train on the first 15 s and are measured after their "
+                    "switch)")
     ap.add_argument("--no-budget", action="store_true",
                     help="skip the latency-budget configuration (5000 Hz, 4 EMG, MQTT on)")
     ap.add_argument("--grid-ms", type=float, default=10.0,
@@ -180,7 +181,7 @@ def main() -> None:
 
     est: tuple[str, ...] = (f'phase.estimator="{args.estimator}"',)
     warmup = 2.0
-    if args.estimator == "wiener":
+    if args.estimator in TRAINED:
         est = (*est, "phase.calibration_s=15")
         warmup += 15.0 + TRAINED_SWITCH_DELAY_S
 

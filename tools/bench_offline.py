@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     out: dict[str, Any] = {}
     rec = simulated(args.seconds)
-    for est in ("wiener", "ar", "echt"):
+    for est in ("wiener", "ar", "echt", "etp", "resonator"):
         cfg = load_config(None, [f'phase.estimator="{est}"', "trigger.amplitude_percentile=50",
                                  "trigger.seed=1"])
         out[f"simulated_64ch_1000Hz_{est}"] = _repeat(cfg, rec, args.repeats)
