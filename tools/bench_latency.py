@@ -57,8 +57,16 @@ from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.sim.simulator import make_outlet
 
 
+def pin_from_env() -> None:
+    """A child of a benchmark run with ``--isolate``: stay on the CPUs it was given."""
+    cpus = os.environ.get("CLOSEDLOOP_BENCH_CPUS")
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
 def pusher(name: str, rate: float, chunk_ms: float, seconds: float, emg_channels: int) -> None:
     """Child process: push synthetic 64-channel EEG (and EMG) stamped at push time."""
+    pin_from_env()
     gen = EegGenerator(EegSimParams(fs=rate), np.random.default_rng(0))
     out = make_outlet(name, "EEG", LABELS_10_10_64, rate, name)
     emg_labels = ("FDI", "APB", "ADM", "ECR")[:emg_channels]

@@ -10,7 +10,12 @@ persistent connection to the broker on 127.0.0.1:1883, measuring each round trip
 Reported: the EEG-chunk-to-decision p50/p99 with MQTT off and on (the target: p99 "on"
 within 10% of "off"), and the command round-trip p50/p99.
 
-Usage: ``python tools/bench_mqtt.py [--seconds 20] [--rate 5000] [--per-minute 1000]``
+``--isolate`` keeps the service (this process) on CPU 0 and the broker, the commander and
+the EEG pusher on CPU 1, as a lab would give the real-time process cores of its own (on a
+two-core machine the other processes otherwise take turns on the service's core).
+
+Usage: ``python tools/bench_mqtt.py [--seconds 20] [--rate 5000] [--per-minute 1000]
+[--isolate]``
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -42,6 +48,7 @@ async def commander(prefix: str, per_minute: float, seconds: float, port: int) -
     from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
     from paho.mqtt.properties import Properties  # noqa: PLC0415
 
+    bench_latency.pin_from_env()
     rtts: list[float] = []
     errors = 0
     reply_topic = f"{prefix}reply/bench-{uuid.uuid4().hex[:8]}"
@@ -108,6 +115,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=None,
                     help="broker on 127.0.0.1 (default: a private mosquitto with "
                          "set_tcp_nodelay, as configs/mosquitto recommends)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="service on CPU 0; broker, commander and EEG pusher on CPU 1")
     ap.add_argument("--commander", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.commander:
@@ -115,9 +124,15 @@ def main() -> None:
         return
     from closedloop.mqtt.local_broker import local_broker  # noqa: PLC0415
 
+    if args.isolate:  # threads and children inherit the affinity of their creator
+        os.environ["CLOSEDLOOP_BENCH_CPUS"] = "1"  # the commander and the pusher
+        os.sched_setaffinity(0, {1})  # the broker, started from this thread
+
     async def with_broker() -> list[tuple[bool, dict[str, Any]]]:
         kinds = ("existing",) if args.port == 1883 else ("mosquitto",)
         async with local_broker(kinds=kinds) as broker:
+            if args.isolate:
+                os.sched_setaffinity(0, {0})  # the service and all its threads
             port = args.port or broker.port
             out = []
             for on in (False, True, False, True):
@@ -137,6 +152,7 @@ def main() -> None:
     timeouts = sum(b["during"]["timeouts"] for o, b in blocks if o)
     result = {
         "benchmark": "mqtt", "rate_hz": args.rate, "channels": 64,
+        "isolated": args.isolate,
         "commands_per_minute": args.per_minute, "seconds_per_block": args.seconds,
         "chunk_to_decision_ms": {"off": {"p50": round(p50(False), 4), "p99": round(p99(False), 4)},
                                  "on": {"p50": round(p50(True), 4), "p99": round(p99(True), 4)}},
