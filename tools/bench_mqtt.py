@@ -104,7 +104,10 @@ async def block(mqtt_on: bool, rate: float, seconds: float, per_minute: float, p
         out, _ = await proc.communicate()
         return dict(json.loads(out))
 
-    return dict(await bench_latency.measure(rate, seconds, 2.0, extra, load))
+    # the default estimator, measured after it is trained (15 s) and has taken over
+    extra = ("phase.calibration_s=15", *extra)
+    warmup = 2.0 + 15.0 + bench_latency.TRAINED_SWITCH_DELAY_S
+    return dict(await bench_latency.measure(rate, seconds, 2.0, extra, load, warmup_s=warmup))
 
 
 def main() -> None:
