@@ -271,3 +271,36 @@ def test_a_killed_session_leaves_readable_recordings(tmp_path: Path) -> None:
     content = load_xdf(xdf)  # no footers, cut anywhere: still readable
     assert len(content.first("EEG").data) > 1000
     assert content.markers
+
+
+def test_calibrate_scores_parameter_variants_and_writes_the_best(tmp_path: Path) -> None:
+    """Every live estimator is a candidate, each main parameter with its variants and
+    the configured value; the chosen one's parameter goes into the written config."""
+    from closedloop.config import load_config  # noqa: PLC0415
+    from closedloop.config.schema import PhaseConfig  # noqa: PLC0415
+    from closedloop.phase.calibrate import (  # noqa: PLC0415
+        LIVE_ESTIMATORS,
+        VARIANTS,
+        candidates,
+        write_config,
+    )
+
+    cands = candidates(PhaseConfig(ar_order=25))
+    assert {name for name, _, _ in cands.values()} == set(LIVE_ESTIMATORS)
+    orders = sorted(p.ar_order for name, p, _ in cands.values() if name == "ar")
+    assert orders == [10, 20, 25, 30]
+    for name, params, varied in cands.values():
+        assert params.estimator == name
+        for key, value in varied.items():
+            assert key == VARIANTS[name][0] and getattr(params, key) == value
+    cfg = load_config(None, [])
+    result = {"peak_hz": 10.5, "snr_db": 12.0, "band_hz": [8.5, 12.5],
+              "estimator": "resonator", "parameters": {"resonator_bandwidth_hz": 3.0},
+              "expected_circ_sd_deg": 19.0, "verdict": "usable for phase targeting"}
+    out = tmp_path / "cal.toml"
+    assert write_config(cfg, result, out) is None
+    written = load_config(out)
+    assert written.phase.estimator == "resonator"
+    assert written.phase.resonator_bandwidth_hz == 3.0
+    assert written.phase.band_hz == (8.5, 12.5)
+    assert "resonator resonator_bandwidth_hz=3" in out.read_text().splitlines()[0]

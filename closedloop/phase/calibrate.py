@@ -31,7 +31,8 @@ from closedloop.phase.evaluate import evaluate_signal
 from closedloop.phase.report import load_recording
 from closedloop.phase.wiener import MIN_SNR_DB, train_wiener
 
-__all__ = ["LIVE_ESTIMATORS", "MIN_SNR_DB", "calibrate_signal", "record_live", "write_config"]
+__all__ = ["LIVE_ESTIMATORS", "MIN_SNR_DB", "VARIANTS", "calibrate_signal", "candidates",
+           "record_live", "write_config"]
 
 LIVE_ESTIMATORS = ("ar", "echt", "etp", "resonator", "wiener")
 # estimator -> the parameter whose values are tried besides the configured one
