@@ -244,10 +244,10 @@ def test_echt_resonator_and_etp_on_known_phase() -> None:
     etp.train(x[: int(10 * FS)], 5)
     assert abs(etp.ipi_s - 0.1) < 0.004
     res = Resonator(fs=FS, centre_hz=10.0)
-    res.push(x[: int(10 * FS) - 5])
+    res.process(x[: int(10 * FS) - 5])
     errs: dict[str, list[float]] = {"echt": [], "etp": [], "resonator": []}
     for i in range(int(10 * FS), len(t), 5):
-        res.push(x[i - 5:i])
+        res.process(x[i - 5:i])
         for name, est in (("echt", echt.estimate(x[i - echt.window:i], i - 1)),
                           ("etp", etp.estimate(x[i - etp.window:i], (i - 1) / FS)),
                           ("resonator", res.estimate(i - 1))):

@@ -100,7 +100,7 @@ def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
         pos = {"n": 0}
 
         def run(x: Array, i: int) -> PhaseEstimate | None:
-            res.push(x[pos["n"]:i])
+            res.process(x[pos["n"]:i])
             pos["n"] = i
             return res.estimate(float(i - 1))
         return run

@@ -47,8 +47,8 @@ _DC_TAU_S = 2.0
 
 
 class Resonator:
-    """Streaming complex resonator: :meth:`process` samples (or :meth:`push` them), then
-    :meth:`estimate` (or :meth:`estimate_from` a stored output)."""
+    """Streaming complex resonator: :meth:`process` samples, then :meth:`estimate` (or
+    :meth:`estimate_from` a stored output)."""
 
     name = "resonator"
 
@@ -128,10 +128,6 @@ class Resonator:
         self._tail = np.concatenate((self._tail, y))[-(self.slope + 1):]
         self._n += len(x)
         return y
-
-    def push(self, x: Array) -> None:
-        """Feed new samples (output kept only for :meth:`estimate`)."""
-        self.process(x)
 
     def estimate_from(self, z: Complex, t_last: float) -> PhaseEstimate | None:
         """Phase from the resonator's newest outputs ``z`` (at least ``slope + 1``, the
