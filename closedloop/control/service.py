@@ -723,8 +723,10 @@ class ClosedLoopService:
                     self.emg = None
         elif ev.role == "eeg" and ev.kind == "lost" and self.scheduler is not None:
             self.scheduler.cancel("eeg_lost")
-        elif ev.role == "eeg" and ev.kind == "recovered" and self.tracker is not None:
-            self.tracker.reset()
+        # no reset on "recovered": the tracker resets on the data's own evidence (a gap in
+        # the timestamps, samples lost from the ring), at the same sample as a replay of
+        # the recording; a reset here raced with the pipeline and dropped the first
+        # samples after a stall (or after a stream that connected before it started)
 
     # -- housekeeping ------------------------------------------------------------------
     async def _housekeeping(self) -> None:

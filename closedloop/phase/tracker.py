@@ -46,7 +46,8 @@ Array = npt.NDArray[np.float64]
 
 # Timestamps jump forward or back by a few milliseconds when chunks are stamped at push
 # time without dejitter; only a jump beyond this is a gap (lost data, a restart) that
-# resets the filters. Loss and recovery of the stream reset them explicitly anyway.
+# resets the filters: a stream that stalls and comes back after missing samples resets
+# here; one that delivers its backlog without a gap goes on.
 _GAP_S = 0.05
 _RECALIBRATION_MAX_S = 60.0
 # a trained estimator takes over this much data after its training data ends: training
