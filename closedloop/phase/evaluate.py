@@ -23,12 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from closedloop.config.schema import PhaseConfig
-from closedloop.phase.ar_forecast import ARForecaster, ARParams
 from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
-from closedloop.phase.etp import ETP
 from closedloop.phase.peak import find_peak
-from closedloop.phase.resonator import Resonator
+from closedloop.phase.tracker import make_ar, make_resonator, train_etp
 from closedloop.phase.truth import ground_truth
 from closedloop.phase.wiener import WienerPhase, train_wiener
 
@@ -76,27 +74,17 @@ def _window_runner(est: Any) -> Runner:
 
 def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
           train: Array, step: int, c: PhaseConfig) -> Runner:
-    """The estimator ``name`` with the parameters of ``c`` (its rhythm too)."""
-    def samples(ms: float) -> int:
-        return round(ms * fs / 1000.0)
-
+    """The estimator ``name`` with the parameters of ``c`` (its rhythm too), built as the
+    live tracker builds it."""
     if name == "ar":
-        ar = ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=c.window_ms,
-                                           fir_ms=c.fir_ms, edge_ms=c.edge_ms,
-                                           order=c.ar_order,
-                                           hilbert_window_ms=c.hilbert_window_ms))
-        return _window_runner(ar)
+        return _window_runner(make_ar(c, fs, band))
     if name == "echt":
         return _window_runner(EcHT(fs=fs, centre_hz=peak_hz,
-                                   window=samples(c.echt_window_ms)))
+                                   window=round(c.echt_window_ms * fs / 1000.0)))
     if name == "etp":
-        etp = ETP(fs=fs, band_hz=band, window=samples(c.window_ms), edge=samples(c.edge_ms))
-        etp.train(train, step)
-        return _window_runner(etp)
+        return _window_runner(train_etp(c, train, fs, band, step))
     if name == "resonator":
-        res = Resonator(fs=fs, centre_hz=peak_hz, rhythm=c.rhythm,
-                        bandwidth_hz=min(c.resonator_bandwidth_hz, band[1] - band[0]),
-                        retune_every_s=c.resonator_retune_s)
+        res = make_resonator(c, fs, peak_hz, band)
         pos = {"n": 0}
 
         def run(x: Array, i: int) -> PhaseEstimate | None:

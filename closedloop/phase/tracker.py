@@ -40,7 +40,8 @@ from closedloop.phase.peak import PeakFit, find_peak
 from closedloop.phase.resonator import Resonator
 from closedloop.phase.wiener import WienerModel, WienerPhase, train_wiener
 
-__all__ = ["TRAINED", "PhaseTracker", "TrackerStatus"]
+__all__ = ["TRAINED", "PhaseTracker", "TrackerStatus", "make_ar", "make_resonator",
+           "train_etp"]
 
 Array = npt.NDArray[np.float64]
 
@@ -59,6 +60,32 @@ TRAINED = ("wiener", "etp")
 Trained = WienerModel | ETP
 Trainer = Callable[[Callable[[], Trained]], "Future[Trained]"]
 WindowEstimator = ARForecaster | EcHT | WienerPhase | ETP
+
+
+def make_ar(c: PhaseConfig, fs: float, band: tuple[float, float]) -> ARForecaster:
+    """AR forward prediction with the configured parameters (live and in evaluations)."""
+    return ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=c.window_ms,
+                                         fir_ms=c.fir_ms, edge_ms=c.edge_ms,
+                                         order=c.ar_order,
+                                         hilbert_window_ms=c.hilbert_window_ms))
+
+
+def make_resonator(c: PhaseConfig, fs: float, centre_hz: float,
+                   band: tuple[float, float]) -> Resonator:
+    """The configured resonator (its bandwidth at most the band's width)."""
+    return Resonator(fs=fs, centre_hz=centre_hz, rhythm=c.rhythm,
+                     bandwidth_hz=min(c.resonator_bandwidth_hz, band[1] - band[0]),
+                     retune_every_s=c.resonator_retune_s)
+
+
+def train_etp(c: PhaseConfig, x: Array, fs: float, band: tuple[float, float],
+              step: int | None = None) -> ETP:
+    """ETP with the configured window and edge, trained on ``x`` (estimates every
+    ``step`` samples, 10 ms by default, for its phase offset)."""
+    etp = ETP(fs=fs, band_hz=band, window=round(c.window_ms * fs / 1000.0),
+              edge=round(c.edge_ms * fs / 1000.0))
+    etp.train(x, step or max(1, round(0.01 * fs)))
+    return etp
 
 
 def _run_now(fn: Callable[[], Trained]) -> Future[Trained]:
@@ -185,9 +212,6 @@ class PhaseTracker:
     def _set_band(self, band: tuple[float, float]) -> None:
         c = self.cfg
         self.band = band
-        params = ARParams.from_ms(fs=self.fs, band_hz=band, window_ms=c.window_ms,
-                                  fir_ms=c.fir_ms, edge_ms=c.edge_ms, order=c.ar_order,
-                                  hilbert_window_ms=c.hilbert_window_ms)
         self.resonator = None
         if self._trained is not None:  # keeps the band it was trained for
             self.estimator = self._trained
@@ -198,13 +222,10 @@ class PhaseTracker:
         elif c.estimator == "resonator":  # on the individual peak, else the band's middle
             centre = (self.peak.peak_hz if self.peak is not None and self.peak.band_hz == band
                       else math.sqrt(band[0] * band[1]))
-            self.resonator = Resonator(
-                fs=self.fs, centre_hz=centre, rhythm=c.rhythm,
-                bandwidth_hz=min(c.resonator_bandwidth_hz, band[1] - band[0]),
-                retune_every_s=c.resonator_retune_s)
+            self.resonator = make_resonator(c, self.fs, centre, band)
             self.estimator = self.resonator
         else:
-            self.estimator = ARForecaster(params)
+            self.estimator = make_ar(c, self.fs, band)
         self.amplitude = BandAmplitude(self.fs, band)
         self._delay_s = self.decimator.phase_delay_s(math.sqrt(band[0] * band[1]))
 
@@ -284,10 +305,7 @@ class PhaseTracker:
                                     rhythm=c.rhythm)
         else:
             def train() -> Trained:
-                etp = ETP(fs=fs, band_hz=band, window=round(c.window_ms * fs / 1000.0),
-                          edge=round(c.edge_ms * fs / 1000.0))
-                etp.train(x, max(1, round(0.01 * fs)))
-                return etp
+                return train_etp(c, x, fs, band)
         self.training_state = "training"
         self._switch_at = self._total - self._n + n + int(TRAINED_SWITCH_DELAY_S * self.fs)
         self._training = self._trainer(train)
