@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ from hypothesis import strategies as st
 
 from closedloop.config import load_config
 from closedloop.config.schema import Config
+from closedloop.control.runtime import apply_live_settings
 from closedloop.mqtt.commands import VERBS, CommandError, parse_command
+from closedloop.mqtt.plane import lower_thread_priority
 from closedloop.recording.events import read_events
 from tests.conftest import Pusher, unique
 from tests.mqtt_helpers import Broker, ThreadedService, command, raw_command, retained
@@ -75,6 +79,11 @@ def wait_connected(svc: ThreadedService, timeout: float = 10.0) -> None:
 
 def test_every_verb_round_trips(service: tuple[ThreadedService, str], tmp_path: Path) -> None:
     svc, prefix = service
+    plane = svc.service.control_plane
+    assert plane is not None and plane.thread_id is not None
+    # the plane runs below the real-time path's CPU priority (mqtt.thread_nice = 10)
+    assert os.getpriority(os.PRIO_PROCESS, plane.thread_id) == min(
+        19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)
     st_ = command(prefix, "status")
     assert st_["ok"]
     assert st_["result"]["state"] == "idle"
@@ -108,6 +117,34 @@ def test_every_verb_round_trips(service: tuple[ThreadedService, str], tmp_path: 
     for kind in ("armed", "settings_changed", "protocol_started", "protocol_stopped",
                  "calibrated", "command"):
         assert kind in events
+
+
+def test_set_is_revalidated_when_the_config_changed_meanwhile(
+        service: tuple[ThreadedService, str]) -> None:
+    """A `set` validated in the plane's thread against one config, while another change
+    lands first on the service's loop, must not undo that change."""
+    svc, prefix = service
+    base_target = svc.service.cfg.trigger.target_phase_deg
+    go = threading.Event()
+
+    def other_change_first() -> None:  # holds the service's loop until `go`
+        go.wait(2.0)
+        new = apply_live_settings(svc.service.cfg, {"target_phase_deg": base_target + 90},
+                                  source="test")
+        svc.service.apply_config(new, by="test")
+
+    svc.loop.call_soon_threadsafe(other_change_first)
+    replies: list[dict[str, Any]] = []
+    sender = threading.Thread(target=lambda: replies.append(
+        command(prefix, "set", tolerance_deg=20)))
+    sender.start()
+    time.sleep(0.25)  # the plane has received and validated the set; its swap is queued
+    go.set()
+    sender.join(10)
+    assert replies and replies[0]["ok"], replies
+    assert replies[0]["result"]["tolerance_deg"] == 20
+    assert svc.service.cfg.trigger.tolerance_deg == 20
+    assert svc.service.cfg.trigger.target_phase_deg == base_target + 90  # not undone
 
 
 def test_reload_applies_live_keys_and_refuses_the_rest(tmp_path: Path, eeg: str) -> None:
@@ -428,3 +465,22 @@ def test_broker_down_at_start(tmp_path: Path, eeg: str) -> None:
     lost = [e for e in events if e["event"] == "control_lost"]
     assert lost
     assert "refused" in lost[0]["error"].lower() or "connect" in lost[0]["error"].lower()
+
+
+def test_lower_thread_priority_is_per_thread_and_clamped() -> None:
+    results: dict[str, tuple[int, str | None]] = {}
+
+    def run(name: str, increment: int) -> None:
+        error = lower_thread_priority(increment)
+        results[name] = (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), error)
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for name, increment in (("five", 5), ("zero", 0), ("forty", 40)):
+        t = threading.Thread(target=run, args=(name, increment))
+        t.start()
+        t.join()
+    assert results["five"] == (min(19, base + 5), None)
+    assert results["zero"] == (base, None)
+    assert results["forty"] == (19, None)
+    # this thread (and so the process's other threads) kept its priority
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base

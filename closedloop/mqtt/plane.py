@@ -35,6 +35,7 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -53,7 +54,7 @@ from closedloop.errors import ConfigError, ControlError
 from closedloop.mqtt.commands import Command, CommandError, parse_command
 from closedloop.recording.events import clean_json
 
-__all__ = ["MqttControlPlane", "client_kwargs"]
+__all__ = ["MqttControlPlane", "client_kwargs", "lower_thread_priority"]
 
 _STATE_EVENTS = frozenset({"armed", "disarmed", "protocol_started", "protocol_stopped",
                            "stream_lost", "stream_recovered", "stream_connected",
@@ -104,6 +105,7 @@ class MqttControlPlane:
         self.commands = 0
         self.connections = 0
         self.last_error: str | None = None
+        self.nice_error: str | None = None
         self._decision_tokens = 1.0
         self._decision_last = time.monotonic()
         service.add_listener(self._on_event)
@@ -114,6 +116,7 @@ class MqttControlPlane:
         started = threading.Event()
 
         def main() -> None:
+            self.nice_error = lower_thread_priority(self.cfg.thread_nice)
             loop = asyncio.new_event_loop()
             self._loop = loop
             self._main = loop.create_task(self.run(), name="mqtt-plane")
@@ -131,6 +134,13 @@ class MqttControlPlane:
         self._thread = threading.Thread(target=main, name="mqtt-plane", daemon=True)
         self._thread.start()
         started.wait(5.0)
+        if self.nice_error is not None:
+            self.service.record("mqtt_thread_priority_error", message=self.nice_error)
+
+    @property
+    def thread_id(self) -> int | None:
+        """The plane thread's native (OS) id, once started."""
+        return self._thread.native_id if self._thread is not None else None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish the final status, disconnect and end the thread (blocking)."""
@@ -336,16 +346,12 @@ class MqttControlPlane:
         try:
             cmd = parse_command(verb, raw, now_s=self._now(), max_age_s=self.cfg.max_command_age_s,
                                 max_bytes=self.cfg.max_payload_bytes, retained=message.retain)
-            cid = cmd.id
-            result = await self._execute(cmd)
-            reply: dict[str, Any] = {"ok": True, "verb": verb, "id": cid, "result": result}
         except CommandError as exc:
-            reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": exc.key}
-        except ConfigError as exc:
-            reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": exc.key}
-        except ControlError as exc:
-            reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": ""}
-        self._record("command", verb=verb[:40], ok=reply["ok"], error=reply.get("error"))
+            reply: dict[str, Any] = {"ok": False, "verb": verb, "id": cid, "error": str(exc),
+                                     "key": exc.key}
+            self._record("command", verb=verb[:40], ok=False, error=reply["error"])
+        else:
+            reply = await self._execute(cmd)
         properties = None
         if self.cfg.protocol == "5" and correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -353,30 +359,83 @@ class MqttControlPlane:
         target = response_topic or f"{self.prefix}reply/{verb[:64] or 'unknown'}"
         await client.publish(target, _dumps(reply), qos=1, properties=properties)
 
-    async def _execute(self, cmd: Command) -> Any:
+    async def _execute(self, cmd: Command) -> dict[str, Any]:
+        """Carry out a parsed command in one call on the service's loop; the reply.
+
+        One hand-over per command (the action, its result and its ``command`` event
+        together): each crossing wakes the loop that runs the pipeline.
+        """
         svc = self.service
         by = f"mqtt:{cmd.verb}"
-        on = self._on_service
-        if cmd.verb == "arm":
-            await on(svc.arm, by=by)
-        elif cmd.verb == "disarm":
-            await on(svc.disarm, by=by)
-        elif cmd.verb == "start":
-            await on(svc.start_protocol, cmd.args["protocol"], pulses=cmd.args["pulses"], by=by)
-        elif cmd.verb == "stop":
-            await on(svc.stop_protocol, by=by)
-        elif cmd.verb == "set":
-            # validated here, in this thread; only the swap runs on the service's loop
-            new = apply_live_settings(svc.cfg, cmd.args, source=by)
-            await on(svc.apply_config, new, by=by)
-            return await on(svc.settings)
-        elif cmd.verb == "calibrate":
-            return await on(svc.calibrate, seconds=cmd.args["seconds"], by=by)
-        elif cmd.verb == "reload":
-            return await on(svc.reload, by=by)
-        else:
-            return await on(svc.status)
-        return {"state": await on(lambda: svc.state)}
+        base, new = svc.cfg, None
+        if cmd.verb == "set":  # validated here, in this thread; the swap on the service's loop
+            try:
+                new = apply_live_settings(base, cmd.args, source=by)
+            except ConfigError as exc:
+                self._record("command", verb=cmd.verb, ok=False, error=str(exc))
+                return {"ok": False, "verb": cmd.verb, "id": cmd.id, "error": str(exc),
+                        "key": exc.key}
+
+        def act() -> Any:
+            if cmd.verb == "arm":
+                svc.arm(by=by)
+            elif cmd.verb == "disarm":
+                svc.disarm(by=by)
+            elif cmd.verb == "start":
+                svc.start_protocol(cmd.args["protocol"], pulses=cmd.args["pulses"], by=by)
+            elif cmd.verb == "stop":
+                svc.stop_protocol(by=by)
+            elif cmd.verb == "set":
+                # another command changed the config meanwhile: validate against the new one
+                cfg = new
+                if cfg is None or svc.cfg is not base:
+                    cfg = apply_live_settings(svc.cfg, cmd.args, source=by)
+                svc.apply_config(cfg, by=by)
+                return svc.settings()
+            elif cmd.verb == "calibrate":
+                return svc.calibrate(seconds=cmd.args["seconds"], by=by)
+            elif cmd.verb == "reload":
+                return svc.reload(by=by)
+            else:
+                return svc.status()
+            return {"state": svc.state}
+
+        def serve() -> dict[str, Any]:
+            try:
+                reply = {"ok": True, "verb": cmd.verb, "id": cmd.id, "result": act()}
+            except ConfigError as exc:
+                reply = {"ok": False, "verb": cmd.verb, "id": cmd.id, "error": str(exc),
+                         "key": exc.key}
+            except ControlError as exc:
+                reply = {"ok": False, "verb": cmd.verb, "id": cmd.id, "error": str(exc),
+                         "key": ""}
+            svc.record("command", verb=cmd.verb, ok=reply["ok"], error=reply.get("error"))
+            return reply
+
+        return dict(await self._on_service(serve))
+
+
+def lower_thread_priority(increment: int) -> str | None:
+    """Raise the calling thread's nice value by ``increment`` (Linux: nice is per thread).
+
+    Lowering one's own priority needs no privilege. The control plane does it so that when
+    both cores are busy, the scheduler runs the EEG reader, the pipeline and the fire
+    thread before command parsing and telemetry.
+
+    Returns:
+        None, or why it could not be done (the plane runs at normal priority then).
+    """
+    if increment <= 0:
+        return None
+    if not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return f"thread priority not lowered: per-thread nice needs Linux ({sys.platform})"
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except OSError as exc:
+        return f"thread priority not lowered: {exc}"
+    return None
 
 
 def _dumps(payload: dict[str, Any]) -> str:
