@@ -90,6 +90,14 @@ def pusher(name: str, rate: float, chunk_ms: float, seconds: float, emg_channels
         k += n
 
 
+def late_fractions(ms: np.ndarray) -> dict[str, float | None]:
+    """The share of values over 1 and 2 ms: the tail's size, where a p99 only gives its edge."""
+    if not len(ms):
+        return {"over_1ms": None, "over_2ms": None}
+    return {"over_1ms": round(float(np.mean(ms > 1.0)), 5),
+            "over_2ms": round(float(np.mean(ms > 2.0)), 5)}
+
+
 async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str, ...] = (),
                   during: Any = None, emg_channels: int = 0, warmup_s: float = 2.0
                   ) -> dict[str, object]:
@@ -153,6 +161,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
     return {
         "rate_hz": rate, "channels": 64, "chunk_ms": chunk_ms, "seconds": seconds,
         "chunk_to_decision": stats.chunk_to_decision_ms.summary(),
+        "chunk_to_decision_late": late_fractions(stats.chunk_to_decision_ms.values()),
         "chunk_to_fire_request": stats.chunk_to_handoff_ms.summary(),
         "chunk_to_fire_call": immediate.summary(),
         "fire_error": stats.fire_error_ms.summary(),

@@ -8,14 +8,20 @@ sending ``1000`` commands per minute (``status`` and ``set`` alternately) over a
 persistent connection to the broker on 127.0.0.1:1883, measuring each round trip.
 
 Reported: the EEG-chunk-to-decision p50/p99 with MQTT off and on (the target: p99 "on"
-within 10% of "off"), and the command round-trip p50/p99.
+within 10% of "off"), the share of decisions later than 1 and 2 ms (the tail's size: a
+p99 gives only its edge), the command round-trip p50/p99, and the CPU used by the
+service, the broker and the commander.
+
+``--pairs N`` runs N off/on pairs (default 2). ``--nice A B ...`` cycles the "on" blocks
+through these ``mqtt.thread_nice`` values (e.g. ``--pairs 4 --nice 0 10`` compares the
+control plane at equal and at lowered priority, in one run).
 
 ``--isolate`` keeps the service (this process) on CPU 0 and the broker, the commander and
 the EEG pusher on CPU 1, as a lab would give the real-time process cores of its own (on a
 two-core machine the other processes otherwise take turns on the service's core).
 
 Usage: ``python tools/bench_mqtt.py [--seconds 20] [--rate 5000] [--per-minute 1000]
-[--isolate]``
+[--pairs 2] [--nice N ...] [--isolate]``
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -49,6 +56,8 @@ async def commander(prefix: str, per_minute: float, seconds: float, port: int) -
     from paho.mqtt.properties import Properties  # noqa: PLC0415
 
     bench_latency.pin_from_env()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0, wall0 = ru.ru_utime + ru.ru_stime, time.perf_counter()
     rtts: list[float] = []
     errors = 0
     reply_topic = f"{prefix}reply/bench-{uuid.uuid4().hex[:8]}"
@@ -82,27 +91,44 @@ async def commander(prefix: str, per_minute: float, seconds: float, port: int) -
             except TimeoutError:
                 errors += 1
             n += 1
-    print(json.dumps({"sent": n, "timeouts": errors, "rtts": rtts}))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru.ru_utime + ru.ru_stime - cpu0) / (time.perf_counter() - wall0) * 100
+    print(json.dumps({"sent": n, "timeouts": errors, "rtts": rtts, "cpu_pct": round(cpu, 1)}))
 
 
-async def block(mqtt_on: bool, rate: float, seconds: float, per_minute: float, port: int
-                ) -> dict[str, Any]:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def block(mqtt_on: bool, rate: float, seconds: float, per_minute: float, port: int,
+                nice: int | None, broker_pid: int | None) -> dict[str, Any]:
     inst = f"bench-{uuid.uuid4().hex[:6]}"
     prefix = f"closedloop/{inst}/"
     extra: tuple[str, ...] = ()
     if mqtt_on:
         extra = ("mqtt.enabled=true", f'mqtt.instance="{inst}"', f"mqtt.port={port}",
                  "mqtt.metrics_interval_s=1",
-                 "mqtt.status_interval_s=1")
+                 "mqtt.status_interval_s=1",
+                 *((f"mqtt.thread_nice={nice}",) if nice is not None else ()))
 
     async def load(_service: Any) -> dict[str, Any] | None:
         if not mqtt_on:
             return None
+        b0, w0 = cpu_seconds(broker_pid), time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--commander", prefix, "--per-minute", str(per_minute),
             "--seconds", str(seconds - 1.0), "--port", str(port), stdout=subprocess.PIPE)
         out, _ = await proc.communicate()
-        return dict(json.loads(out))
+        b1, w1 = cpu_seconds(broker_pid), time.perf_counter()
+        broker_cpu = round((b1 - b0) / (w1 - w0) * 100, 1) if b0 is not None and b1 else None
+        return {**json.loads(out), "broker_cpu_pct": broker_cpu}
 
     # the default estimator, measured after it is trained (15 s) and has taken over
     extra = ("phase.calibration_s=15", *extra)
@@ -118,6 +144,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=None,
                     help="broker on 127.0.0.1 (default: a private mosquitto with "
                          "set_tcp_nodelay, as configs/mosquitto recommends)")
+    ap.add_argument("--pairs", type=int, default=2, help="off/on block pairs")
+    ap.add_argument("--nice", type=int, nargs="+", default=None,
+                    help="mqtt.thread_nice of the 'on' blocks, cycled (default: the config's)")
     ap.add_argument("--isolate", action="store_true",
                     help="service on CPU 0; broker, commander and EEG pusher on CPU 1")
     ap.add_argument("--commander", help=argparse.SUPPRESS)
@@ -137,36 +166,57 @@ def main() -> None:
             if args.isolate:
                 os.sched_setaffinity(0, {0})  # the service and all its threads
             port = args.port or broker.port
+            broker_pid = broker.pid if args.port is None else None
             out = []
-            for on in (False, True, False, True):
-                out.append((on, await block(on, args.rate, args.seconds, args.per_minute, port)))
+            nices = args.nice or [None]
+            for i in range(args.pairs):
+                for on in (False, True):
+                    nice = nices[i % len(nices)] if on else None
+                    out.append(((on, nice), await block(on, args.rate, args.seconds,
+                                                        args.per_minute, port, nice,
+                                                        broker_pid)))
             return out
 
     blocks = asyncio.run(with_broker())
+    kinds = sorted({k for k, _ in blocks}, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
 
-    def p99(on: bool) -> float:
-        return float(np.mean([b["chunk_to_decision"]["p99"] for o, b in blocks if o == on]))
+    def label(kind: tuple[bool, int | None]) -> str:
+        on, nice = kind
+        return "off" if not on else ("on" if nice is None or not args.nice else f"on_nice{nice}")
 
-    def p50(on: bool) -> float:
-        return float(np.mean([b["chunk_to_decision"]["p50"] for o, b in blocks if o == on]))
+    def summary(kind: tuple[bool, int | None]) -> dict[str, Any]:
+        bs = [b for k, b in blocks if k == kind]
 
-    rtts = [r for o, b in blocks if o for r in b["during"]["rtts"]]
-    sent = sum(b["during"]["sent"] for o, b in blocks if o)
-    timeouts = sum(b["during"]["timeouts"] for o, b in blocks if o)
+        def mean(f: Any) -> float:
+            return round(float(np.mean([f(b) for b in bs])), 5)
+        out: dict[str, Any] = {
+            "p50": mean(lambda b: b["chunk_to_decision"]["p50"]),
+            "p99": mean(lambda b: b["chunk_to_decision"]["p99"]),
+            "over_1ms": mean(lambda b: b["chunk_to_decision_late"]["over_1ms"]),
+            "over_2ms": mean(lambda b: b["chunk_to_decision_late"]["over_2ms"]),
+            "p99_per_block": [b["chunk_to_decision"]["p99"] for b in bs],
+            "service_cpu_pct": [b["cpu_pct_of_one_core"] for b in bs]}
+        if kind[0]:
+            out["broker_cpu_pct"] = [b["during"]["broker_cpu_pct"] for b in bs]
+            out["commander_cpu_pct"] = [b["during"]["cpu_pct"] for b in bs]
+        return out
+
+    figures = {label(k): summary(k) for k in kinds}
+    off = figures["off"]["p99"]
+    rtts = [r for (o, _), b in blocks if o for r in b["during"]["rtts"]]
+    sent = sum(b["during"]["sent"] for (o, _), b in blocks if o)
+    timeouts = sum(b["during"]["timeouts"] for (o, _), b in blocks if o)
     result = {
         "benchmark": "mqtt", "rate_hz": args.rate, "channels": 64,
-        "isolated": args.isolate,
+        "isolated": args.isolate, "machine_cores": os.cpu_count(),
         "commands_per_minute": args.per_minute, "seconds_per_block": args.seconds,
-        "chunk_to_decision_ms": {"off": {"p50": round(p50(False), 4), "p99": round(p99(False), 4)},
-                                 "on": {"p50": round(p50(True), 4), "p99": round(p99(True), 4)}},
-        "p99_on_over_off": round(p99(True) / p99(False), 3),
+        "pairs": args.pairs, "chunk_to_decision_ms": figures,
+        **{f"p99_{k}_over_off": round(v["p99"] / off, 3) for k, v in figures.items()
+           if k != "off"},
         "command_round_trip_ms": {
             "count": len(rtts), "sent": sent, "timeouts": timeouts,
             "p50": round(float(np.percentile(rtts, 50)), 3) if rtts else None,
             "p99": round(float(np.percentile(rtts, 99)), 3) if rtts else None},
-        "cpu_pct_of_one_core": {"off": [b["cpu_pct_of_one_core"] for o, b in blocks if not o],
-                                "on": [b["cpu_pct_of_one_core"] for o, b in blocks if o]},
-        "blocks": [{"mqtt": o, "chunk_to_decision": b["chunk_to_decision"]} for o, b in blocks],
     }
     print(json.dumps(result, indent=2))
 

@@ -33,6 +33,7 @@ class LocalBroker:
     port: int
     protocol: str  # "5" or "3.1.1"
     kind: str  # "existing", "mosquitto", "amqtt"
+    pid: int | None = None  # a mosquitto started here (amqtt runs in this process)
 
 
 def _listening(port: int) -> bool:
@@ -76,7 +77,7 @@ async def local_broker(kinds: Sequence[str] = ("existing", "mosquitto", "amqtt")
                     if _listening(port):
                         break
                     await asyncio.sleep(0.05)
-                yield LocalBroker("127.0.0.1", port, "5", "mosquitto")
+                yield LocalBroker("127.0.0.1", port, "5", "mosquitto", proc.pid)
             finally:
                 proc.terminate()
                 proc.wait(5)
