@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from closedloop.config import load_config
+from closedloop.config.load import check_cross_fields, config_to_dict, from_dict
 from closedloop.config.schema import HARD_MAX_INTENSITY_PCT, Config
+from closedloop.control.runtime import LIVE_KEYS, apply_live_settings
 from closedloop.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,3 +190,39 @@ def test_stimulation_settings_that_do_not_fit_together(overrides: list[str], key
         load_config(None, overrides)
     assert info.value.key == key
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize(("changes", "error_key"), [
+    ({"tolerance_deg": 20, "target_phase_deg": 90}, None),
+    ({"band_hz": [8.5, 12.5], "intensity_pct": 55, "jitter_s": 0.1}, None),
+    ({"wait_for_training": False}, None),
+    ({"tolerance_deg": "wide"}, "trigger.tolerance_deg"),  # wrong type
+    ({"tolerance_deg": 500}, "trigger.tolerance_deg"),  # out of range
+    ({"min_interval_s": 0.01}, "trigger.min_interval_s"),  # below its bound
+    ({"band_hz": [13, 8]}, "phase.band_hz"),  # a rule checked across the config
+    ({"intensity_pct": HARD_MAX_INTENSITY_PCT + 1}, "stimulator.intensity_pct"),
+    ({"intensity_pct": 90}, "stimulator.intensity_pct"),  # over safety.max_intensity_pct
+    ({"safety.max_intensity_pct": 100}, "safety.max_intensity_pct"),  # not live-settable
+])
+def test_live_settings_validate_like_a_whole_config(changes: dict[str, object],
+                                                    error_key: str | None) -> None:
+    """apply_live_settings rebuilds only the changed sections: it must accept, refuse and
+    name keys exactly as validating the whole configuration with the change does."""
+    base = load_config(None)
+    assert base.safety.max_intensity_pct < 90
+    data = config_to_dict(base)
+    for key, value in changes.items():
+        section, name = LIVE_KEYS.get(key, key).split(".")
+        data[section][name] = value
+    if error_key is not None:
+        with pytest.raises(ConfigError) as live:
+            apply_live_settings(base, changes, source="t")
+        assert live.value.key == error_key
+        if error_key != "safety.max_intensity_pct":  # the whole file would accept that one
+            with pytest.raises(ConfigError) as whole:
+                check_cross_fields(from_dict(Config, data, source="t"), "t")
+            assert whole.value.key == error_key
+        return
+    new = apply_live_settings(base, changes, source="t")
+    assert new == from_dict(Config, data, source="t")
+    assert new != base

@@ -1,16 +1,16 @@
 """Settings that may change while the service runs, validated like the config file.
 
 Only a whitelist of keys is live-settable (target phase, tolerance, band, amplitude
-and confidence gates, interval, jitter, intensity). Each change is applied to the whole
-configuration and run through the same validation as a TOML file, so an MQTT payload
-gets exactly the same
-error messages (naming the key) and the same bounds, including the safety limits: a value
-beyond them is refused, never clamped. Safety limits themselves, streams and drivers can
+and confidence gates, interval, jitter, intensity). Each change is run through the same
+validation as a TOML file (its section rebuilt, then the rules across sections), so an
+MQTT payload gets exactly the same error messages (naming the key) and the same bounds,
+including the safety limits: a value beyond them is refused, never clamped. Safety limits themselves, streams and drivers can
 only change by restarting with another file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,16 +46,23 @@ def apply_live_settings(cfg: Config, changes: Mapping[str, Any], *, source: str)
     Raises:
         ConfigError: an unknown or not live-settable key, or an invalid value.
     """
-    data = config_to_dict(cfg)
     dotted = set(LIVE_KEYS.values())
+    sections: dict[str, dict[str, Any]] = {}
     for key, value in changes.items():
         full = LIVE_KEYS.get(key, key)
         if full not in dotted:
             raise ConfigError(source=source, key=key, problem=(
                 "not settable while running (settable: " + ", ".join(LIVE_KEYS) + ")"))
         section, name = full.split(".")
-        data[section][name] = value
-    new = from_dict(Config, data, source=source)
+        sections.setdefault(section, {})[name] = value
+    # only the sections that change are rebuilt (the same checks, with the same key names,
+    # as a whole file); this runs in the control plane's thread while the pipeline runs
+    rebuilt = {}
+    for section, values in sections.items():
+        old = getattr(cfg, section)
+        rebuilt[section] = from_dict(type(old), {**config_to_dict(old), **values},
+                                     source=source, prefix=f"{section}.")
+    new = dataclasses.replace(cfg, **rebuilt)
     check_cross_fields(new, source)
     return new
 
