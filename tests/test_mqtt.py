@@ -23,7 +23,7 @@ from closedloop.config import load_config
 from closedloop.config.schema import Config
 from closedloop.control.runtime import apply_live_settings
 from closedloop.mqtt.commands import VERBS, CommandError, parse_command
-from closedloop.mqtt.plane import lower_thread_priority
+from closedloop.mqtt.worker import lower_thread_priority
 from closedloop.recording.events import read_events
 from tests.conftest import Pusher, unique
 from tests.mqtt_helpers import Broker, ThreadedService, command, raw_command, retained
@@ -80,9 +80,9 @@ def wait_connected(svc: ThreadedService, timeout: float = 10.0) -> None:
 def test_every_verb_round_trips(service: tuple[ThreadedService, str], tmp_path: Path) -> None:
     svc, prefix = service
     plane = svc.service.control_plane
-    assert plane is not None and plane.thread_id is not None
-    # the plane runs below the real-time path's CPU priority (mqtt.thread_nice = 10)
-    assert os.getpriority(os.PRIO_PROCESS, plane.thread_id) == min(
+    assert plane is not None and plane.pid is not None and plane.pid != os.getpid()
+    # the MQTT client runs in its own process, below the real-time path's CPU priority
+    assert os.getpriority(os.PRIO_PROCESS, plane.pid) == min(
         19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)
     st_ = command(prefix, "status")
     assert st_["ok"]
@@ -266,9 +266,15 @@ def test_retained_status_and_last_will_after_kill(tmp_path: Path, eeg: str) -> N
     try:
         status = wait_retained_state(topic, "idle", 20.0)
         assert status["pid"] == proc.pid
+        workers = children(proc.pid)
+        assert len(workers) == 1  # the MQTT worker process
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         wait_retained_state(topic, "offline", 10.0)  # the last will
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{workers[0]}").exists()  # no orphan left behind
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -276,6 +282,54 @@ def test_retained_status_and_last_will_after_kill(tmp_path: Path, eeg: str) -> N
         assert proc.stderr is not None
         proc.stderr.close()
         asyncio.run(_clear(topic))
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_dead_worker_stops_the_service_with_a_fault(tmp_path: Path, eeg: str) -> None:
+    svc = ThreadedService(mqtt_config(tmp_path, eeg, unique("dead"),
+                                      "stimulator.arm_on_start=true"))
+    try:
+        wait_connected(svc)
+        plane = svc.service.control_plane
+        assert svc.service.state == "armed"
+        os.kill(plane.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while svc.service.state not in ("fault", "stopped") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.service.state == "fault"
+        assert svc.service.stim is not None and not svc.service.stim.armed
+    finally:
+        svc.stop()
+    assert svc.error is not None and "control plane's process ended" in str(svc.error)
+    events = read_events(tmp_path / "ev.jsonl")
+    assert any(e["event"] == "fault" and "control plane" in str(e) for e in events)
+
+
+def test_a_clean_stop_ends_the_worker(tmp_path: Path, eeg: str) -> None:
+    inst = unique("clean")
+    prefix = f"closedloop/{inst}/"
+    svc = ThreadedService(mqtt_config(tmp_path, eeg, inst))
+    wait_connected(svc)
+    plane = svc.service.control_plane
+    assert command(prefix, "status")["ok"]
+    svc.stop()
+    assert plane._proc is not None and plane._proc.poll() == 0
+    status = asyncio.run(retained(prefix + "status", timeout=2.0))
+    assert status is not None and status["state"] == "offline"
+    assert status["reason"] == "stopped"
+    asyncio.run(_clear(prefix + "status"))
 
 
 def wait_retained_state(topic: str, state: str, timeout: float) -> dict[str, object]:

@@ -10,11 +10,11 @@ persistent connection to the broker on 127.0.0.1:1883, measuring each round trip
 Reported: the EEG-chunk-to-decision p50/p99 with MQTT off and on (the target: p99 "on"
 within 10% of "off"), the share of decisions later than 1 and 2 ms (the tail's size: a
 p99 gives only its edge), the command round-trip p50/p99, and the CPU used by the
-service, the broker and the commander.
+service, its MQTT worker process, the broker and the commander.
 
 ``--pairs N`` runs N off/on pairs (default 2). ``--nice A B ...`` cycles the "on" blocks
-through these ``mqtt.thread_nice`` values (e.g. ``--pairs 4 --nice 0 10`` compares the
-control plane at equal and at lowered priority, in one run).
+through these ``mqtt.nice`` values (e.g. ``--pairs 4 --nice 0 10`` compares the
+MQTT worker at equal and at lowered priority, in one run).
 
 ``--isolate`` keeps the service (this process) on CPU 0 and the broker, the commander and
 the EEG pusher on CPU 1, as a lab would give the real-time process cores of its own (on a
@@ -116,19 +116,24 @@ async def block(mqtt_on: bool, rate: float, seconds: float, per_minute: float, p
         extra = ("mqtt.enabled=true", f'mqtt.instance="{inst}"', f"mqtt.port={port}",
                  "mqtt.metrics_interval_s=1",
                  "mqtt.status_interval_s=1",
-                 *((f"mqtt.thread_nice={nice}",) if nice is not None else ()))
+                 *((f"mqtt.nice={nice}",) if nice is not None else ()))
 
-    async def load(_service: Any) -> dict[str, Any] | None:
+    async def load(service: Any) -> dict[str, Any] | None:
         if not mqtt_on:
             return None
+        worker_pid = service.control_plane.pid  # the MQTT worker process
         b0, w0 = cpu_seconds(broker_pid), time.perf_counter()
+        k0 = cpu_seconds(worker_pid)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--commander", prefix, "--per-minute", str(per_minute),
             "--seconds", str(seconds - 1.0), "--port", str(port), stdout=subprocess.PIPE)
         out, _ = await proc.communicate()
         b1, w1 = cpu_seconds(broker_pid), time.perf_counter()
-        broker_cpu = round((b1 - b0) / (w1 - w0) * 100, 1) if b0 is not None and b1 else None
-        return {**json.loads(out), "broker_cpu_pct": broker_cpu}
+        k1 = cpu_seconds(worker_pid)
+
+        def pct(a: float | None, b: float | None) -> float | None:
+            return round((b - a) / (w1 - w0) * 100, 1) if a is not None and b else None
+        return {**json.loads(out), "broker_cpu_pct": pct(b0, b1), "worker_cpu_pct": pct(k0, k1)}
 
     # the default estimator, measured after it is trained (15 s) and has taken over
     extra = ("phase.calibration_s=15", *extra)
@@ -146,7 +151,7 @@ def main() -> None:
                          "set_tcp_nodelay, as configs/mosquitto recommends)")
     ap.add_argument("--pairs", type=int, default=2, help="off/on block pairs")
     ap.add_argument("--nice", type=int, nargs="+", default=None,
-                    help="mqtt.thread_nice of the 'on' blocks, cycled (default: the config's)")
+                    help="mqtt.nice of the 'on' blocks, cycled (default: the config's)")
     ap.add_argument("--isolate", action="store_true",
                     help="service on CPU 0; broker, commander and EEG pusher on CPU 1")
     ap.add_argument("--commander", help=argparse.SUPPRESS)
@@ -199,6 +204,7 @@ def main() -> None:
         if kind[0]:
             out["broker_cpu_pct"] = [b["during"]["broker_cpu_pct"] for b in bs]
             out["commander_cpu_pct"] = [b["during"]["cpu_pct"] for b in bs]
+            out["mqtt_worker_cpu_pct"] = [b["during"]["worker_cpu_pct"] for b in bs]
         return out
 
     figures = {label(k): summary(k) for k in kinds}

@@ -418,9 +418,9 @@ class MqttConfig:
                                hi=1_000_000)
     reconnect_max_s: float = opt(10.0, "longest wait between reconnection attempts",
                                  lo=0.1, hi=3600.0)
-    thread_nice: int = opt(10, "lower the control plane thread's CPU priority by this much "
-                           "(Linux nice), so that on a busy machine the real-time path runs "
-                           "first; 0 keeps it equal", lo=0, hi=19)
+    nice: int = opt(10, "lower the control plane process's CPU priority by this much "
+                    "(Linux nice), so that on a busy machine the real-time path runs first; "
+                    "0 keeps it equal", lo=0, hi=19)
 
     def topic_prefix(self) -> str:
         """The prefix ending in '/'."""

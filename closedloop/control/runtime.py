@@ -4,8 +4,8 @@ Only a whitelist of keys is live-settable (target phase, tolerance, band, amplit
 and confidence gates, interval, jitter, intensity). Each change is run through the same
 validation as a TOML file (its section rebuilt, then the rules across sections), so an
 MQTT payload gets exactly the same error messages (naming the key) and the same bounds,
-including the safety limits: a value beyond them is refused, never clamped. Safety limits themselves, streams and drivers can
-only change by restarting with another file.
+including the safety limits: a value beyond them is refused, never clamped. Safety limits
+themselves, streams and drivers can only change by restarting with another file.
 """
 
 from __future__ import annotations

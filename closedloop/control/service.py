@@ -186,11 +186,11 @@ class ClosedLoopService:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
                          tg.create_task(self._housekeeping(), name="housekeeping")]
-                if cfg.mqtt.enabled:  # in its own thread: MQTT never shares this loop
+                if cfg.mqtt.enabled:  # in its own process: MQTT never holds this GIL
                     from closedloop.mqtt.plane import MqttControlPlane  # noqa: PLC0415
 
                     self.control_plane = MqttControlPlane(self, cfg.mqtt)
-                    self.control_plane.start()
+                    await self.control_plane.start()
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -334,7 +334,7 @@ class ClosedLoopService:
         if self.stim is not None:
             self.stim.disarm()
         if self.control_plane is not None:
-            await asyncio.to_thread(self.control_plane.stop)
+            await self.control_plane.stop()
         if self.scheduler is not None:
             self.scheduler.cancel("shutdown")
             await asyncio.to_thread(self.scheduler.stop)

@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 
 from closedloop.config.schema import MqttConfig
 from closedloop.errors import ControlError
-from closedloop.mqtt.plane import client_kwargs
+from closedloop.mqtt.worker import client_kwargs
 
 __all__ = ["send_command", "watch"]
 

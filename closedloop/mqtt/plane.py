@@ -1,4 +1,4 @@
-"""The MQTT control plane of the service (aiomqtt).
+"""The MQTT control plane of the service (aiomqtt, in a process of its own).
 
 Topics, under ``mqtt.topic_prefix()`` (default ``closedloop/<instance>/``):
 
@@ -16,210 +16,142 @@ Topics, under ``mqtt.topic_prefix()`` (default ``closedloop/<instance>/``):
 - ``metrics``: :meth:`ClosedLoopService.metrics` every ``metrics_interval_s``, with the
   telemetry counters of this plane.
 
-The real-time path never waits for the broker, nor shares its event loop with MQTT: the
-plane runs in its own thread with its own event loop (:meth:`MqttControlPlane.start`).
-Payload parsing and config validation happen in that thread; only the final, cheap step
-of a command (arm, swap in a validated config, build the status) runs on the service's
-loop. Events go into a bounded queue that a publisher task drains; while disconnected or
-when the queue is full, telemetry is dropped and counted (``telemetry_dropped``). A lost
-broker is retried with jittered exponential backoff (as aiomqtt's own examples
-recommend); ``on_disconnect = "disarm"`` disarms the stimulator the moment control is
-lost.
+The real-time path never waits for the broker, nor shares its interpreter with MQTT: the
+MQTT client, payload parsing and JSON run in a worker process
+(:mod:`closedloop.mqtt.worker`, at a lower CPU priority), so they never hold the GIL the
+EEG pipeline needs. This side, on the service's event loop, forwards events to it
+without waiting (over a socket pair; beyond ``_MAX_BACKLOG`` bytes unsent, telemetry is
+dropped and counted) and carries out what it asks: a command (validated, then applied in
+one step), the status, the metrics. While the broker is down the worker drops and counts
+telemetry (``telemetry_dropped``) and reconnects with jittered exponential backoff;
+``on_disconnect = "disarm"`` disarms the stimulator the moment control is lost. If the
+service dies, the worker exits without disconnecting, so the broker publishes the last
+will; if the worker dies, the service fails visibly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import random
 import socket
+import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from typing import Any
-
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from closedloop.config.schema import MqttConfig
 from closedloop.control.runtime import apply_live_settings
 from closedloop.control.service import ClosedLoopService
 from closedloop.errors import ConfigError, ControlError
-from closedloop.mqtt.commands import Command, CommandError, parse_command
-from closedloop.recording.events import clean_json
+from closedloop.mqtt.worker import FORWARDED, frame, read_frame
 
-__all__ = ["MqttControlPlane", "client_kwargs", "lower_thread_priority"]
+__all__ = ["MqttControlPlane"]
 
-_STATE_EVENTS = frozenset({"armed", "disarmed", "protocol_started", "protocol_stopped",
-                           "stream_lost", "stream_recovered", "stream_connected",
-                           "stream_error", "fault", "calibrated", "settings_changed"})
-_FAULT_EVENTS = frozenset({"fault", "stream_lost", "stream_recovered", "stream_error",
-                           "stream_missing", "samples_lost", "armed", "disarmed",
-                           "protocol_started", "protocol_stopped", "control_lost",
-                           "control_restored", "settings_changed", "calibrated"})
-
-
-def client_kwargs(cfg: MqttConfig, *, identifier: str,
-                  will: aiomqtt.Will | None = None) -> dict[str, Any]:
-    """Keyword arguments for :class:`aiomqtt.Client` from the ``[mqtt]`` section."""
-    tls = None
-    if cfg.tls.ca is not None:
-        tls = aiomqtt.TLSParameters(ca_certs=cfg.tls.ca, certfile=cfg.tls.cert,
-                                    keyfile=cfg.tls.key)
-    proto = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
-    # TCP_NODELAY: without it a QoS 1 publish waits ~40 ms for its PUBACK (Nagle's
-    # algorithm against delayed ACKs); the broker should set it too (set_tcp_nodelay)
-    return {"hostname": cfg.host, "port": cfg.port, "username": cfg.username,
-            "password": cfg.password, "identifier": identifier, "protocol": proto,
-            "keepalive": cfg.keepalive_s, "tls_params": tls, "will": will, "timeout": 5.0,
-            "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]}
+_MAX_BACKLOG = 1 << 20  # bytes of telemetry waiting for the worker before dropping
 
 
 class MqttControlPlane:
-    """Runs beside a :class:`ClosedLoopService`, in its own thread (:meth:`start`)."""
+    """Runs beside a :class:`ClosedLoopService`; the MQTT client in a worker process."""
 
-    def __init__(self, service: ClosedLoopService, cfg: MqttConfig,
-                 *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, service: ClosedLoopService, cfg: MqttConfig) -> None:
         self.service = service
         self.cfg = cfg
         self.prefix = cfg.topic_prefix()
-        self._now = wall_clock
-        self._queue: deque[tuple[str, dict[str, Any]]] = deque()
-        self._queue_ready = asyncio.Event()
-        self._status_changed = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None  # the plane's own loop
-        self._service_loop = asyncio.get_running_loop()
-        self._main: asyncio.Task[None] | None = None
-        self._thread: threading.Thread | None = None
-        self._signalled = False
-        self._client: aiomqtt.Client | None = None
-        self.connected = False
-        self.dropped = 0
-        self.published = 0
-        self.commands = 0
-        self.connections = 0
-        self.last_error: str | None = None
-        self.nice_error: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._worker: dict[str, Any] = {}
+        self.ipc_dropped = 0
         self._decision_tokens = 1.0
         self._decision_last = time.monotonic()
         service.add_listener(self._on_event)
 
-    # -- thread life cycle ----------------------------------------------------------------
-    def start(self) -> None:
-        """Run the plane in its own thread (call from the service's event loop)."""
-        started = threading.Event()
-
-        def main() -> None:
-            self.nice_error = lower_thread_priority(self.cfg.thread_nice)
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._main = loop.create_task(self.run(), name="mqtt-plane")
-            started.set()
-            try:
-                loop.run_until_complete(self._main)
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # a bug in the plane: the service must hear of it
-                self._post(self.service.fail, exc)
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        self._thread = threading.Thread(target=main, name="mqtt-plane", daemon=True)
-        self._thread.start()
-        started.wait(5.0)
-        if self.nice_error is not None:
-            self.service.record("mqtt_thread_priority_error", message=self.nice_error)
+    # -- what the worker last reported -----------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker (as the worker last said; it says so within 0.25 s)."""
+        return bool(self._worker.get("connected", False))
 
     @property
-    def thread_id(self) -> int | None:
-        """The plane thread's native (OS) id, once started."""
-        return self._thread.native_id if self._thread is not None else None
+    def dropped(self) -> int:
+        """Telemetry dropped: while disconnected, or queues full."""
+        return int(self._worker.get("dropped", 0)) + self.ipc_dropped
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Publish the final status, disconnect and end the thread (blocking)."""
-        loop, task = self._loop, self._main
-        if loop is not None and task is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop may have ended already
-                loop.call_soon_threadsafe(task.cancel)
-        if self._thread is not None:
-            self._thread.join(timeout)
+    @property
+    def published(self) -> int:
+        return int(self._worker.get("published", 0))
 
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Call ``fn(*args)`` on the service's loop; nothing to do once the service has ended.
+    @property
+    def commands(self) -> int:
+        return int(self._worker.get("commands", 0))
 
-        The plane can outlive the service's loop by a moment at shutdown (its thread is
-        joined with a timeout); a report then has no one to go to, and must not crash here.
-        """
-        loop = self._service_loop
+    @property
+    def connections(self) -> int:
+        return int(self._worker.get("connections", 0))
+
+    @property
+    def last_error(self) -> str | None:
+        return self._worker.get("last_error")
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id, once started."""
+        return self._proc.pid if self._proc is not None else None
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the worker process (on the service's event loop)."""
+        mine, theirs = socket.socketpair()
         try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            if not loop.is_closed():
-                raise
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "closedloop.mqtt.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=mine)
+        self._writer.write(frame(("init", self.cfg, os.getpid())))
+        self._task = asyncio.create_task(self._from_worker(reader), name="mqtt-plane")
 
-    async def _on_service(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` on the service's event loop and return its result here.
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Have the worker publish the final status and disconnect; wait for it."""
+        self._stopping = True
+        if self._writer is not None and not self._writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                self._writer.write(frame(("stop",)))
+                await self._writer.drain()
+        if self._proc is not None:
+            try:
+                await asyncio.to_thread(self._proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                await asyncio.to_thread(self._proc.wait, timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._writer is not None:
+            self._writer.close()
 
-        Raises:
-            asyncio.CancelledError: the service's loop has closed (the service has ended).
-        """
-        if self._service_loop.is_closed():
-            raise asyncio.CancelledError
+    def _send(self, *message: Any) -> bool:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return False
+        if writer.transport.get_write_buffer_size() > _MAX_BACKLOG:
+            return False
+        writer.write(frame(message))
+        return True
 
-        async def call() -> Any:
-            return fn(*args, **kwargs)
-        coro = call()
-        try:
-            future = asyncio.run_coroutine_threadsafe(coro, self._service_loop)
-        except RuntimeError:
-            coro.close()
-            if self._service_loop.is_closed():
-                raise asyncio.CancelledError from None
-            raise
-        return await asyncio.wrap_future(future)
-
-    def _record(self, kind: str, **fields: Any) -> None:
-        self._post(lambda: self.service.record(kind, **fields))
-
-    def _wake(self, event: asyncio.Event) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
-
-    # -- telemetry from the service (called on the service's loop, never blocks) --------
+    # -- telemetry from the service (on the service's loop, never blocks) ------------------
     def _on_event(self, kind: str, fields: dict[str, Any]) -> None:
-        if kind in _STATE_EVENTS:
-            self._wake(self._status_changed)
-        if kind == "pulse":
-            topic = "events/pulse"
-        elif kind == "mep":
-            topic = "events/mep"
-        elif kind in ("protocol_started", "protocol_stopped", "protocol_result",
-                      "protocol_error"):
-            topic = "events/protocol"
-        elif kind == "decision":
-            if not self._decision_allowed():
-                return
-            topic = "events/decision"
-        elif kind in _FAULT_EVENTS:
-            topic = "events/fault"
-        else:
+        if kind not in FORWARDED:
             return
-        if not self.connected or len(self._queue) >= self.cfg.telemetry_queue:
-            self.dropped += 1
+        if kind == "decision" and not self._decision_allowed():
             return
-        was_empty = not self._queue
-        self._queue.append((topic, {"event": kind, **fields}))
-        if was_empty:  # one wake-up per batch, not per event
-            self._wake(self._queue_ready)
+        if not self._send("event", kind, fields):
+            self.ipc_dropped += 1
 
     def _decision_allowed(self) -> bool:
         rate = self.cfg.decision_rate_hz
@@ -232,211 +164,69 @@ class MqttControlPlane:
             return True
         return False
 
-    # -- connection loop -----------------------------------------------------------------
-    async def run(self) -> None:
-        """Connect, serve, reconnect with jittered exponential backoff; until cancelled."""
-        attempt = 0
-        offline = json.dumps({"state": "offline", "pid": os.getpid()})
-        will = aiomqtt.Will(self.prefix + "status", offline, qos=1, retain=True)
-        ident = f"closedloop-{self.cfg.instance}-{os.getpid()}"
-        while True:
-            try:
-                async with aiomqtt.Client(**client_kwargs(self.cfg, identifier=ident,
-                                                          will=will)) as client:
-                    self._client = client
-                    self.connected = True
-                    self.connections += 1
-                    if attempt:
-                        self._record("control_restored", after_attempts=attempt)
-                    attempt = 0
-                    if self.cfg.protocol == "5":  # see the retain flag as published
-                        await client.subscribe(self.prefix + "cmd/#", options=SubscribeOptions(
-                            qos=1, retainAsPublished=True))
-                    else:
-                        await client.subscribe(self.prefix + "cmd/#", qos=1)
-                    await self._publish_status()
-                    try:
-                        async with asyncio.TaskGroup() as tg:
-                            tg.create_task(self._commands(client), name="mqtt-commands")
-                            tg.create_task(self._publisher(client), name="mqtt-publisher")
-                            tg.create_task(self._periodic(), name="mqtt-periodic")
-                    except asyncio.CancelledError:  # a clean stop: say so in the status
-                        stopped = {"state": "offline", "reason": "stopped", "pid": os.getpid()}
-                        with contextlib.suppress(Exception):
-                            await asyncio.wait_for(client.publish(
-                                self.prefix + "status", _dumps(stopped), qos=1, retain=True), 2)
-                        raise
-            except* aiomqtt.MqttError as group:
-                exc = group.exceptions[0]
-                was_connected = self.connected
-                self.connected = False
-                self._client = None
-                self._queue.clear()
-                self.last_error = str(exc)
-                attempt += 1
-                if was_connected or attempt == 1:
-                    self._record("control_lost", error=str(exc), attempt=attempt)
-                    if self.cfg.on_disconnect == "disarm":
-                        self._post(lambda: self.service.disarm(by="mqtt_disconnected"))
-                delay = min(self.cfg.reconnect_max_s, 0.2 * 2 ** min(attempt, 10))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-
-    async def _commands(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            await self._handle(client, message)
-
-    async def _publisher(self, client: aiomqtt.Client) -> None:
-        while True:
-            await self._queue_ready.wait()
-            self._queue_ready.clear()
-            while self._queue:
-                topic, payload = self._queue.popleft()
-                await client.publish(self.prefix + topic, _dumps(payload), qos=0)
-                self.published += 1
-                await asyncio.sleep(0)  # let commands in between
-
-    async def _periodic(self) -> None:
-        next_metrics = time.monotonic() + self.cfg.metrics_interval_s
-        next_status = time.monotonic() + self.cfg.status_interval_s
-        while True:
-            timeout = max(0.0, min(next_metrics, next_status) - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_changed.wait(), timeout)
-            now = time.monotonic()
-            if self._status_changed.is_set() or now >= next_status:
-                self._status_changed.clear()
-                await self._publish_status()
-                next_status = now + self.cfg.status_interval_s
-            if now >= next_metrics:
-                await self._publish(self.prefix + "metrics", await self.metrics())
-                next_metrics = now + self.cfg.metrics_interval_s
-
-    async def metrics(self) -> dict[str, Any]:
-        """The service's metrics plus this plane's counters."""
-        return {**await self._on_service(self.service.metrics),
-                "mqtt": {"telemetry_dropped": self.dropped, "published": self.published,
-                         "commands": self.commands, "connections": self.connections}}
-
-    async def _publish_status(self) -> None:
-        status = await self._on_service(self.service.status)
-        status["mqtt"] = {"telemetry_dropped": self.dropped, "connections": self.connections}
-        await self._publish(self.prefix + "status", status, qos=1, retain=True)
-
-    async def _publish(self, topic: str, payload: dict[str, Any], *, qos: int = 0,
-                       retain: bool = False, properties: Properties | None = None) -> None:
-        client = self._client
-        if client is None:
-            self.dropped += 1
-            return
-        await client.publish(topic, _dumps(payload), qos=qos, retain=retain,
-                             properties=properties)
-        self.published += 1
-
-    # -- commands ------------------------------------------------------------------------
-    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        self.commands += 1
-        topic = message.topic.value
-        verb = topic[len(self.prefix) + len("cmd/"):]
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        raw = message.payload if isinstance(message.payload, bytes) else str(
-            message.payload or "").encode()
-        cid: str | int | None = None
-        try:
-            cmd = parse_command(verb, raw, now_s=self._now(), max_age_s=self.cfg.max_command_age_s,
-                                max_bytes=self.cfg.max_payload_bytes, retained=message.retain)
-        except CommandError as exc:
-            reply: dict[str, Any] = {"ok": False, "verb": verb, "id": cid, "error": str(exc),
-                                     "key": exc.key}
-            self._record("command", verb=verb[:40], ok=False, error=reply["error"])
-        else:
-            reply = await self._execute(cmd)
-        properties = None
-        if self.cfg.protocol == "5" and correlation is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.CorrelationData = correlation
-        target = response_topic or f"{self.prefix}reply/{verb[:64] or 'unknown'}"
-        await client.publish(target, _dumps(reply), qos=1, properties=properties)
-
-    async def _execute(self, cmd: Command) -> dict[str, Any]:
-        """Carry out a parsed command in one call on the service's loop; the reply.
-
-        One hand-over per command (the action, its result and its ``command`` event
-        together): each crossing wakes the loop that runs the pipeline.
-        """
+    # -- requests from the worker ----------------------------------------------------------
+    async def _from_worker(self, reader: asyncio.StreamReader) -> None:
         svc = self.service
-        by = f"mqtt:{cmd.verb}"
-        base, new = svc.cfg, None
-        if cmd.verb == "set":  # validated here, in this thread; the swap on the service's loop
+        while True:
             try:
-                new = apply_live_settings(base, cmd.args, source=by)
-            except ConfigError as exc:
-                self._record("command", verb=cmd.verb, ok=False, error=str(exc))
-                return {"ok": False, "verb": cmd.verb, "id": cmd.id, "error": str(exc),
-                        "key": exc.key}
+                message = await read_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if self._stopping:
+                    return
+                code = self._proc.poll() if self._proc is not None else None
+                svc.fail(ControlError(f"the MQTT control plane's process ended (exit code "
+                                      f"{code}): {type(exc).__name__}"))
+                return
+            kind = message[0]
+            if kind == "call":
+                _, n, name, kwargs = message
+                self._send("reply", n, self._serve(name, kwargs))
+            elif kind == "record":
+                svc.record(message[1], **message[2])
+            elif kind == "disarm":
+                svc.disarm(by=message[1])
+            elif kind == "state":
+                self._worker = message[1]
 
-        def act() -> Any:
-            if cmd.verb == "arm":
+    def _serve(self, name: str, kwargs: dict[str, Any]) -> Any:
+        svc = self.service
+        plane = {"telemetry_dropped": self.ipc_dropped}
+        if name == "status":
+            return {**svc.status(), "mqtt": plane}
+        if name == "metrics":
+            return {**svc.metrics(), "mqtt": plane}
+        return self.command(kwargs["verb"], kwargs["args"], kwargs["id"])
+
+    def command(self, verb: str, args: dict[str, Any], cid: str | int | None
+                ) -> dict[str, Any]:
+        """Carry out a parsed command; the reply (its ``command`` event recorded)."""
+        svc = self.service
+        by = f"mqtt:{verb}"
+        try:
+            result: Any = None
+            if verb == "arm":
                 svc.arm(by=by)
-            elif cmd.verb == "disarm":
+            elif verb == "disarm":
                 svc.disarm(by=by)
-            elif cmd.verb == "start":
-                svc.start_protocol(cmd.args["protocol"], pulses=cmd.args["pulses"], by=by)
-            elif cmd.verb == "stop":
+            elif verb == "start":
+                svc.start_protocol(args["protocol"], pulses=args["pulses"], by=by)
+            elif verb == "stop":
                 svc.stop_protocol(by=by)
-            elif cmd.verb == "set":
-                # another command changed the config meanwhile: validate against the new one
-                cfg = new
-                if cfg is None or svc.cfg is not base:
-                    cfg = apply_live_settings(svc.cfg, cmd.args, source=by)
-                svc.apply_config(cfg, by=by)
-                return svc.settings()
-            elif cmd.verb == "calibrate":
-                return svc.calibrate(seconds=cmd.args["seconds"], by=by)
-            elif cmd.verb == "reload":
-                return svc.reload(by=by)
+            elif verb == "set":
+                svc.apply_config(apply_live_settings(svc.cfg, args, source=by), by=by)
+                result = svc.settings()
+            elif verb == "calibrate":
+                result = svc.calibrate(seconds=args["seconds"], by=by)
+            elif verb == "reload":
+                result = svc.reload(by=by)
             else:
-                return svc.status()
-            return {"state": svc.state}
-
-        def serve() -> dict[str, Any]:
-            try:
-                reply = {"ok": True, "verb": cmd.verb, "id": cmd.id, "result": act()}
-            except ConfigError as exc:
-                reply = {"ok": False, "verb": cmd.verb, "id": cmd.id, "error": str(exc),
-                         "key": exc.key}
-            except ControlError as exc:
-                reply = {"ok": False, "verb": cmd.verb, "id": cmd.id, "error": str(exc),
-                         "key": ""}
-            svc.record("command", verb=cmd.verb, ok=reply["ok"], error=reply.get("error"))
-            return reply
-
-        return dict(await self._on_service(serve))
-
-
-def lower_thread_priority(increment: int) -> str | None:
-    """Raise the calling thread's nice value by ``increment`` (Linux: nice is per thread).
-
-    Lowering one's own priority needs no privilege. The control plane does it so that when
-    both cores are busy, the scheduler runs the EEG reader, the pipeline and the fire
-    thread before command parsing and telemetry.
-
-    Returns:
-        None, or why it could not be done (the plane runs at normal priority then).
-    """
-    if increment <= 0:
-        return None
-    if not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
-        return f"thread priority not lowered: per-thread nice needs Linux ({sys.platform})"
-    tid = threading.get_native_id()
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
-    except OSError as exc:
-        return f"thread priority not lowered: {exc}"
-    return None
-
-
-def _dumps(payload: dict[str, Any]) -> str:
-    return json.dumps(clean_json(payload), separators=(",", ":"))
+                result = svc.status()
+            if result is None:
+                result = {"state": svc.state}
+            reply: dict[str, Any] = {"ok": True, "verb": verb, "id": cid, "result": result}
+        except ConfigError as exc:
+            reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": exc.key}
+        except ControlError as exc:
+            reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": ""}
+        svc.record("command", verb=verb, ok=reply["ok"], error=reply.get("error"))
+        return reply
