@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -150,7 +151,11 @@ class MqttControlPlane:
             return
         if kind == "decision" and not self._decision_allowed():
             return
-        if not self._send("event", kind, fields):
+        try:
+            sent = self._send("event", kind, fields)
+        except (pickle.PicklingError, TypeError, AttributeError):  # telemetry never breaks
+            sent = False  # the pulse path that recorded the event: count it and go on
+        if not sent:
             self.ipc_dropped += 1
 
     def _decision_allowed(self) -> bool:
@@ -177,16 +182,24 @@ class MqttControlPlane:
                 svc.fail(ControlError(f"the MQTT control plane's process ended (exit code "
                                       f"{code}): {type(exc).__name__}"))
                 return
-            kind = message[0]
-            if kind == "call":
-                _, n, name, kwargs = message
-                self._send("reply", n, self._serve(name, kwargs))
-            elif kind == "record":
-                svc.record(message[1], **message[2])
-            elif kind == "disarm":
-                svc.disarm(by=message[1])
-            elif kind == "state":
-                self._worker = message[1]
+            try:
+                self._handle(message)
+            except Exception as exc:  # a bug in the plane: the service must hear of it
+                svc.fail(exc)
+                return
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        svc = self.service
+        kind = message[0]
+        if kind == "call":
+            _, n, name, kwargs = message
+            self._send("reply", n, self._serve(name, kwargs))
+        elif kind == "record":
+            svc.record(message[1], **message[2])
+        elif kind == "disarm":
+            svc.disarm(by=message[1])
+        elif kind == "state":
+            self._worker = message[1]
 
     def _serve(self, name: str, kwargs: dict[str, Any]) -> Any:
         svc = self.service
