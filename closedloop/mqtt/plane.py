@@ -42,7 +42,6 @@ import time
 from typing import Any
 
 from closedloop.config.schema import MqttConfig
-from closedloop.control.runtime import apply_live_settings
 from closedloop.control.service import ClosedLoopService
 from closedloop.errors import ConfigError, ControlError
 from closedloop.mqtt.worker import FORWARDED, frame, read_frame
@@ -226,8 +225,7 @@ class MqttControlPlane:
             elif verb == "stop":
                 svc.stop_protocol(by=by)
             elif verb == "set":
-                svc.apply_config(apply_live_settings(svc.cfg, args, source=by), by=by)
-                result = svc.settings()
+                result = svc.apply_settings(args, by=by)
             elif verb == "calibrate":
                 result = svc.calibrate(seconds=args["seconds"], by=by)
             elif verb == "reload":
