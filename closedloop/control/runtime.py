@@ -56,7 +56,7 @@ def apply_live_settings(cfg: Config, changes: Mapping[str, Any], *, source: str)
         section, name = full.split(".")
         sections.setdefault(section, {})[name] = value
     # only the sections that change are rebuilt (the same checks, with the same key names,
-    # as a whole file); this runs in the control plane's thread while the pipeline runs
+    # as a whole file); a `set` runs on the service's event loop, between pipeline updates
     rebuilt = {}
     for section, values in sections.items():
         old = getattr(cfg, section)
