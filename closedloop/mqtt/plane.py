@@ -80,22 +80,6 @@ class MqttControlPlane:
         return int(self._worker.get("dropped", 0)) + self.ipc_dropped
 
     @property
-    def published(self) -> int:
-        return int(self._worker.get("published", 0))
-
-    @property
-    def commands(self) -> int:
-        return int(self._worker.get("commands", 0))
-
-    @property
-    def connections(self) -> int:
-        return int(self._worker.get("connections", 0))
-
-    @property
-    def last_error(self) -> str | None:
-        return self._worker.get("last_error")
-
-    @property
     def pid(self) -> int | None:
         """The worker process's id, once started."""
         return self._proc.pid if self._proc is not None else None

@@ -12,7 +12,8 @@ frames (4-byte length, then a pickle; both ends are this package):
 - service -> worker: ``("init", MqttConfig, service_pid)`` first; then ``("event", kind,
   fields)`` for telemetry, ``("reply", n, value)`` for a call, ``("stop",)``;
 - worker -> service: ``("call", n, name, kwargs)`` (``status``, ``metrics``,
-  ``command``), ``("record", kind, fields)``, ``("disarm", by)``, ``("state", dict)``.
+  ``command``), ``("record", kind, fields)``, ``("disarm", by)``, ``("state", {"connected",
+  "dropped"})`` (every 0.25 s and on connection changes).
 
 When the service's end closes without ``stop`` (the service was killed), the worker exits
 at once without disconnecting, so that the broker publishes the last will.
@@ -137,16 +138,13 @@ class PlaneWorker:
         self.published = 0
         self.commands = 0
         self.connections = 0
-        self.last_error: str | None = None
 
     # -- the service's end ---------------------------------------------------------------
     def _send(self, *message: Any) -> None:
         self._writer.write(frame(message))
 
     def _state(self) -> None:
-        self._send("state", {"connected": self.connected, "dropped": self.dropped,
-                             "published": self.published, "commands": self.commands,
-                             "connections": self.connections, "last_error": self.last_error})
+        self._send("state", {"connected": self.connected, "dropped": self.dropped})
 
     async def _call(self, name: str, **kwargs: Any) -> Any:
         n = next(self._ids)
@@ -256,7 +254,6 @@ class PlaneWorker:
                 self.connected = False
                 self._client = None
                 self._queue.clear()
-                self.last_error = str(exc)
                 self._state()
                 attempt += 1
                 if was_connected or attempt == 1:
