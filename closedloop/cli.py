@@ -11,11 +11,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from closedloop import __version__
 from closedloop.blas import single_threaded_blas
-from closedloop.config.load import config_to_dict, load_config, parse_overrides
-from closedloop.errors import ClosedLoopError, ConfigError, ControlError
+from closedloop.config.load import load_config, parse_overrides
+from closedloop.errors import ClosedLoopError, ConfigError
+
+if TYPE_CHECKING:
+    from closedloop.control.service import ClosedLoopService
 
 __all__ = ["main"]
 
@@ -175,14 +179,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         service = ClosedLoopService(cfg, config_source=str(args.config),
                                     config_overrides=tuple(args.overrides))
         service.add_listener(log_event)
-
-        def reload() -> None:  # SIGHUP: a bad config is refused and the old one kept
-            try:
-                service.record("reloaded", by="SIGHUP", settings=service.reload(by="SIGHUP"))
-            except (ConfigError, ControlError) as exc:
-                service.record("reload_refused", by="SIGHUP", error=str(exc))
-
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        loop.add_signal_handler(signal.SIGHUP, _sighup_reload, service)
         stats = await service.run(stop)
         print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
                           "decisions": stats.decisions,
@@ -190,6 +187,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _sighup_reload(service: ClosedLoopService) -> None:
+    """SIGHUP: re-read the config file; a bad one is refused and the running one kept.
+
+    ``reload`` records every refusal (``reload_refused``, with the reason). Nothing may
+    leave this handler: it has no caller to tell, only the loop's default handler, which
+    would print a traceback. An exception that is not a refusal (a bug) is also treated
+    as the MQTT plane treats one: the stimulator is disarmed and a ``fault`` recorded.
+    """
+    try:
+        settings = service.reload(by="SIGHUP")
+    except ClosedLoopError:
+        return  # recorded by reload as reload_refused
+    except Exception as exc:  # recorded by reload as reload_refused; and a fault
+        try:
+            service.disarm(by="internal_error")
+        except Exception as disarm_exc:
+            service.fail(disarm_exc)
+        service.record("fault", error=type(exc).__name__, message=str(exc)[:500],
+                       during="SIGHUP reload")
+        return
+    service.record("reloaded", by="SIGHUP", settings=settings)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -466,9 +486,15 @@ def _cmd_stimulator(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from closedloop.config.redact import redacted_config  # noqa: PLC0415
+    from closedloop.mqtt.worker import insecure_connection  # noqa: PLC0415 - imports aiomqtt
+
     cfg = load_config(args.file, args.overrides)
-    if args.print:
-        print(json.dumps(config_to_dict(cfg), indent=2))
+    warning = insecure_connection(cfg.mqtt)
+    if warning is not None:
+        print(f"closedloop: warning: {warning}", file=sys.stderr)
+    if args.print:  # secrets redacted: this output gets pasted into issues and lab notes
+        print(json.dumps(redacted_config(cfg), indent=2))
     else:
         print(f"{args.file}: OK")
     return 0

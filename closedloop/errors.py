@@ -8,7 +8,9 @@
     │   ├── StreamNotFoundError    no stream matched the selector in time
     │   └── ChannelNotFoundError   a channel label the config asks for is absent
     ├── StimulatorError        the stimulator (or its driver) failed
-    └── ControlError           a command cannot be carried out now (state, staleness)
+    ├── ControlError           a command cannot be carried out now (state, staleness)
+    └── DayCounterError        the participant's pulse counter cannot be read or written
+                               (closedloop.stim.day_counter: the daily limit cannot be kept)
 
 Safety refusals are *not* exceptions: a refused pulse is a normal, recorded outcome
 (see :mod:`closedloop.stim.safety`). Lower-layer errors (pylsl, OSError) are re-raised as

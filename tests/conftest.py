@@ -8,6 +8,12 @@ import os
 os.environ.setdefault("LSLAPICFG", str(os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "closedloop", "resources", "lsl_api.cfg")))
 
+import tempfile
+
+# the lab-wide pulse counters of the tests (every test process and the services they start)
+# live in a folder of their own, never in the user's state folder
+os.environ["CLOSEDLOOP_STATE_DIR"] = tempfile.mkdtemp(prefix="closedloop-test-state-")
+
 import threading
 import uuid
 from collections.abc import Callable, Iterator

@@ -186,3 +186,27 @@ class ThreadedService:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(20)
         return self.stats
+
+
+async def raw_commands(prefix: str, items: list[tuple[str, bytes]], *, port: int = 1883,
+                       timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Publish each ``(verb, payload)`` over one connection; the replies, in that order."""
+    token = uuid.uuid4().hex
+    reply_topic = f"{prefix}reply/test-{token}"
+    replies: dict[bytes, dict[str, Any]] = {}
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"b-{token[:10]}",
+                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe(reply_topic, qos=1)
+        for n, (verb, payload) in enumerate(items):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = str(n).encode()
+            await client.publish(f"{prefix}cmd/{verb}", payload, qos=1, properties=props)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                assert message.properties is not None
+                replies[message.properties.CorrelationData] = json.loads(
+                    bytes(message.payload))  # type: ignore[arg-type]
+                if len(replies) == len(items):
+                    break
+    return [replies[str(n).encode()] for n in range(len(items))]

@@ -28,7 +28,9 @@ def test_demo_summary_is_safe_complete_and_bounded(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "closedloop", "demo", "--duration", "26", "--eeg-rate", "1000",
          "--seed", "11", "--json", "--events", str(events),
-         "--set", "trigger.min_interval_s=0.7", "--set", "safety.min_interval_s=0.6"],
+         "--set", "trigger.min_interval_s=0.7", "--set", "safety.min_interval_s=0.6",
+         "--set", "safety.motor_threshold_pct=60",  # pulses < 1 s apart are rTMS
+         "--set", "safety.min_inter_train_s=1"],
         capture_output=True, text=True, timeout=90, check=False)
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
@@ -64,6 +66,8 @@ def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
              "--set", f'recording.events="{events}"',
              "--set", f'recording.marker_stream="{prefix}-pulses"',
              "--set", "trigger.min_interval_s=0.5", "--set", "safety.min_interval_s=0.5",
+             "--set", "safety.motor_threshold_pct=60",  # pulses < 1 s apart are rTMS
+             "--set", "safety.min_inter_train_s=1",
              "--set", "trigger.wait_for_training=false"],  # a pulse soon
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
@@ -111,6 +115,7 @@ def test_daemon_sighup_reload_json_logs_and_status(tmp_path: Path) -> None:
     cfg = tmp_path / "d.toml"
     base = (f'[streams.eeg]\nname = "{prefix}-EEG"\n[stimulator]\ncoil_stream = "{prefix}-coil"\n'
             f'arm_on_start = true\n[recording]\nevents = "{events}"\nmarker_stream = ""\n'
+            "[safety]\nmotor_threshold_pct = 60\nmin_inter_train_s = 1\n"  # < 1 s: rTMS
             "[trigger]\nmin_interval_s = 0.5\namplitude_percentile = 0\n")
     cfg.write_text(base + "target_phase_deg = 0\n")
     sim = subprocess.Popen([sys.executable, "-m", "closedloop", "simulate", "--prefix", prefix,
@@ -249,7 +254,8 @@ def test_a_killed_session_leaves_readable_recordings(tmp_path: Path) -> None:
             f'stimulator.coil_stream="{prefix}-coil"', f'recording.events="{events}"',
             f'recording.xdf="{xdf}"', 'recording.marker_stream=""',
             "trigger.min_interval_s=0.5", "safety.min_interval_s=0.5",
-            "trigger.wait_for_training=false"]  # a pulse soon
+            "safety.motor_threshold_pct=60",  # pulses < 1 s apart are rTMS
+            "safety.min_inter_train_s=1", "trigger.wait_for_training=false"]  # a pulse soon
     run = subprocess.Popen(
         [sys.executable, "-m", "closedloop", "run", "--config",
          str(REPO / "configs" / "demo.toml"), *(a for s in sets for a in ("--set", s))],

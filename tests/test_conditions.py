@@ -31,6 +31,8 @@ def recording(seconds: float = 60.0) -> tuple[Recording, np.ndarray]:
 def pulses_in_beta(sets: list[str]) -> tuple[int, float, dict[str, int]]:
     rec, beta_on = recording()
     cfg = load_config(None, ['phase.estimator="ar"', "trigger.min_interval_s=0.5",
+                             "safety.motor_threshold_pct=60",  # < 1 s apart is rTMS
+                             "safety.min_inter_train_s=1",
                              "trigger.jitter_s=0", "trigger.seed=1",
                              "trigger.amplitude_percentile=0", *sets])
     result = run_offline(cfg, rec)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from closedloop.cli import main
 from closedloop.config import load_config
 from closedloop.config.load import check_cross_fields, config_to_dict, from_dict
+from closedloop.config.redact import redacted_config
 from closedloop.config.schema import HARD_MAX_INTENSITY_PCT, Config
 from closedloop.control.runtime import LIVE_KEYS, apply_live_settings
 from closedloop.errors import ConfigError
@@ -226,3 +229,46 @@ def test_live_settings_validate_like_a_whole_config(changes: dict[str, object],
     new = apply_live_settings(base, changes, source="t")
     assert new == from_dict(Config, data, source="t")
     assert new != base
+
+
+def test_redacted_config_hides_only_the_secrets_that_are_set() -> None:
+    cfg = load_config(None, ['mqtt.username="op"', 'mqtt.password="hunter2"',
+                             'stimulator.unlock_code="1234-abcd"', 'mqtt.tls.ca="/etc/ca.pem"'])
+    plain, shown = config_to_dict(cfg), redacted_config(cfg)
+    assert shown["mqtt"]["password"] == shown["stimulator"]["unlock_code"] == "<redacted>"
+    assert "hunter2" not in json.dumps(shown) and "1234-abcd" not in json.dumps(shown)
+    assert shown["mqtt"]["tls"]["ca"] == "/etc/ca.pem"  # a path, its content never read
+    shown["mqtt"]["password"] = plain["mqtt"]["password"]
+    shown["stimulator"]["unlock_code"] = plain["stimulator"]["unlock_code"]
+    assert shown == plain  # nothing else changed
+    unset = redacted_config(load_config(None))
+    assert unset["mqtt"]["password"] is None and unset["stimulator"]["unlock_code"] == ""
+
+
+def test_check_config_print_redacts_and_warns_of_a_broker_in_clear(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[mqtt]\nenabled = true\nhost = "10.1.2.3"\nusername = "op"\n'
+                           'password = "hunter2"\n')
+    assert main(["check-config", str(path), "--print"]) == 0
+    out, err = capsys.readouterr()
+    assert "hunter2" not in out and "<redacted>" in out
+    assert json.loads(out)["mqtt"]["host"] == "10.1.2.3"
+    assert "warning" in err and "10.1.2.3" in err and "TLS" in err and "hunter2" not in err
+    assert main(["check-config", str(write(tmp_path, "[mqtt]\nenabled = true\n"))]) == 0
+    assert "warning" not in capsys.readouterr().err  # the default broker is this machine
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "directory", "huge-int"])
+def test_check_config_refuses_unusable_files_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    path = tmp_path / "c.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe[trigger]" if kind == "not-utf8" else
+                         b"[trigger]\ntarget_phase_deg = " + b"9" * 5000)
+    assert main(["check-config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert not out
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err

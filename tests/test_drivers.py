@@ -394,3 +394,262 @@ def test_parallel_port_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(StimulatorError, match="cannot claim"):
         drv.open()
     drv.close()
+
+
+# -- what the device will really deliver -----------------------------------------------------
+def test_magstim_left_at_95_is_read_at_open(faults: list[str]) -> None:
+    with device("200", faults, power_a=95) as (_emu, drv):
+        drv.open()
+        dev = drv.device
+        assert dev is not None
+        assert (dev.intensity_pct, dev.pulses_per_trigger, dev.source) == (95.0, 1, "device")
+        st = drv.status()
+        assert st["intensity_pct"] == 95.0 and st["commanded_intensity_pct"] is None
+        assert st["device"]["max_pct"] == 95.0
+        time.sleep(0.7)  # a keep-alive cycle: nothing was commanded, so no mismatch fault
+        assert faults == []
+
+
+def test_magstim_knob_turned_after_arming_is_a_fault(
+        ms: tuple[MagstimEmulator, MagstimStimulator], faults: list[str]) -> None:
+    emu, drv = ms
+    drv.open()
+    drv.set_intensity(60)
+    drv.arm()
+    assert wait_for(lambda: drv.ready)
+    emu.turn_knob(95)
+    assert wait_for(lambda: bool(faults), 2.0)
+    assert faults[0] == "device changed: commanded 60 %, device reads 95 % (front panel?)"
+    dev = drv.device
+    assert dev is not None and dev.intensity_pct == 95.0
+    assert not drv.ready
+    assert drv.status()["intensity_pct"] == 95.0
+
+
+def test_magstim_refuses_to_arm_on_a_changed_device(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.keepalive_s = 0.5
+        drv.open()
+        drv.set_intensity(40)
+        emu.turn_knob(80)
+        with pytest.raises(StimulatorError, match=r"refusing to arm.*commanded 40 %.*80 %"):
+            drv.arm()
+        assert not emu.armed and not drv.ready
+        assert faults and "device reads 80 %" in faults[0]
+
+
+def test_magstim_fires_at_the_device_power(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.open()
+        drv.set_intensity(50)
+        drv.arm()
+        assert wait_for(lambda: drv.ready)
+        emu.turn_knob(70)  # between two read-backs: the device fires at 70 %
+        drv.fire()
+        assert [d.power_a for d in emu.delivered] == [70]
+
+
+def test_bistim_pulses_per_trigger(faults: list[str]) -> None:
+    with device("bistim", faults, interval=0) as (emu, drv):
+        drv.open()
+        assert "Z@" in emu.commands  # a known interval resolution (it resets to 10 ms)
+        dev = drv.device
+        assert dev is not None
+        assert (dev.mode, dev.pulses_per_trigger, dev.isi_ms) == ("paired", 2, 10.0)
+        drv.set_intensity(45)
+        dev = drv.device
+        assert dev is not None
+        assert (dev.mode, dev.pulses_per_trigger, dev.intensity_pct, dev.intensity_b_pct) == (
+            "standard", 1, 45.0, None)
+        assert emu.power_b == 0
+        drv.set_paired(35, 65, 2.5)
+        dev = drv.device
+        assert dev is not None
+        assert (dev.mode, dev.pulses_per_trigger, dev.isi_ms, dev.max_pct) == (
+            "paired", 2, 2.5, 65.0)
+        emu.interval = 0  # simultaneous discharge: one pulse from both units
+        dev = drv.read_device()
+        assert (dev.mode, dev.pulses_per_trigger, dev.isi_ms) == ("simultaneous", 1, None)
+
+
+def test_bistim_power_b_turned_up_is_a_fault(faults: list[str]) -> None:
+    with device("bistim", faults) as (emu, drv):
+        drv.open()
+        drv.set_intensity(40)
+        drv.arm()
+        assert wait_for(lambda: drv.ready)
+        emu.turn_knob(60, output="b")  # B now fires 10 ms after A: two pulses a trigger
+        assert wait_for(lambda: bool(faults), 2.0)
+        assert "commanded mode standard (1 pulse per trigger)" in faults[0]
+        assert "device reads mode paired (2 pulses per trigger)" in faults[0]
+        dev = drv.device
+        assert dev is not None and dev.max_pct == 60.0
+
+
+def test_rapid_train_mode_is_many_pulses_per_trigger(faults: list[str]) -> None:
+    with device("rapid", faults) as (_emu, drv):
+        drv.open()
+        dev = drv.device
+        assert dev is not None and (dev.mode, dev.pulses_per_trigger) == ("standard", 1)
+        drv.configure_train(10.0, 20)
+        dev = drv.device
+        assert dev is not None
+        assert (dev.mode, dev.pulses_per_trigger, dev.isi_ms) == ("train", 20, 100.0)
+
+
+def test_magstim_fault_then_disarm_still_disarms_the_device(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.open()
+        drv.arm()
+        assert wait_for(lambda: emu.ready)
+        drv.report_fault("test fault")
+        n = len(emu.commands)
+        drv.disarm()
+        assert "EA" in emu.commands[n:]
+        assert not emu.armed and not emu.ready
+
+
+def test_magstim_disarm_error_in_fault_is_not_reported_again(faults: list[str]) -> None:
+    with device("200", faults) as (emu, drv):
+        drv.open()
+        drv.report_fault("first")
+        emu.fault = "silent"
+        drv.disarm()  # no answer: suppressed, the first fault stays
+        assert faults == ["first"] and drv.fault == "first"
+
+
+def mv_rig(faults: list[str], **kw: object) -> tuple[MagVentureEmulator, MagVentureStimulator]:
+    emu = MagVentureEmulator(**kw).start()  # type: ignore[arg-type]
+    drv = MagVentureStimulator(port=emu.port, poll_s=0.2)
+    drv.set_fault_handler(faults.append)
+    return emu, drv
+
+
+@pytest.mark.parametrize(("left", "was"), [({"mode": "twin"}, "twin"),
+                                           ({"mode": "dual"}, "dual"),
+                                           ({"waveform": "burst", "burst_pulses": 4}, "burst")])
+def test_magventure_open_puts_the_device_in_standard_mode(
+        faults: list[str], left: dict[str, object], was: str) -> None:
+    emu, drv = mv_rig(faults, amplitude_a=95, enabled=True, **left)
+    try:
+        assert emu.pulses_per_trigger() > 1
+        drv.open()
+        dev = drv.device
+        assert dev is not None
+        assert (dev.mode, dev.pulses_per_trigger, dev.intensity_pct) == ("standard", 1, 95.0)
+        assert (emu.mode, emu.pulses_per_trigger(), emu.enabled) == (0, 1, False)
+        assert faults == []
+    finally:
+        drv.close()
+        emu.stop()
+
+
+def test_magventure_open_fails_when_the_mode_change_is_refused(faults: list[str]) -> None:
+    emu, drv = mv_rig(faults, mode="twin", locked_mode=True)
+    try:
+        with pytest.raises(StimulatorError, match=r"twin mode \(2 pulses per trigger\) and "
+                                                  "did not go back to standard"):
+            drv.open()
+        assert not drv.link.is_open
+    finally:
+        drv.close()
+        emu.stop()
+
+
+def test_magventure_knob_turned_after_arming_is_a_fault(
+        mv: tuple[MagVentureEmulator, MagVentureStimulator], faults: list[str]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.set_intensity(60)
+    drv.arm()
+    emu.turn_knob(95)
+    assert wait_for(lambda: bool(faults), 2.0)
+    assert faults[0] == "device changed: commanded 60 %, device reads 95 % (front panel?)"
+    dev = drv.device
+    assert dev is not None and dev.intensity_pct == 95.0
+    assert drv.status()["intensity_pct"] == 95.0
+
+
+def test_magventure_unsolicited_knob_frame_updates_the_cache(faults: list[str]) -> None:
+    emu = MagVentureEmulator().start()
+    drv = MagVentureStimulator(port=emu.port, poll_s=30.0)  # no poll during the test
+    drv.set_fault_handler(faults.append)
+    try:
+        drv.open()
+        drv.set_intensity(40)
+        emu.turn_knob(75)
+        time.sleep(0.05)
+        drv.read_train()  # any request: takes what the device sent on its own first
+        dev = drv.device
+        assert dev is not None and dev.intensity_pct == 75.0
+        assert drv.unsolicited >= 1 and drv.polls == 0
+    finally:
+        drv.close()
+        emu.stop()
+
+
+def test_magventure_twin_burst_and_back(
+        mv: tuple[MagVentureEmulator, MagVentureStimulator], faults: list[str]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.set_paired(30, 70, 3.0)
+    dev = drv.device
+    assert dev is not None
+    assert (dev.mode, dev.pulses_per_trigger, dev.isi_ms, dev.intensity_pct,
+            dev.intensity_b_pct) == ("twin", 2, 3.0, 30.0, 70.0)
+    drv.arm()
+    drv.fire()
+    assert wait_for(lambda: len(emu.delivered) == 1)
+    assert (emu.delivered[0].power_a, emu.delivered[0].power_b, emu.delivered[0].pulses) == (
+        30, 70, 2)
+    drv.disarm()
+    drv.configure_burst(3, 10.0)
+    dev = drv.device
+    assert dev is not None and (dev.mode, dev.pulses_per_trigger, dev.isi_ms) == (
+        "burst", 3, 10.0)
+    drv.set_intensity(50)
+    dev = drv.device
+    assert dev is not None and (dev.mode, dev.pulses_per_trigger) == ("standard", 1)
+    assert emu.pulses_per_trigger() == 1
+    time.sleep(0.5)  # polls: the device is what was commanded
+    assert faults == []
+
+
+def test_magventure_mode_changed_on_the_panel_is_a_fault(
+        mv: tuple[MagVentureEmulator, MagVentureStimulator], faults: list[str]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.set_intensity(50)
+    drv.arm()
+    with emu.lock:
+        emu.mode = 2  # twin, from the front panel
+    assert wait_for(lambda: bool(faults), 2.0)
+    assert "device reads mode twin (2 pulses per trigger)" in faults[0]
+
+
+def test_magventure_fault_then_disarm_still_disables(
+        mv: tuple[MagVentureEmulator, MagVentureStimulator], faults: list[str]) -> None:
+    emu, drv = mv
+    drv.open()
+    drv.arm()
+    assert emu.enabled
+    drv.report_fault("test fault")
+    n = len(emu.commands)
+    drv.disarm()
+    assert b"\x02\x00" in emu.commands[n:]
+    assert not emu.enabled
+
+
+def test_ttl_device_state_is_the_declaration() -> None:
+    box = TriggerBoxEmulator().start()
+    drv = TtlStimulator(port=box.port, line="byte")
+    try:
+        drv.open()
+        dev = drv.device
+        assert dev is not None and dev.intensity_pct is None and dev.source == "declared"
+        drv.set_intensity(55)
+        dev = drv.read_device()
+        assert (dev.intensity_pct, dev.pulses_per_trigger, dev.source) == (55.0, 1, "declared")
+    finally:
+        drv.close()
+        box.stop()

@@ -93,7 +93,7 @@ async def test_event_log_disk_full_stops_visibly(tmp_path: Path, pushers: list[P
     eeg = unique("eeg")
     pushers.append(Pusher(eeg, LABELS, 1000.0, mu))
     cfg = fast(tmp_path, eeg, 'recording.events="/dev/full"',
-               f'safety.day_counter_file="{tmp_path / "day.json"}"')
+               f'safety.day_counter_dir="{tmp_path / "day"}"')
     service = ClosedLoopService(cfg)
     stop = asyncio.Event()
     with pytest.raises(ClosedLoopError, match=r"recording\.events: cannot write /dev/full"):

@@ -49,6 +49,7 @@ def eeg(pushers: list[Pusher]) -> str:
 
 def mqtt_config(tmp_path: Path, eeg: str, instance: str, *extra: str, port: int = 1883) -> Config:
     return load_config(None, [
+        "safety.motor_threshold_pct=60", "safety.min_inter_train_s=1",  # see test_service
         f'streams.eeg.name="{eeg}"', f'recording.events="{tmp_path / "ev.jsonl"}"',
         f'stimulator.coil_stream="{unique("coil")}"', 'recording.marker_stream=""',
         "mqtt.enabled=true", f'mqtt.instance="{instance}"', f"mqtt.port={port}",

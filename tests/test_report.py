@@ -28,7 +28,7 @@ def test_demo_report_has_every_figure_and_renders(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "closedloop", "demo", "--duration", "25", "--eeg-rate", "1000",
          "--seed", "5", "--json", "--report", str(out),
-         "--set", f'safety.day_counter_file="{tmp_path / "day.json"}"'],
+         "--set", f'safety.day_counter_dir="{tmp_path / "day"}"'],
         capture_output=True, text=True, timeout=180, check=True)
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     page = Path(summary["report"])

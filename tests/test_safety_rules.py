@@ -1,28 +1,21 @@
-"""The safety gate's rules for units (trains, bursts, paired pulses) and daily counts,
-and a property test: no sequence of requests, limits and faults yields a pulse train that
-breaks a limit."""
+"""The safety gate's rules over the delivered sequence: trains, bursts, paired pulses, the
+pauses between them, and the attacks that got through the old gate (rTMS made of single
+pulses, intensities changed inside a unit, a device that was not at its commanded
+setting). The property test with an independent oracle is in test_gate_property.py."""
 
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
-from closedloop.config.schema import (
-    HARD_MIN_TRAIN_IPI_S,
-    SafetyConfig,
-    StimulationConfig,
-)
-from closedloop.errors import ConfigError, StimulatorError
-from closedloop.stim.base import DriverBase
+from closedloop.config.schema import SafetyConfig, StimulationConfig
+from closedloop.errors import StimulatorError
+from closedloop.stim.fake import FakeStimulator
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.patterns import unit_for
-from closedloop.stim.safety import DayCounter, SafetyGate, SafetyLimits, max_train_duration_s
+from closedloop.stim.safety import SafetyGate, SafetyLimits, Trigger, max_train_duration_s
 
 
 def limits(**kw: Any) -> SafetyLimits:
@@ -36,6 +29,30 @@ def limits(**kw: Any) -> SafetyLimits:
 
 def offsets(n: int, hz: float) -> tuple[float, ...]:
     return tuple(k / hz for k in range(n))
+
+
+def single(t: float, pct: float) -> Trigger:
+    return Trigger(t, (pct,))
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def rig(lim: SafetyLimits, pct: float = 60.0, **gate_kw: Any
+        ) -> tuple[Clock, FakeStimulator, GatedStimulator]:
+    clock = Clock()
+    drv = FakeStimulator(clock=clock)
+    drv.open()
+    gated = GatedStimulator(drv, SafetyGate(lim, **gate_kw), eeg_age_s=lambda: 0.0,
+                            clock=clock)
+    gated.set_intensity(pct)
+    gated.arm()
+    return clock, drv, gated
 
 
 def test_rossi_table_lookup_rounds_up() -> None:
@@ -63,7 +80,7 @@ def test_rossi_table_lookup_rounds_up() -> None:
 ])
 def test_unit_rules(units: tuple[float, ...], intensity: float, expect: str | None) -> None:
     gate = SafetyGate(limits())
-    got = gate.check(t=100.0, intensity_pct=intensity, eeg_age_s=0.01, offsets=units)
+    got = gate.check_start(single(100.0, intensity), offsets=units, eeg_age_s=0.01)
     assert got == expect
 
 
@@ -71,202 +88,201 @@ def test_theta_burst_units_pass_at_80_percent_mt() -> None:
     for pattern in ("itbs", "ctbs"):
         unit = unit_for(StimulationConfig(pattern=pattern))
         gate = SafetyGate(limits(max_pulses_per_window=1000))
-        assert gate.check(t=10.0, intensity_pct=40.0, eeg_age_s=0.0,
-                          offsets=unit.offsets) is None
-        assert gate.check(t=10.0, intensity_pct=51.0, eeg_age_s=0.0,
-                          offsets=unit.offsets) == "safety:burst_intensity"
+        assert gate.check_start(single(10.0, 40.0), offsets=unit.offsets,
+                                eeg_age_s=0.0) is None
+        assert gate.check_start(single(10.0, 51.0), offsets=unit.offsets,
+                                eeg_age_s=0.0) == "safety:burst_intensity"
 
 
 def test_trains_need_the_motor_threshold() -> None:
     gate = SafetyGate(limits(motor_threshold_pct=None))
-    assert gate.check(t=1.0, intensity_pct=40.0, eeg_age_s=0.0,
-                      offsets=offsets(3, 100)) == "safety:train_needs_motor_threshold"
-    assert gate.check(t=1.0, intensity_pct=40.0, eeg_age_s=0.0) is None  # single: fine
+    assert gate.check_start(single(1.0, 40.0), offsets=offsets(3, 100),
+                            eeg_age_s=0.0) == "safety:rtms_needs_motor_threshold"
+    assert gate.check_start(single(1.0, 40.0), eeg_age_s=0.0) is None  # single: fine
 
 
-def test_inter_train_pause_and_counts() -> None:
-    gate = SafetyGate(limits(min_inter_train_s=5.0, max_pulses=10, max_pulses_per_day=7),
-                      day_count=2)
-    tr = offsets(3, 100)
-    assert gate.check(t=10.0, intensity_pct=40.0, eeg_age_s=0.0, offsets=tr) is None
-    for k, off in enumerate(tr):
-        gate.commit(10.0 + off)
-        if k == 2:
-            gate.end_unit(10.0 + off)
-    assert gate.check(t=13.0, intensity_pct=40.0, eeg_age_s=0.0) == "safety:inter_train"
-    assert gate.check(t=15.1, intensity_pct=40.0, eeg_age_s=0.0, offsets=tr) == \
-        "safety:max_pulses_per_day"  # 2 + 3 + 3 > 7
-    assert gate.check(t=15.1, intensity_pct=40.0, eeg_age_s=0.0, pulses_per_trigger=2) \
-        is None
-    assert gate.day_count == 5 and gate.fired == 3
 
 
-def test_day_counter_persists_and_refuses_a_broken_file(tmp_path: Path) -> None:
-    path = tmp_path / "d" / "pulses.json"
-    day = ["2026-11-26"]
-    c = DayCounter(path, today=lambda: day[0])
-    assert c.today == 0
-    c.add(5)
-    c.add(2)
-    assert DayCounter(path, today=lambda: day[0]).today == 7
-    day[0] = "2026-11-27"
-    assert DayCounter(path, today=lambda: day[0]).today == 0
-    path.write_text("{not json")
-    with pytest.raises(ConfigError, match="day_counter_file"):
-        DayCounter(path)
-    path.write_text(json.dumps({"2026-11-26": -3}))
-    with pytest.raises(ConfigError, match="unreadable"):
-        DayCounter(path)
+def fire_for(clock: Clock, gated: GatedStimulator, seconds: float, every_s: float,
+             ) -> list[str]:
+    """Ask for one trigger every ``every_s`` for ``seconds``; the reasons of the answers."""
+    out = []
+    end = clock.t + seconds
+    while clock.t < end:
+        clock.t += every_s
+        out.append(gated.fire_now().reason)
+    return out
 
 
-# -- property test ------------------------------------------------------------------------
-class BenchDriver(DriverBase):
-    """An in-memory device for the gate's property test: records what it is made to do."""
-
-    name = "bench"
-    trigger_route = "memory"
-    supports_paired = True
-
-    def __init__(self, clock: list[float]) -> None:
-        super().__init__(0.0)
-        self.clock = clock
-        self.shots: list[tuple[float, float]] = []
-
-    def open(self) -> None: ...
-    def close(self) -> None: ...
-
-    def arm(self) -> None:
-        self._armed = True
-
-    def disarm(self) -> None:
-        self._armed = False
-
-    def set_intensity(self, pct: float) -> float:
-        self._intensity = pct
-        return pct
-
-    def set_paired(self, conditioning_pct: float, test_pct: float, isi_ms: float) -> None:
-        self._intensity = test_pct
-
-    def fire(self) -> float:
-        assert self._armed and self._fault is None  # the gate never fires a faulted device
-        self.shots.append((self.clock[0], self._intensity or 0.0))
-        return self.clock[0]
+def pulse_times(drv: FakeStimulator) -> list[float]:
+    return [t for t, _ in drv.delivered]
 
 
-unit_shapes = st.one_of(
-    st.just((0.0,)),
-    st.builds(offsets, st.integers(2, 8), st.floats(5.0, 200.0)),
-    st.builds(offsets, st.integers(2, 60), st.floats(0.5, 30.0)),
-    st.lists(st.floats(0.0, 0.5), min_size=2, max_size=10).map(
-        lambda xs: tuple(sorted({0.0, *(round(x, 3) for x in xs)}))),
-)
-fire_action = st.tuples(st.just("fire"), unit_shapes,
-                        st.one_of(st.just(0.0), st.floats(0.0, 0.05)),
-                        st.one_of(st.just(0.01), st.just(0.01), st.floats(0.0, 0.12),
-                                  st.none()))
-disturbance = st.one_of(
-    st.tuples(st.just("intensity"), st.floats(-10.0, 120.0)),
-    st.tuples(st.just("arm")), st.tuples(st.just("disarm")),
-    st.tuples(st.just("fault")), st.tuples(st.just("temperature"), st.floats(20.0, 50.0)))
-# each step: a request, a wait, and now and then something else happening
-actions = st.lists(st.tuples(fire_action, st.tuples(st.just("wait"), st.floats(0.0, 12.0)),
-                             st.one_of(st.none(), st.none(), st.none(), disturbance)),
-                   min_size=1, max_size=30).map(
-    lambda steps: [a for step in steps for a in step if a is not None])
-safety_cfgs = st.builds(
-    SafetyConfig, min_interval_s=st.floats(0.05, 3.0), max_intensity_pct=st.floats(10, 100),
-    max_pulses=st.integers(0, 400), rate_window_s=st.floats(1.0, 60.0),
-    max_pulses_per_window=st.integers(1, 200), max_pulses_per_day=st.integers(0, 600),
-    motor_threshold_pct=st.one_of(st.none(), st.floats(20.0, 90.0)),
-    train_duration_factor=st.floats(0.1, 1.0), min_inter_train_s=st.floats(1.0, 20.0),
-    max_burst_intensity_mt=st.floats(10.0, 100.0), max_coil_temp_c=st.floats(20.0, 45.0))
+@pytest.mark.parametrize("mt", [None, 50.0])
+def test_single_pulses_at_20_hz_are_rtms(mt: float | None) -> None:
+    """The issue's attack: min_interval_s = 0.05 made 657 open-loop pulses in 40 s."""
+    clock, drv, gated = rig(limits(min_interval_s=0.05, motor_threshold_pct=mt), 60.0)
+    reasons = fire_for(clock, gated, 40.0, 0.05)
+    times = pulse_times(drv)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    if mt is None:  # no motor threshold: no two triggers less than 1 s apart
+        assert min(gaps) >= 1.0 - 1e-9
+        assert "safety:rtms_needs_motor_threshold" in reasons
+        assert len(times) <= 41
+    else:  # 120 % MT at 20 Hz: 0.55 s x 0.75 per train, then more than the 5 s pause
+        runs: list[list[float]] = [[times[0]]]
+        for a, b in itertools.pairwise(times):
+            if b - a < 1.0:
+                runs[-1].append(b)
+            else:
+                assert b - a >= 5.0 - 1e-9
+                runs.append([b])
+        assert len(runs) >= 5
+        # Table 4's 120 % column (Rossi et al. 2009) at the next tabulated frequency
+        column = {5.0: 10.0, 10.0: 4.2, 20.0: 0.55, 25.0: 0.24}
+        for r in runs[:-1]:
+            gap = min(b - a for a, b in itertools.pairwise(r))
+            row = min(f for f in column if f >= 1.0 / gap - 1e-6)
+            assert r[-1] - r[0] + gap <= column[row] * 0.75 + 1e-9
+        assert {"safety:train_duration", "safety:inter_train"} <= set(reasons)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=safety_cfgs, day_start=st.integers(0, 300), start_pct=st.floats(0.0, 60.0),
-       plan=actions)
-def test_no_sequence_breaks_a_limit(cfg: SafetyConfig, day_start: int, start_pct: float,
-                                    plan: list[tuple[Any, ...]]) -> None:
-    lim = SafetyLimits.from_config(cfg)
-    clock = [1000.0]
-    drv = BenchDriver(clock)
-    gated = GatedStimulator(drv, SafetyGate(lim, day_count=day_start),
-                            eeg_age_s=lambda: eeg_age[0], clock=lambda: clock[0])
-    eeg_age: list[float | None] = [0.01]
-    units: list[tuple[tuple[float, ...], list[tuple[float, float]]]] = []
-    for act in [("intensity", start_pct), ("arm",), *plan]:
-        kind = act[0]
-        if kind == "wait":
-            clock[0] += act[1]
-        elif kind == "intensity":
-            try:
-                gated.set_intensity(act[1])
-            except StimulatorError:
-                assert not 0.0 <= act[1] <= lim.max_intensity_pct
-        elif kind == "arm":
-            try:
-                gated.arm()
-            except StimulatorError:
-                assert drv.fault is not None
-        elif kind == "disarm":
-            gated.disarm()
-        elif kind == "fault":
-            drv.report_fault("injected")
-        elif kind == "temperature":
-            drv._temperature = act[1]
-        else:
-            _, offs, late, age = act
-            eeg_age[0] = age
-            start = clock[0]
-            before = len(drv.shots)
-            for k, off in enumerate(offs):
-                clock[0] = start + off + (late if k == len(offs) - 1 else 0.0)
-                r = gated.fire_now(offsets=offs, index=k, planned=start + off,
-                                   max_lateness_s=0.01)
-                if not r.fired:
-                    event(f"refused: {r.reason}")
-                    if k:
-                        gated.end_unit(drv.shots[-1][0])
-                    break
-                assert drv.fault is None and drv.ready
-                assert drv.coil_temperature_c is None or \
-                    drv.coil_temperature_c <= lim.max_coil_temp_c
-                assert age is not None and age <= lim.max_eeg_age_s
-            if len(drv.shots) > before:
-                units.append((offs, drv.shots[before:]))
-    shots = [s for _, u in units for s in u]
-    event(f"units fired: {min(len(units), 3)}+" if units else "nothing fired")
-    event("a train or burst fired" if any(len(o) > 1 for o, _ in units) else "singles only")
-    # intensity and counts
-    assert all(pct <= lim.max_intensity_pct for _, pct in shots)
-    assert len(shots) <= lim.max_pulses
-    assert day_start + len(shots) <= max(lim.max_pulses_per_day, day_start)
-    times = [t for t, _ in shots]
-    for i, t in enumerate(times):
-        in_window = sum(1 for u in times[:i + 1] if u > t - lim.rate_window_s)
-        assert in_window <= lim.max_pulses_per_window
-    # spacing between units, and the pause after a train or burst
-    for (prev_offs, prev), (_, cur) in itertools.pairwise(units):
-        gap = cur[0][0] - prev[-1][0]
-        assert gap >= lim.min_interval_s - 1e-9
-        if len(prev_offs) > 1:
-            assert gap >= lim.min_inter_train_s - 1e-9
-    # each delivered train or burst obeys the published limits
-    for offs, delivered in units:
-        if len(offs) == 1:
-            continue
-        assert lim.motor_threshold_pct is not None
-        gaps = [b - a for a, b in itertools.pairwise(offs)]
-        assert min(gaps) >= HARD_MIN_TRAIN_IPI_S - 1e-9
-        rel = max(p for _, p in delivered) / lim.motor_threshold_pct * 100.0
-        if min(gaps) < 0.04:
-            assert rel <= lim.max_burst_intensity_mt + 1e-6
-        else:
-            table = max_train_duration_s(1.0 / min(gaps), rel)
-            assert table is not None
-            assert len(offs) * min(gaps) <= table * lim.train_duration_factor + 1e-6
-        # delivered on schedule (a late pulse ends the unit instead)
-        t0 = delivered[0][0]
-        assert all(abs(t - t0 - off) <= 0.01 + 1e-9 for (t, _), off in
-                   zip(delivered, offs, strict=False))
+def test_paired_pulses_every_50_ms_need_the_motor_threshold() -> None:
+    clock = Clock()
+    drv = FakeStimulator(clock=clock)
+    drv.open()
+    gated = GatedStimulator(drv, SafetyGate(limits(min_interval_s=0.05,
+                                                   motor_threshold_pct=None)),
+                            eeg_age_s=lambda: 0.0, clock=clock)
+    gated.set_paired(30.0, 60.0, 3.0)
+    gated.arm()
+    reasons = fire_for(clock, gated, 10.0, 0.05)
+    assert reasons.count("fired") <= 11
+    assert len(drv.delivered) == 2 * reasons.count("fired")  # conditioning pulses too
+    assert gated.gate.fired == len(drv.delivered)
+
+
+def test_pause_after_a_train_is_strictly_more_than_one_second() -> None:
+    """Chen et al. 1997: inter-train intervals of 1 s or less were unsafe."""
+    lim = limits(min_interval_s=0.05, min_inter_train_s=1.0)
+    clock, _, gated = rig(lim, 40.0)
+    offs = offsets(10, 10)
+    for k, off in enumerate(offs):  # a 10 Hz train of 1 s
+        clock.t = 2000.0 + off
+        assert gated.fire_now(offsets=offs, index=k, planned=clock.t).fired
+    clock.t = 2000.0 + offs[-1] + 1.0  # exactly 1 s after its last pulse
+    assert gated.fire_now().reason == "safety:inter_train"
+    clock.t += 0.01
+    assert gated.fire_now().fired
+
+
+def test_a_unit_under_way_cannot_be_raised() -> None:
+    """The issue's attack: set intensity_pct during cTBS at 80 % MT made the rest 125 % MT."""
+    lim = limits(max_pulses_per_window=2000, motor_threshold_pct=50.0,
+                 max_intensity_pct=80.0)
+    clock, drv, gated = rig(lim, 40.0)
+    offs = unit_for(StimulationConfig(pattern="ctbs")).offsets
+    for k in range(5):
+        clock.t = 3000.0 + offs[k]
+        assert gated.fire_now(offsets=offs, index=k, planned=clock.t).fired
+    with pytest.raises(StimulatorError, match="unit is being delivered"):
+        gated.set_intensity(62.5)
+    drv.turn_knob(62.5)  # the front panel: the driver's next read-back sees it
+    drv.poll()
+    clock.t = 3000.0 + offs[5]
+    got = gated.fire_now(offsets=offs, index=5, planned=clock.t)
+    assert not got.fired and not gated.armed
+    assert {p for _, p in drv.delivered} == {40.0}
+
+
+def test_a_later_trigger_is_checked_on_intensity() -> None:
+    lim = limits(motor_threshold_pct=50.0)
+    clock, drv, gated = rig(lim, 40.0)
+    offs = offsets(5, 10)
+    clock.t = 4000.0
+    assert gated.fire_now(offsets=offs, index=0, planned=clock.t).fired
+    # a device that changed without the driver noticing a difference (no commanded value
+    # to compare with): the unit's lock still refuses it
+    gated._commanded = None  # what a driver without read-back would leave
+    drv.turn_knob(45.0)
+    drv.read_device()
+    clock.t += 0.1
+    assert gated.fire_now(offsets=offs, index=1, planned=clock.t).reason == \
+        "safety:unit_intensity_changed"
+
+
+def test_the_device_is_judged_not_the_command() -> None:
+    clock = Clock()
+    drv = FakeStimulator(clock=clock)
+    drv.open()
+    drv.turn_knob(95.0)  # left at 95 % by the previous user
+    gated = GatedStimulator(drv, SafetyGate(limits()), eeg_age_s=lambda: 0.0, clock=clock)
+    with pytest.raises(StimulatorError, match="95%, above the safety limit"):
+        gated.arm()
+    gated.set_intensity(60.0)
+    drv.set_front_panel_mode(2, 3.0)  # twin mode, set on the device after the command
+    with pytest.raises(StimulatorError, match="was commanded"):
+        gated.arm()
+    assert drv.delivered == []
+
+
+def test_units_and_protocol_pulses_are_limits_of_the_gate() -> None:
+    clock, drv, gated = rig(limits(), 50.0, max_units=2)
+    for _ in range(2):
+        clock.t += 10.0
+        assert gated.fire_now().fired
+    gated.disarm()
+    gated.arm()  # re-arming resets nothing
+    clock.t += 10.0
+    assert gated.fire_now().reason == "safety:max_units"
+    clock, drv, gated = rig(limits(), 50.0)
+    gated.set_paired(30.0, 50.0, 3.0)
+    gated.gate.set_budget(5)  # a protocol's `pulses` are pulses, conditioning included
+    fired = []
+    for _ in range(4):
+        clock.t += 10.0
+        fired.append(gated.fire_now().reason)
+    assert fired == ["fired", "fired", "safety:protocol_pulses", "safety:protocol_pulses"]
+    assert len(drv.delivered) == 4
+
+
+class Budget:
+    """A day budget in memory (the real one is tested in test_day_counter.py)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.calls = limit, 0, 0
+
+    def reserve(self, n: int) -> int:
+        self.calls += 1
+        got = max(0, min(n, self.limit - self.used))
+        self.used += got
+        return got
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+    def count(self) -> int:
+        return self.used
+
+
+def test_day_pulses_are_reserved_before_they_leave() -> None:
+    day = Budget(limit=7)
+    clock = Clock()
+    drv = FakeStimulator(clock=clock)
+    drv.open()
+    gated = GatedStimulator(drv, SafetyGate(limits(), day=day), eeg_age_s=lambda: 0.0,
+                            clock=clock, credit_target=5)
+    gated.set_intensity(50.0)
+    gated.arm()
+    assert day.used == 5  # reserved on arming, before any pulse
+    reasons = []
+    for _ in range(7):
+        clock.t += 10.0
+        reasons.append(gated.fire_now().reason)
+        if gated.gate.credit < 1:
+            gated.gate.top_up(5)  # the service does this off the fire path
+    assert reasons.count("fired") == 7
+    clock.t += 10.0
+    assert gated.fire_now().reason == "safety:max_pulses_per_day"
+    gated.gate.settle()
+    assert day.used == 7 == len(drv.delivered)

@@ -19,8 +19,11 @@ from tests.conftest import unique
 
 pytestmark = pytest.mark.lsl
 
+# pulses less than 1 s apart are rTMS: 50 % at a motor threshold of 50 % is 100 % MT, where
+# Table 4 allows 1.2 s of trains up to 20 Hz (x 0.75)
 LIMITS = SafetyLimits(min_interval_s=0.05, max_intensity_pct=80.0, max_pulses=100,
-                      rate_window_s=10.0, max_pulses_per_window=100, max_eeg_age_s=0.1)
+                      rate_window_s=10.0, max_pulses_per_window=100, max_eeg_age_s=0.1,
+                      motor_threshold_pct=50.0)
 
 
 class Outcomes:

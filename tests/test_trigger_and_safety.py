@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from closedloop.config.schema import HARD_MIN_INTERVAL_S, SafetyConfig
 from closedloop.control.trigger_policy import PolicyParams, TriggerState, decide
 from closedloop.phase.estimate import PhaseEstimate, wrap_rad
-from closedloop.stim.safety import SafetyGate, SafetyLimits
+from closedloop.stim.safety import SafetyGate, SafetyLimits, Trigger
 
 PARAMS = PolicyParams(target_rad=0.0, tolerance_rad=math.radians(10), min_interval_s=2.0,
                       lead_s=0.001)
@@ -107,23 +107,32 @@ def limits(**kw: float) -> SafetyLimits:
     return SafetyLimits(**base)  # type: ignore[arg-type]
 
 
+def check(gate: SafetyGate, *, t: float, intensity_pct: float, eeg_age_s: float | None
+          ) -> str | None:
+    return gate.check_start(Trigger(t, (intensity_pct,)), eeg_age_s=eeg_age_s)
+
+
+def commit(gate: SafetyGate, t: float) -> None:
+    gate.commit(Trigger(t, (60.0,)), start=True)
+
+
 def test_gate_rules() -> None:
-    gate = SafetyGate(limits())
+    gate = SafetyGate(limits(min_interval_s=1.0))
     ok = {"intensity_pct": 60.0, "eeg_age_s": 0.01}
-    assert gate.check(t=0.0, **ok) is None
-    gate.commit(0.0)
-    assert gate.check(t=0.5, **ok) == "safety:min_interval"
-    assert gate.check(t=1.0, intensity_pct=71.0, eeg_age_s=0.01) == "safety:max_intensity"
-    assert gate.check(t=1.0, intensity_pct=math.nan, eeg_age_s=0.01) == "safety:invalid_intensity"
-    assert gate.check(t=1.0, intensity_pct=60.0, eeg_age_s=None) == "safety:eeg_stale"
-    assert gate.check(t=1.0, intensity_pct=60.0, eeg_age_s=0.5) == "safety:eeg_stale"
-    gate.commit(1.0)
-    gate.commit(2.0)
-    assert gate.check(t=3.0, **ok) == "safety:max_rate"  # 3 in the last 10 s
-    assert gate.check(t=10.5, **ok) is None
-    gate.commit(10.5)
-    gate.commit(12.0)
-    assert gate.check(t=30.0, **ok) == "safety:max_pulses"
+    assert check(gate, t=0.0, **ok) is None
+    commit(gate, 0.0)
+    assert check(gate, t=0.5, **ok) == "safety:min_interval"
+    assert check(gate, t=1.0, intensity_pct=71.0, eeg_age_s=0.01) == "safety:max_intensity"
+    assert check(gate, t=1.0, intensity_pct=math.nan, eeg_age_s=0.01) == "safety:invalid_intensity"
+    assert check(gate, t=1.0, intensity_pct=60.0, eeg_age_s=None) == "safety:eeg_stale"
+    assert check(gate, t=1.0, intensity_pct=60.0, eeg_age_s=0.5) == "safety:eeg_stale"
+    commit(gate, 1.0)
+    commit(gate, 2.0)
+    assert check(gate, t=3.0, **ok) == "safety:max_rate"  # 3 in the last 10 s
+    assert check(gate, t=10.5, **ok) is None
+    commit(gate, 10.5)
+    commit(gate, 12.0)
+    assert check(gate, t=30.0, **ok) == "safety:max_pulses"
 
 
 def test_hard_caps_clamp_configured_limits() -> None:
@@ -157,8 +166,8 @@ def test_no_request_sequence_breaks_a_limit(
     fired: list[tuple[float, float]] = []
     for dt, intensity, age in requests:
         t += dt
-        if gate.check(t=t, intensity_pct=intensity, eeg_age_s=age) is None:
-            gate.commit(t)
+        if check(gate, t=t, intensity_pct=intensity, eeg_age_s=age) is None:
+            commit(gate, t)
             fired.append((t, intensity))
     times = [f[0] for f in fired]
     assert len(fired) <= max_pulses

@@ -113,11 +113,13 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
     cfg = load_config(None, [
         f'streams.eeg.name="{name}"', "streams.eeg.dejitter=false",
         f'recording.events="{events}"', f'stimulator.coil_stream="{name}-coil"',
-        f'safety.day_counter_file="{events.with_suffix(".day.json")}"',  # this run's own
+        f'safety.day_counter_dir="{events.with_suffix(".days")}"',  # this run's own
         'recording.marker_stream=""', "stimulator.arm_on_start=true",
         "trigger.tolerance_deg=180", "trigger.scheduling_margin_ms=0",
         "trigger.amplitude_percentile=0", "trigger.min_interval_s=0.1", "trigger.jitter_s=0",
         "safety.min_interval_s=0.1", "safety.max_pulses_per_window=1000",
+        # 10 Hz is rTMS: at 100 % MT the gate allows 3.75-s trains with 5-s pauses
+        "safety.motor_threshold_pct=60",
         "safety.max_pulses=10000", *extra])
     service = ClosedLoopService(cfg)
     stop = asyncio.Event()

@@ -57,12 +57,19 @@ def summary(errors_ms: list[float]) -> dict[str, Any]:
             "mean_ms": round(float(a.mean()), 4)}
 
 
+RUN_PULSES = 10
+RUN_PAUSE_S = 1.1
+
+
 def run_pulses(driver: Stimulator, n: int, interval: float,
                actual: Any = None) -> tuple[list[float], dict[str, int]]:
     """Schedule ``n`` pulses; return actual-minus-scheduled errors (ms) and refusals."""
+    # pulses this close are rTMS to the gate: runs of RUN_PULSES at 50 % MT (Table 4 allows
+    # 2 s at up to 20 Hz), each followed by a pause of more than 1 s
     limits = SafetyLimits.from_config(SafetyConfig(
         min_interval_s=0.05, max_intensity_pct=100, max_pulses=10_000,
-        max_pulses_per_window=10_000, rate_window_s=1.0))
+        max_pulses_per_window=10_000, rate_window_s=1.0, motor_threshold_pct=100.0,
+        train_duration_factor=1.0, min_inter_train_s=1.0))
     gated = GatedStimulator(driver, SafetyGate(limits), eeg_age_s=lambda: 0.0)
     gated.set_intensity(50)
     gated.arm()
@@ -83,7 +90,7 @@ def run_pulses(driver: Stimulator, n: int, interval: float,
             lead = float(rng.uniform(0.002, 0.020))
             sched.submit(PulseRequest(i, float(pylsl.local_clock()) + lead))
             done.wait(2.0)
-            time.sleep(interval)
+            time.sleep(interval if (i + 1) % RUN_PULSES else RUN_PAUSE_S)
     finally:
         sched.stop()
         gated.disarm()

@@ -82,7 +82,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     async with local_broker(kinds=("existing", "mosquitto")) as broker:
         cfg = load_config(None, [
             f'streams.eeg.name="{name}"', 'phase.reference=["F3", "T3", "Cz", "P3"]',
-            f'safety.day_counter_file="{events.with_suffix(".day.json")}"',
+            f'safety.day_counter_dir="{events.with_suffix(".days")}"',
             "phase.band_hz=[8.5, 12.5]", f'recording.events="{events}"',
             f'stimulator.coil_stream="{name}-coil"', f'recording.marker_stream="{name}-pulses"',
             "stimulator.arm_on_start=true", "trigger.min_interval_s=2.0", "trigger.jitter_s=0.5",

@@ -10,6 +10,14 @@ recharge time, error replies, and faults you can inject (``silent``: stops answe
 ``bad_crc``: corrupt checksums, ``ignore_writes``: settings silently not applied,
 ``error_flag``: the device reports an error, :meth:`Emulator.unplug`: the cable is pulled).
 
+The device's own state is what fires, as on a real one: a knob turned on the front panel
+(:meth:`MagstimEmulator.turn_knob`, :meth:`MagVentureEmulator.turn_knob`, which on a MagPro
+also sends the device's unsolicited amplitude frame), a device left at a high power by the
+previous user (``power_a=95`` / ``amplitude_a=95``), a MagPro left in twin or burst mode
+(``mode="twin"``, ``waveform="burst"``; ``locked_mode=True``: it does not take a mode
+change). Each fire records what it really delivered in ``delivered`` (:class:`Delivery`:
+time, power A, power B, pulses).
+
 Rehearse without hardware::
 
     python tools/stim_emulator.py magstim-200        # prints the port to use
@@ -31,7 +39,8 @@ import sys
 import threading
 import time
 import tty
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import pylsl
 
@@ -39,7 +48,18 @@ from closedloop.stim.magstim import crc
 from closedloop.stim.magventure import crc8
 from closedloop.stim.magventure import frame as mv_frame
 
-__all__ = ["MagVentureEmulator", "MagstimEmulator", "TriggerBoxEmulator", "make_emulator"]
+__all__ = ["Delivery", "MagVentureEmulator", "MagstimEmulator", "TriggerBoxEmulator",
+           "make_emulator"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one trigger really delivered: when, at which powers, how many pulses."""
+
+    lsl_time: float
+    power_a: int
+    power_b: int | None  # the second output, where the mode fires it
+    pulses: int
 
 
 class Emulator:
@@ -49,12 +69,14 @@ class Emulator:
 
     def __init__(self, *, wire_delay: bool = False) -> None:
         self.master, self._slave = pty.openpty()
+        self._fds_open = True
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
         self.wire_delay = wire_delay
         self.fault: str | None = None
         self.received = bytearray()
         self.fired: list[float] = []  # LSL times at which pulses left the "coil"
+        self.delivered: list[Delivery] = []  # what each of those triggers delivered
         self.log: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -62,25 +84,31 @@ class Emulator:
         self._thread = threading.Thread(target=self._run, name=type(self).__name__,
                                         daemon=True)
 
-    def start(self) -> Emulator:
+    def start(self) -> Self:
         self._thread.start()
         return self
+
+    def _close_fds(self) -> None:
+        # once only: a descriptor number closed twice may by then belong to another file
+        # of the process (an event log, a day counter's lock), which the second close
+        # would pull from under it
+        with self.lock:
+            fds, self._fds_open = (self.master, self._slave) if self._fds_open else (), False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2.0)
-        for fd in (self.master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_fds()
 
     def unplug(self) -> None:
         """Pull the cable: the port vanishes under the driver."""
         self._unplugged = True
         self._stop.set()
         self._thread.join(2.0)
-        for fd in (self.master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_fds()
 
     def send(self, data: bytes) -> None:
         if self.wire_delay:
@@ -137,7 +165,8 @@ class MagstimEmulator(Emulator):
 
     def __init__(self, model: str = "200", *, unlock_code: str = "", arm_delay_s: float = 0.2,
                  recharge_s: float = 0.0, watchdog_s: float = 1.0,
-                 temperature_c: float = 24.0, **kw: Any) -> None:
+                 temperature_c: float = 24.0, power_a: int = 30, power_b: int = 30,
+                 interval: int = 10, **kw: Any) -> None:
         super().__init__(**kw)
         self.model = model
         self.unlock_code = unlock_code
@@ -149,8 +178,10 @@ class MagstimEmulator(Emulator):
         self.armed = False
         self.ready = False
         self.coil_present = True
-        self.power_a, self.power_b, self.interval, self.hr = 30, 30, 10, False
+        self.power_a, self.power_b, self.interval, self.hr = power_a, power_b, interval, False
         self.freq10, self.pulses, self.dur10 = 10, 1, 10
+        self.single_pulse = True  # Rapid: single-pulse mode (a train duration of 0)
+        self.commands: list[str] = []  # every valid command, e.g. "EA"
         self.buf = bytearray()
         self._armed_at = 0.0
         self._last_valid = time.monotonic()
@@ -172,6 +203,29 @@ class MagstimEmulator(Emulator):
                 self.remote = False
                 self.disarmed_by_watchdog += 1
                 self.log.append({"event": "watchdog_disarm"})
+
+    def turn_knob(self, pct: int, output: str = "a") -> None:
+        """A power knob on the front panel: output ``a`` or (BiStim) ``b``."""
+        with self.lock:
+            if output == "a":
+                self.power_a = pct
+            else:
+                self.power_b = pct
+            self.log.append({"event": "knob", "output": output, "power": pct})
+
+    def _delivery(self, t: float) -> Delivery:
+        if self.model == "bistim":
+            if self.interval == 0:  # simultaneous discharge: one pulse from both units
+                return Delivery(t, self.power_a, self.power_b, 1)
+            if self.power_b == 0:
+                return Delivery(t, self.power_a, None, 1)
+            return Delivery(t, self.power_a, self.power_b, 2)
+        if self.model == "rapid" and not self.single_pulse:
+            return Delivery(t, self.power_a, None, self.pulses)
+        return Delivery(t, self.power_a, None, 1)
+
+    def _rapid_status(self) -> str:
+        return chr(0x10 | (0x08 if self.single_pulse else 0))
 
     def _length(self, cmd: str) -> int:
         if cmd == "Q" and self.unlock_code:
@@ -206,6 +260,7 @@ class MagstimEmulator(Emulator):
         if msg[-1] != crc(msg[:-1]):
             return self._error(cmd, "?")
         self._last_valid = time.monotonic()
+        self.commands.append(cmd + data)
         if self.fault == "refuse":
             return self._error(cmd, "S")
         before = self.status()
@@ -225,8 +280,8 @@ class MagstimEmulator(Emulator):
             i = self.interval if self.model == "bistim" else 0
             return self._reply(cmd, f"{self.power_a:03d}{b:03d}{i:03d}")
         if cmd == "\\" and self.model == "rapid":
-            return self._reply(cmd, "\x10" + f"{self.power_a:03d}{self.freq10:04d}"
-                               f"{self.pulses:04d}{self.dur10:03d}001")
+            return self._reply(cmd, self._rapid_status() + f"{self.power_a:03d}"
+                               f"{self.freq10:04d}{self.pulses:04d}{self.dur10:03d}001")
         if cmd == "x" and self.model == "rapid":
             return self._reply(cmd, "\x10\x00\x00")
         if not self.remote:
@@ -241,6 +296,7 @@ class MagstimEmulator(Emulator):
                 if not self.ready:
                     return self._error(cmd, "S")
                 self.fired.append(t)
+                self.delivered.append(self._delivery(t))
                 self.log.append({"event": "fire", "lsl_time": t, "power": self.power_a})
                 self.ready = self.recharge_s <= 0
                 self._armed_at = time.monotonic() - self.arm_delay_s + self.recharge_s
@@ -263,7 +319,10 @@ class MagstimEmulator(Emulator):
             self.interval = int(data)
             return self._reply(cmd, status=before)
         if cmd in "YZ" and self.model == "bistim":
+            if self.armed or self.ready:  # MagPy: not while armed
+                return self._error(cmd, "S")
             self.hr = cmd == "Y"
+            self.interval = 10  # MagPy: 1 ms (HR) or 10 ms after a change of resolution
             return self._reply(cmd, status=before)
         if cmd in "BD[" and self.model == "rapid":
             v = int(data)
@@ -273,7 +332,8 @@ class MagstimEmulator(Emulator):
                 self.pulses = v
             else:
                 self.dur10 = v
-            return self._reply(cmd, "\x10", status=before)
+                self.single_pulse = v == 0  # MagPy's rTMSMode: a duration of 0 or not
+            return self._reply(cmd, self._rapid_status(), status=before)
         return self._error(cmd, "?")
 
 
@@ -282,20 +342,48 @@ class MagVentureEmulator(Emulator):
 
     baud = 38400
 
-    def __init__(self, *, temperature_c: int = 25, **kw: Any) -> None:
+    MODES: ClassVar[dict[str, int]] = {"standard": 0, "power": 1, "twin": 2, "dual": 3}
+    WAVEFORMS: ClassVar[dict[str, int]] = {"monophasic": 0, "biphasic": 1, "half_sine": 2,
+                                           "burst": 3}
+    _BURST_PULSES: ClassVar[dict[int, int]] = {0: 5, 1: 4, 2: 3, 3: 2}
+
+    def __init__(self, *, temperature_c: int = 25, amplitude_a: int = 0,
+                 amplitude_b: int = 0, mode: str = "standard", waveform: str = "biphasic",
+                 burst_pulses: int = 2, enabled: bool = False, locked_mode: bool = False,
+                 **kw: Any) -> None:
         super().__init__(**kw)
-        self.enabled = False
-        self.amp_a, self.amp_b = 0, 0
-        self.model, self.mode, self.waveform, self.current_dir = 1, 0, 1, 0
-        self.burst_index, self.ipi10, self.ba100 = 3, 30, 100
+        self.enabled = enabled
+        self.amp_a, self.amp_b = amplitude_a, amplitude_b
+        self.model, self.mode, self.current_dir = 1, self.MODES[mode], 0
+        self.waveform = self.WAVEFORMS[waveform]
+        self.burst_index = {v: k for k, v in self._BURST_PULSES.items()}[burst_pulses]
+        self.ipi10, self.ba100 = 30, 100
         self.train = [10, 10, 1, 10]
         self.temperature_c = temperature_c
+        self.locked_mode = locked_mode  # does not take a mode or waveform change
         self.buf = bytearray()
         self.chatty = False  # send a frame of its own before each answer
+        self.commands: list[bytes] = []  # every valid frame body received
 
     def disable_from_panel(self) -> None:
         with self.lock:
             self.enabled = False
+
+    def turn_knob(self, pct: int, output: str = "a") -> None:
+        """An amplitude knob on the front panel; the device says so in a frame of its own."""
+        with self.lock:
+            if output == "a":
+                self.amp_a = pct
+            else:
+                self.amp_b = pct
+            self.log.append({"event": "knob", "output": output, "amplitude": pct})
+            self.send(mv_frame(bytes([0x01, self.amp_a, self.amp_b, self._mode_byte()])))
+
+    def pulses_per_trigger(self) -> int:
+        n = 2 if self.mode in (2, 3) else 1
+        if self.waveform == 3:
+            n *= self._BURST_PULSES[self.burst_index]
+        return n
 
     def on_bytes(self, data: bytes, t: float) -> None:
         self.buf += data
@@ -313,6 +401,7 @@ class MagVentureEmulator(Emulator):
             if end != 0xFF or check != crc8(body) or not body:
                 self.log.append({"event": "bad_frame", "body": body.hex()})
                 continue
+            self.commands.append(body)
             reply = self.handle(body, t)
             if reply is not None and self.fault != "silent":
                 out = mv_frame(reply)
@@ -339,13 +428,15 @@ class MagVentureEmulator(Emulator):
         elif cmd == 0x03 and len(body) == 2 and body[1] == 1:
             if self.enabled:
                 self.fired.append(t)
+                self.delivered.append(Delivery(t, self.amp_a, self.amp_b if self.mode in (2, 3)
+                                               else None, self.pulses_per_trigger()))
                 self.log.append({"event": "fire", "lsl_time": t, "amplitude": self.amp_a})
         elif cmd == 0x06 and len(body) == 1:
             return b"\x06" + b"".join(v.to_bytes(2, "big") for v in self.train)
         elif cmd == 0x06 and len(body) == 9 and not ignore:
             self.train = [int.from_bytes(body[i:i + 2], "big") for i in (1, 3, 5, 7)]
         elif cmd == 0x09 and len(body) == 11:
-            if body[1] == 1 and not ignore:
+            if body[1] == 1 and not ignore and not self.locked_mode:
                 (self.model, self.mode, self.current_dir, self.waveform,
                  self.burst_index) = body[2:7]
                 self.ipi10 = int.from_bytes(body[7:9], "big")

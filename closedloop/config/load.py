@@ -4,6 +4,13 @@ TOML tables map onto the frozen dataclasses of :mod:`closedloop.config.schema`. 
 problem raises :class:`~closedloop.errors.ConfigError` naming the source, the dotted key
 and what was expected; unknown keys are errors too (a typo must not silently fall back to
 a default). The same machinery validates ``--set KEY=VALUE`` overrides.
+
+Reading a file fails as a ``ConfigError`` too, never as another exception: missing, a
+directory or other non-regular file, unreadable, not UTF-8, not TOML, nested deeper than
+the parser's recursion. Integers of more than :data:`MAX_INT_DIGITS` digits are refused as
+"number too large" wherever they appear: Python cannot print one of more than 4300 digits
+(so neither ``repr`` in a message nor ``tomllib`` on the file) and ``float()`` of a
+400-digit one overflows. The values of :data:`SECRET_KEYS` never appear in a message.
 """
 
 from __future__ import annotations
@@ -11,20 +18,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import stat
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from closedloop.config.schema import PAIRED_DRIVERS, TRAIN_DRIVERS, Config
 from closedloop.errors import ConfigError
 
-__all__ = ["apply_override", "check_cross_fields", "config_to_dict", "from_dict", "load_config",
-           "parse_overrides"]
+__all__ = ["MAX_INT_DIGITS", "SECRET_KEYS", "apply_override", "check_cross_fields",
+           "config_to_dict", "from_dict", "load_config", "parse_overrides", "validated"]
 
 T = TypeVar("T")
+
+MAX_INT_DIGITS = 20  # no setting needs more (2**64 has 20); as MQTT payloads
+SECRET_KEYS = frozenset({"mqtt.password", "stimulator.unlock_code"})
+_INT_LIMIT: int = 10**MAX_INT_DIGITS
+_MAX_FILE_BYTES = 4 << 20  # a configuration is a few kB; this is not one
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
@@ -39,28 +53,79 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         ConfigError: naming the file, key and problem.
     """
     source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError as exc:
-            raise ConfigError(source=source, key="", problem="file not found") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(source=source, key="", problem=f"not valid TOML: {exc}") from exc
+    data = _read_toml(path, source) if path is not None else {}
     overridden = []
     for key, value in parse_overrides(overrides):
         apply_override(data, key, value)
         overridden.append(key)
     try:
-        cfg = from_dict(Config, data, source=source)
-        check_cross_fields(cfg, source)
+        cfg = validated(data, source=source)
     except ConfigError as exc:
         if any(exc.key == k or exc.key.startswith(k + ".") or exc.key.startswith(k + "[")
                for k in overridden):
             raise ConfigError(source="--set", key=exc.key, problem=exc.problem) from exc
         raise
     return cfg
+
+
+def validated(data: Mapping[str, Any], *, source: str) -> Config:
+    """``from_dict`` and ``check_cross_fields``; any failure is a ConfigError.
+
+    Every known way a value can fail is checked with a message naming its key; should a
+    rule still trip over a value (a bug), the config is refused all the same, naming the
+    exception, rather than the exception escaping to a caller that expects ConfigError.
+    """
+    try:
+        cfg = from_dict(Config, data, source=source)
+        check_cross_fields(cfg, source)
+    except (ArithmeticError, ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError(source=source, key="", problem=(
+            f"cannot be validated ({type(exc).__name__}: {str(exc)[:200]})")) from exc
+    return cfg
+
+
+def _read_toml(path: str | Path, source: str) -> dict[str, Any]:
+    """The parsed file; each way reading it can fail is a ConfigError naming it."""
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(source=source, key="", problem=problem)
+
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse("is a directory, not a configuration file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader, a device never end
+            raise refuse("not a regular file")
+        if info.st_size > _MAX_FILE_BYTES:
+            raise refuse(f"{info.st_size} bytes: too large for a configuration file")
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_FILE_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise refuse("file not found") from exc
+    except PermissionError as exc:
+        raise refuse("permission denied: cannot read it") from exc
+    except OSError as exc:
+        raise refuse(f"cannot read it: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise refuse(f"not a usable path: {exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                     "save it as UTF-8") from exc
+    return _parse_toml(text, refuse)
+
+
+def _parse_toml(text: str, refuse: Callable[[str], ConfigError]) -> dict[str, Any]:
+    """``tomllib.loads``, its failures as ``refuse(problem)`` (a ConfigError)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise refuse(f"not valid TOML: {exc}") from exc
+    except ValueError as exc:  # tomllib converts integers with int(): its digit limit
+        raise refuse(f"number too large: an integer of thousands of digits (at most "
+                     f"{MAX_INT_DIGITS})") from exc
+    except RecursionError as exc:
+        raise refuse("nested too deeply (arrays or inline tables)") from exc
 
 
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
@@ -70,11 +135,17 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(source="--set", key=item, problem="expected KEY=VALUE")
+            raise ConfigError(source="--set", key=item[:80], problem="expected KEY=VALUE")
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
+        except ValueError as exc:  # tomllib's int(): the digit limit
+            raise ConfigError(source="--set", key=key, problem=(
+                f"number too large: an integer of thousands of digits (at most "
+                f"{MAX_INT_DIGITS})")) from exc
+        except RecursionError as exc:
+            raise ConfigError(source="--set", key=key, problem="nested too deeply") from exc
         out.append((key, value))
     return out
 
@@ -153,16 +224,39 @@ def _dataclass_in(tp: Any) -> Any:
     return None
 
 
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+def _show(value: Any, key: str = "") -> str:
+    """The type and value for a message: short, secrets hidden, never raising."""
+    if key in SECRET_KEYS:
+        return f"{type(value).__name__} (value not shown: a secret)"
+    if isinstance(value, int) and not isinstance(value, bool) and _too_many_digits(value):
+        return f"an integer of about {_digits(value)} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # huge integers inside, or nesting
+        text = "(too large to show)"
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _digits(value: int) -> int:
+    return int(abs(value).bit_length() * 0.30103) + 1  # without printing it
+
+
+def _too_many_digits(value: int) -> bool:
+    return abs(value) >= _INT_LIMIT
 
 
 def _coerce(value: Any, tp: Any, *, key: str, source: str) -> Any:
     """Check ``value`` against type annotation ``tp`` and convert it (lists to tuples)."""
     def bad(expected: str) -> ConfigError:
         return ConfigError(source=source, key=key, problem=f"expected {expected}, got "
-                           f"{_show(value)}")
+                           f"{_show(value, key)}")
 
+    if isinstance(value, int) and not isinstance(value, bool) and _too_many_digits(value):
+        raise ConfigError(source=source, key=key, problem=(
+            f"number too large: an integer of about {_digits(value)} digits (at most "
+            f"{MAX_INT_DIGITS})"))
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -300,6 +394,12 @@ def check_cross_fields(cfg: Config, source: str) -> None:
         raise ConfigError(source=source, key="stimulator.intensity_pct", problem=(
             f"{cfg.stimulator.intensity_pct:g} is above safety.max_intensity_pct "
             f"({cfg.safety.max_intensity_pct:g}); refused, not clamped"))
+    pid = cfg.session.participant
+    if pid and (len(pid) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.")
+                                         for c in pid) or pid.startswith(".")):
+        raise ConfigError(source=source, key="session.participant", problem=(
+            f"{pid[:80]!r}: use at most 64 letters, digits, '-', '_' or '.' (not starting "
+            "with '.'); it names the participant's pulse counter file"))
     if cfg.phase.channel in cfg.phase.reference:
         raise ConfigError(source=source, key="phase.reference",
                           problem=f"must not contain the target channel {cfg.phase.channel}")

@@ -15,11 +15,13 @@ __all__ = [
     "HARD_MAX_COIL_TEMP_C",
     "HARD_MAX_INTENSITY_PCT",
     "HARD_MAX_PULSES_PER_DAY",
+    "HARD_MAX_PULSES_PER_S",
     "HARD_MAX_PULSES_PER_SESSION",
     "HARD_MAX_TRAIN_DURATION_FACTOR",
     "HARD_MIN_INTERVAL_S",
     "HARD_MIN_INTER_TRAIN_S",
     "HARD_MIN_TRAIN_IPI_S",
+    "HARD_RTMS_GAP_S",
     "PAIRED_DRIVERS",
     "TRAIN_DRIVERS",
     "AcquisitionConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "PhaseConfig",
     "RecordingConfig",
     "SafetyConfig",
+    "SessionConfig",
     "StimulationConfig",
     "StimulatorConfig",
     "StreamSelector",
@@ -51,6 +54,12 @@ HARD_MIN_TRAIN_IPI_S = 0.01  # 100 Hz, the fastest burst in use (Zrenner et al. 
 HARD_MAX_BURST_INTENSITY_MT = 100.0  # % of resting motor threshold, for > 25 Hz bursts
 HARD_MAX_TRAIN_DURATION_FACTOR = 1.0  # x the Rossi et al. 2009 table, never more
 HARD_MAX_COIL_TEMP_C = 45.0
+# Triggers closer than this are repetitive TMS (rTMS): they need the motor threshold and
+# obey the train rules; a pause after rTMS must be strictly longer (Chen et al. 1997).
+HARD_RTMS_GAP_S = 1.0
+# No configuration raises this: pulses in any 1-s window (25 Hz, the table's fastest row;
+# theta-burst gives 15).
+HARD_MAX_PULSES_PER_S = 25
 
 # Drivers that can give a paired pulse from one trigger, and those that can fire trains
 # (a Magstim 200² or BiStim² recharges for seconds after a pulse).
@@ -304,11 +313,13 @@ class SafetyConfig:
     max_eeg_age_ms: float = opt(100.0, "refuse to fire when the newest EEG sample arrived "
                                 "longer ago than this", lo=5.0, hi=10_000.0)
     max_pulses_per_day: int = opt(2000, "most pulses in one calendar day, over all sessions "
-                                  "(counted in day_counter_file)", lo=0,
+                                  "per participant (counted in day_counter_dir)", lo=0,
                                   hi=HARD_MAX_PULSES_PER_DAY)
-    day_counter_file: str = opt("", "where the pulses of each day are counted across "
-                                "sessions and restarts (\"\" = pulses-per-day.json next to "
-                                "recording.events)")
+    day_counter_dir: str = opt("", "folder where the pulses of each day are counted per "
+                               "participant (session.participant), across sessions, restarts "
+                               "and processes (\"\" = the lab-wide state folder: "
+                               "$CLOSEDLOOP_STATE_DIR, else $XDG_STATE_HOME/closedloop, else "
+                               "~/.local/state/closedloop)")
     motor_threshold_pct: float | None = opt(None, "resting motor threshold, % of maximum: "
                                             "needed for any train or burst (the limits are "
                                             "in % of it); without it only single and paired "
@@ -326,6 +337,16 @@ class SafetyConfig:
     watchdog_ms: float = opt(500.0, "disarm when the service's event loop has not run for "
                              "this long (a stalled controller must not keep a pulse path "
                              "armed)", lo=50.0, hi=10_000.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionConfig:
+    """Who is stimulated: the daily pulse count is kept per participant."""
+
+    participant: str = opt("", "participant id (letters, digits, '-', '_', '.'; at most 64): "
+                           "the pulses of each day are counted per participant across "
+                           "sessions and processes (\"\" = one shared counter, "
+                           "\"unspecified\")")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,12 +392,6 @@ class RecordingConfig:
         return self.status_file or os.path.join(os.path.dirname(self.events) or ".",
                                                 "status.json")
 
-    def day_counter_path(self, configured: str) -> str:
-        """Where the pulses of each day are counted (``safety.day_counter_file``)."""
-        import os  # noqa: PLC0415
-
-        return configured or os.path.join(os.path.dirname(self.events) or ".",
-                                          "pulses-per-day.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -439,6 +454,7 @@ class Config:
     stimulator: StimulatorConfig = opt(StimulatorConfig(), "stimulator")
     stimulation: StimulationConfig = opt(StimulationConfig(), "what one trigger delivers")
     safety: SafetyConfig = opt(SafetyConfig(), "safety gate")
+    session: SessionConfig = opt(SessionConfig(), "the participant")
     mep: MepConfig = opt(MepConfig(), "MEP measurement")
     recording: RecordingConfig = opt(RecordingConfig(), "recording")
     mqtt: MqttConfig = opt(MqttConfig(), "MQTT control plane")

@@ -6,6 +6,11 @@ validation as a TOML file (its section rebuilt, then the rules across sections),
 MQTT payload gets exactly the same error messages (naming the key) and the same bounds,
 including the safety limits: a value beyond them is refused, never clamped. Safety limits
 themselves, streams and drivers can only change by restarting with another file.
+
+Whatever the value (a payload's huge integer, a nested list where a number belongs), the
+outcome is a new config or a ``ConfigError``: the loader's checks name the key, and a value
+that trips a rule in some other way is refused naming the exception (see
+:func:`closedloop.config.load.validated`).
 """
 
 from __future__ import annotations
@@ -58,12 +63,16 @@ def apply_live_settings(cfg: Config, changes: Mapping[str, Any], *, source: str)
     # only the sections that change are rebuilt (the same checks, with the same key names,
     # as a whole file); a `set` runs on the service's event loop, between pipeline updates
     rebuilt = {}
-    for section, values in sections.items():
-        old = getattr(cfg, section)
-        rebuilt[section] = from_dict(type(old), {**config_to_dict(old), **values},
-                                     source=source, prefix=f"{section}.")
-    new = dataclasses.replace(cfg, **rebuilt)
-    check_cross_fields(new, source)
+    try:
+        for section, values in sections.items():
+            old = getattr(cfg, section)
+            rebuilt[section] = from_dict(type(old), {**config_to_dict(old), **values},
+                                         source=source, prefix=f"{section}.")
+        new = dataclasses.replace(cfg, **rebuilt)
+        check_cross_fields(new, source)
+    except (ArithmeticError, ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError(source=source, key=", ".join(sorted(changes))[:80], problem=(
+            f"cannot be validated ({type(exc).__name__}: {str(exc)[:200]})")) from exc
     return new
 
 

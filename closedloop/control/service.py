@@ -39,7 +39,8 @@ import pylsl
 
 from closedloop import __version__
 from closedloop.blas import single_threaded_blas
-from closedloop.config.load import config_to_dict, load_config
+from closedloop.config.load import load_config
+from closedloop.config.redact import redacted_config
 from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
 from closedloop.control.core import DecisionCore
 from closedloop.control.memory import trim_heap
@@ -58,10 +59,11 @@ from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog, clean_json
 from closedloop.recording.markers import PulseMarkerOutlet
 from closedloop.recording.session import SessionRecorder
+from closedloop.stim.day_counter import DayCounter, default_state_dir
 from closedloop.stim.factory import make_driver
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.patterns import Unit, unit_for
-from closedloop.stim.safety import DayCounter, SafetyGate, SafetyLimits
+from closedloop.stim.safety import SafetyGate, SafetyLimits
 from closedloop.stim.scheduler import FireScheduler, PulseOutcome, PulseRequest
 from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
@@ -154,6 +156,8 @@ class ClosedLoopService:
         self._watchdog_trip: float | None = None  # how long the loop had stalled
         self._watchdog_stop = threading.Event()
         self._result_tasks: set[asyncio.Task[None]] = set()
+        self._topping_up = False
+        self._protocol_restore: tuple[float, ...] | None = None
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> ServiceStats:
@@ -172,7 +176,7 @@ class ClosedLoopService:
         self._event("session_start", version=__version__,
                        python=platform.python_version(), liblsl=pylsl.library_version(),
                        host=socket.gethostname(), pid=os.getpid(),
-                       config_source=self.config_source, config=config_to_dict(cfg))
+                       config_source=self.config_source, config=redacted_config(cfg))
         watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
         try:
             try:
@@ -209,7 +213,19 @@ class ClosedLoopService:
         return self.stats
 
     def _watchdog(self) -> None:
-        """Disarm, from its own thread, when the event loop stops running."""
+        """Disarm, from its own thread, when the event loop stops running; if the watchdog
+        itself fails, disarm and stop the service (it must not die silently)."""
+        try:
+            self._watch_loop()
+        except Exception as exc:
+            if self.stim is not None:
+                with contextlib.suppress(Exception):
+                    self.stim.disarm()
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail, ClosedLoopError(
+                    f"the watchdog thread failed ({type(exc).__name__}: {exc}); disarmed"))
+
+    def _watch_loop(self) -> None:
         limit = self.cfg.safety.watchdog_ms / 1000.0
         while not self._watchdog_stop.wait(min(0.05, limit / 4)):
             stalled = time.monotonic() - self._heartbeat
@@ -284,15 +300,18 @@ class ClosedLoopService:
                 self.emg.stop()
                 self.emg = None
         self.meps = MepTracker(cfg.mep, channels=cfg.mep.channels, labels=emg_labels)
-        self.day_counter = DayCounter(
-            cfg.recording.day_counter_path(cfg.safety.day_counter_file))
+        self.day_counter = DayCounter(cfg.safety.day_counter_dir or default_state_dir(),
+                                      cfg.session.participant,
+                                      limit=SafetyLimits.from_config(cfg.safety)
+                                      .max_pulses_per_day)
         driver = make_driver(cfg.stimulator)
         await asyncio.to_thread(driver.open)
         self.stim = GatedStimulator(
-            driver, SafetyGate(SafetyLimits.from_config(cfg.safety),
-                               day_count=self.day_counter.today),
+            driver, SafetyGate(SafetyLimits.from_config(cfg.safety), day=self.day_counter,
+                               max_units=self.unit.max_units),
             eeg_age_s=self._eeg_age,
-            on_fault=lambda reason: self._call_soon(self._on_driver_fault, reason))
+            on_fault=lambda reason: self._call_soon(self._on_driver_fault, reason),
+            credit_target=self.unit.pulses + 20)  # reserved ahead: see _top_up_day
         if self.unit.paired:
             self.stim.set_paired(cfg.stimulation.conditioning_pct,
                                  cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
@@ -325,7 +344,7 @@ class ClosedLoopService:
             self.add_listener(self.recorder.event)
             self.recorder.event("session_start", {"lsl_time": pylsl.local_clock(),
                                                   "version": __version__,
-                                                  "config": config_to_dict(cfg)})
+                                                  "config": redacted_config(cfg)})
         if cfg.stimulator.arm_on_start:
             self.stim.arm()
             self._event("armed", by="arm_on_start")
@@ -339,6 +358,12 @@ class ClosedLoopService:
             self.scheduler.cancel("shutdown")
             await asyncio.to_thread(self.scheduler.stop)
         await asyncio.sleep(0)  # deliver outcomes queued by the fire thread
+        if self.stim is not None:
+            try:  # the day's reservation not used goes back to the participant's counter
+                await asyncio.to_thread(self.stim.gate.settle)
+            except ClosedLoopError as exc:
+                if self.log is not None:
+                    self._event("fault", error="day_counter", message=str(exc))
         if self._result_tasks:  # protocol results still being computed
             await asyncio.gather(*self._result_tasks, return_exceptions=True)
         if self.log is not None and self.stim is not None:
@@ -411,6 +436,7 @@ class ClosedLoopService:
             self._record_estimator(tracker)
         perf = time.perf_counter_ns
         clock_bad = False
+        nonfinite_said, nonfinite_next = 0, 0.0
         behind_since: float | None = None
         last_reopen = -math.inf
         scheduler = self.scheduler
@@ -437,6 +463,14 @@ class ClosedLoopService:
                 continue
             core.begin(float(rd.timestamps[0]) + offset_s)
             chunk_newest = float(rd.timestamps[-1]) + offset_s  # when the chunk was stamped
+            if tracker.nonfinite != nonfinite_said and time.monotonic() >= nonfinite_next:
+                # said at most once a second: a flat-lined electrode sends NaN for minutes
+                self._event("stream_error", role="eeg", fatal=False,
+                            reason="non_finite_samples", count=tracker.nonfinite - nonfinite_said,
+                            total=tracker.nonfinite, action=(
+                                "the phase chain restarts after them; no estimate, and so no "
+                                "pulse, is made from a window that holds one"))
+                nonfinite_said, nonfinite_next = tracker.nonfinite, time.monotonic() + 1.0
             if self.cfg is not cfg:  # settings changed while running
                 cfg = self.cfg
                 core.set_config(cfg)
@@ -585,6 +619,7 @@ class ClosedLoopService:
         ctx = o.request.context
         if o.times:
             self._record_unit_pulses(o)
+            self._top_up_day()
         if not o.fired:
             self.stats.refused[o.reason] += 1
             self._event("pulse_refused", reason=o.reason,
@@ -595,39 +630,68 @@ class ClosedLoopService:
         self.units_fired += 1
         proto = self._protocol
         if proto is not None:
-            proto["fired"] += 1
             if proto["mep"] is not None:
                 proto["awaiting"] = o.times[-1]
-            elif proto["pulses"] is not None and proto["fired"] >= proto["pulses"]:
-                self.stop_protocol(by="protocol_complete")
+            elif (proto["pulses"] is not None
+                  and proto["pulses"] - proto["fired"] < self.unit.pulses):
+                self.stop_protocol(by="protocol_complete")  # no whole unit fits any more
         limit = self.unit.max_units
         if limit is not None and self.units_fired >= limit and self._protocol is None:
             self._event("stimulation_complete", units=self.units_fired, pattern=self.unit.kind,
                         pulses=self.stats.fired)
             self.disarm(by="stimulation_complete")
 
+    def _top_up_day(self) -> None:
+        """Reserve the next block of the day's pulses, off the loop, before it is needed."""
+        stim = self.stim
+        if (stim is None or stim.gate.day is None or self._topping_up
+                or stim.gate.credit >= self.unit.pulses + 10 or stim.gate.day_exhausted):
+            return
+        assert self._loop is not None
+        self._topping_up = True
+
+        async def top_up() -> None:
+            try:
+                await asyncio.to_thread(stim.gate.top_up, stim.credit_target)
+            except ClosedLoopError as exc:
+                self._event("fault", error="day_counter", message=(
+                    f"{exc}; disarmed (the daily limit could not be kept)"))
+                self.disarm(by="day_counter_error")
+            finally:
+                self._topping_up = False
+
+        task = self._loop.create_task(top_up())
+        self._result_tasks.add(task)
+        task.add_done_callback(self._result_tasks.discard)
+
     def _record_unit_pulses(self, o: PulseOutcome) -> None:
-        """One ``pulse`` event per trigger delivered, with its own schedule and error."""
+        """One ``pulse`` event per trigger delivered, with its own schedule and error, and
+        the intensities the device's read-back said it would deliver."""
         assert self.stim is not None
         ctx, req = o.request.context, o.request
         paired = self.stim.paired
-        per_trigger = 2 if paired is not None else 1
         n_unit = len(req.offsets)
         for k, t in enumerate(o.times):
             scheduled = req.fire_time + req.offsets[k]
-            self.stats.fired += per_trigger
+            shots = o.pulses[k] if k < len(o.pulses) else ((t, self.stim.intensity_pct),)
+            self.stats.fired += len(shots)
+            if self._protocol is not None:
+                self._protocol["fired"] += len(shots)
             error_ms = (t - scheduled) * 1000.0
             self.stats.fire_error_ms.add(error_ms)
             record: dict[str, Any] = {
                 "lsl_time": t, "scheduled_lsl_time": scheduled,
                 "fire_error_ms": round(error_ms, 4), "command_lsl_time": o.command_times[k],
-                "intensity_pct": self.stim.intensity_pct, "driver": self.stim.driver.name,
+                "intensity_pct": shots[-1][1], "driver": self.stim.driver.name,
                 "pulse_number": self.stats.fired, "request_id": req.id,
                 **{key: v for key, v in ctx.items() if key != "stages_us"}}
             if n_unit > 1:
                 record.update(unit=self.unit.kind, unit_index=k, unit_size=n_unit)
-            if paired is not None:
-                record["paired"] = {"conditioning_pct": paired[0], "isi_ms": paired[1]}
+            if len(shots) == 2 and paired is not None:
+                record["paired"] = {"conditioning_pct": shots[0][1],
+                                    "isi_ms": round((shots[1][0] - shots[0][0]) * 1e3, 3)}
+            elif len(shots) > 1:
+                record["device_burst"] = [p for _, p in shots]
             if k == 0 and "stages_us" in ctx:
                 stages = dict(ctx["stages_us"])
                 stages["handoff_to_fire_us"] = round((o.command_time - o.handed_over) * 1e6, 1)
@@ -636,21 +700,13 @@ class ClosedLoopService:
             self._event("pulse", **record)
             if self._markers is not None:
                 self._markers.push(t, {"event": "pulse", "n": self.stats.fired,
-                                       "intensity_pct": self.stim.intensity_pct,
+                                       "intensity_pct": shots[-1][1],
                                        "target_phase_deg": ctx.get("target_phase_deg")})
         if self.meps is not None and self.unit.kind in ("single", "paired", "burst"):
             # the MEP of a paired pulse follows the test pulse; of a burst, its last pulse
             t_mep = o.times[-1] + (paired[1] / 1000.0 if paired is not None else 0.0)
             if self.unit.kind != "burst" or len(o.times) == n_unit:
                 self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock())
-        if self.day_counter is not None:
-            try:
-                self.day_counter.add(len(o.times) * per_trigger)
-            except OSError as exc:
-                self._event("fault", error="day_counter", message=(
-                    f"safety.day_counter_file: cannot save {self.day_counter.path}: {exc}; "
-                    "disarmed (the daily limit could not be kept)"))
-                self.disarm(by="day_counter_error")
 
     def _on_driver_fault(self, reason: str) -> None:
         """The driver found a fault on its own (keep-alive, port, device error): disarm."""
@@ -679,6 +735,7 @@ class ClosedLoopService:
                                         isi)
             else:
                 await asyncio.to_thread(self.stim.set_intensity, self.stim.intensity_pct)
+            self.stim.reconnected()  # only now may it be armed again
         except StimulatorError as exc:
             self._event("stimulator_reconnect_failed", message=str(exc))
             return
@@ -853,14 +910,18 @@ class ClosedLoopService:
     def apply_config(self, new: Config, *, by: str) -> None:
         """Swap in an already validated config that differs only in live settings."""
         old = self.cfg
+        # everything that can be refused is checked before anything changes; the device
+        # is the one step that can still fail, and then nothing else has changed
+        band_changes = self.tracker is not None and new.phase.band_hz != old.phase.band_hz
+        if band_changes and new.phase.band_hz == "auto":
+            raise ControlError("band_hz: use the calibrate command to find the band")
         if self.stim is not None and new.stimulator.intensity_pct != old.stimulator.intensity_pct:
             try:
                 self.stim.set_intensity(new.stimulator.intensity_pct)
             except StimulatorError as exc:
-                raise ControlError(str(exc)) from exc
-        if self.tracker is not None and new.phase.band_hz != old.phase.band_hz:
-            if new.phase.band_hz == "auto":
-                raise ControlError("band_hz: use the calibrate command to find the band")
+                raise ControlError(f"intensity_pct: {exc}") from exc
+        if band_changes:
+            assert self.tracker is not None and new.phase.band_hz != "auto"
             self.tracker.set_band(new.phase.band_hz)
         self.cfg = new
         changed = {k: live_value(new, d) for k, d in LIVE_KEYS.items()
@@ -898,6 +959,15 @@ class ClosedLoopService:
                                     intensity_pct=self.cfg.stimulator.intensity_pct,
                                     max_intensity_pct=self.cfg.safety.max_intensity_pct,
                                     seed=self.cfg.trigger.seed)
+        assert self.stim is not None
+        if self.stim.gate.unit_active:
+            raise ControlError("start: a unit is still being delivered; start again when it "
+                               "has ended")
+        # the gate holds the protocol to its pulses (conditioning pulses included; an MEP
+        # protocol's `pulses` are trials of one unit each)
+        budget = None if pulses is None else pulses * (self.unit.pulses if mep else 1)
+        self.stim.gate.set_budget(budget)
+        self._protocol_restore = self.stim.commanded
         self._protocol = {"name": name, "pulses": None if mep else pulses, "fired": 0,
                           "started_lsl_time": pylsl.local_clock(), "mep": mep,
                           "plan": None, "awaiting": None, "hold_until": 0.0, "rejected": 0}
@@ -905,7 +975,11 @@ class ClosedLoopService:
         if mep is not None:
             self._protocol_next()
         if self._protocol is not None:
-            self.arm(by=by)
+            try:
+                self.arm(by=by)
+            except ControlError:
+                self.stop_protocol(by="arm_refused")
+                raise
 
     def _protocol_next(self) -> None:
         """Set up the next pulse of an MEP protocol (intensity, maybe target phase)."""
@@ -972,9 +1046,22 @@ class ClosedLoopService:
     def stop_protocol(self, *, by: str) -> None:
         """Stop the running protocol (if any) and disarm."""
         proto, self._protocol = self._protocol, None
-        if proto is not None:
-            self._event("protocol_stopped", by=by, protocol=proto["name"], fired=proto["fired"])
         self.disarm(by=by)
+        if proto is None or self.stim is None:
+            return
+        self.stim.gate.set_budget(None)
+        self._event("protocol_stopped", by=by, protocol=proto["name"], fired=proto["fired"])
+        restore, self._protocol_restore = self._protocol_restore, None
+        if restore is not None and self.stim.commanded != restore:
+            # the intensity the protocol found (the scheduler was cancelled by the disarm;
+            # a unit still ending refuses the change, and says so)
+            try:
+                self.stim.set_intensity(restore[-1])
+                self._event("intensity_restored", protocol=proto["name"],
+                            intensity_pct=restore[-1])
+            except StimulatorError as exc:
+                self._event("protocol_error", protocol=proto["name"],
+                            error=f"could not restore the intensity {restore[-1]:g}%: {exc}")
 
     def calibrate(self, *, seconds: float, by: str) -> dict[str, Any]:
         """Find the individual peak in the newest ``seconds`` of EEG and use its band.
@@ -1000,14 +1087,22 @@ class ClosedLoopService:
         Raises:
             ConfigError: the file is invalid (the running config is kept).
             ControlError: keys that need a restart changed (nothing is applied).
+
+        Every refusal (SIGHUP or MQTT alike) is recorded as ``reload_refused`` with the
+        reason and ``by`` before it is raised.
         """
-        if not self.config_source or not os.path.exists(self.config_source):
-            raise ControlError("reload: the service was not started from a config file")
-        new = load_config(self.config_source, self.config_overrides)
-        blocked = restart_keys(self.cfg, new)
-        if blocked:
-            raise ControlError("reload: these keys need a restart: " + ", ".join(blocked))
-        self.apply_config(new, by=by)
+        try:
+            if not self.config_source or not os.path.exists(self.config_source):
+                raise ControlError("reload: the service was not started from a config file")
+            new = load_config(self.config_source, self.config_overrides)
+            blocked = restart_keys(self.cfg, new)
+            if blocked:
+                raise ControlError("reload: these keys need a restart: " + ", ".join(blocked))
+            self.apply_config(new, by=by)
+        except Exception as exc:  # recorded here, raised to the caller
+            if self.log is not None:
+                self._event("reload_refused", by=by, error=str(exc) or type(exc).__name__)
+            raise
         return self.settings()
 
     def status(self) -> dict[str, Any]:

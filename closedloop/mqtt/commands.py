@@ -7,18 +7,33 @@ types. Commands that could lead to a pulse or change what is targeted (``arm``, 
 no older than ``mqtt.max_command_age_s``, and retained messages are never executed: a
 command that sat in a broker or a queue must not fire pulses late. ``disarm``, ``stop``
 and ``status`` are always safe and need no ``ts``.
+
+Hostile payloads are refused, never crash the parser (it runs in the MQTT worker, whose
+death stops the service): nesting deeper than :data:`MAX_DEPTH` is measured before
+``json.loads`` (whose recursion would otherwise end in ``RecursionError``), and numbers are
+bounded while parsing (``parse_int``/``parse_float``/``parse_constant`` hooks): integers of
+more than :data:`MAX_DIGITS` digits (Python's int->str limit makes a 5000-digit one
+unprintable, and ``float()`` of a 400-digit one overflows), floats that overflow or are
+written with more than :data:`MAX_NUMBER_CHARS` characters, and the ``NaN``/``Infinity``
+literals that JSON does not have are all "number too large" or "not a JSON number".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from closedloop.control.runtime import LIVE_KEYS
 
-__all__ = ["VERBS", "Command", "CommandError", "parse_command"]
+__all__ = ["MAX_DEPTH", "MAX_DIGITS", "MAX_NUMBER_CHARS", "VERBS", "Command", "CommandError",
+           "parse_command"]
+
+MAX_DEPTH = 8  # nested objects/lists; the deepest real payload (`set band_hz`) has 2
+MAX_DIGITS = 20  # an integer with more is refused (2**64 has 20)
+MAX_NUMBER_CHARS = 40  # a float written longer is refused (17 significant digits suffice)
 
 _COMMON = {"ts", "id"}
 VERBS: dict[str, frozenset[str]] = {
@@ -52,6 +67,100 @@ class Command:
     id: str | int | None
 
 
+# a JSON string (its closing quote optional, so that every match succeeds at once and the
+# scan stays linear), or a bracket
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class _BadNumber:
+    """What the parsing hooks put in place of a refused number (the key is found after)."""
+
+    problem: str
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether objects and lists nest deeper than MAX_DEPTH (brackets in strings skipped).
+
+    Linear, without recursion, and it stops at the first level too deep: safe on any input.
+    Strings are delimited as JSON delimits them; where the JSON is malformed, the parser
+    stops there anyway.
+    """
+    depth = 0
+    for match in _TOKENS.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def _parse_int(text: str) -> int | _BadNumber:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_DIGITS:
+        return _BadNumber(f"number too large: an integer of {digits} digits (at most "
+                          f"{MAX_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float | _BadNumber:
+    if len(text) > MAX_NUMBER_CHARS:
+        return _BadNumber(f"number too large: {len(text)} characters (at most "
+                          f"{MAX_NUMBER_CHARS})")
+    value = float(text)
+    if not math.isfinite(value):
+        return _BadNumber(f"number too large: {text[:24]} overflows a float")
+    return value
+
+
+def _parse_constant(text: str) -> _BadNumber:
+    return _BadNumber(f"{text} is not a JSON number")
+
+
+def _bad_number(value: Any) -> _BadNumber | None:
+    """The first refused number in a parsed value (bounded by MAX_DEPTH: recursion is safe)."""
+    if isinstance(value, _BadNumber):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    for item in value if isinstance(value, list) else ():
+        bad = _bad_number(item)
+        if bad is not None:
+            return bad
+    return None
+
+
+def _load(raw: bytes) -> Any:
+    """The parsed payload, or CommandError: bounded in depth and number size."""
+    if not raw.strip():
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError("payload", f"not valid JSON: {exc}") from None
+    if _too_deep(raw):
+        raise CommandError("payload", f"nested too deeply (at most {MAX_DEPTH} levels of "
+                                      "objects and lists)")
+    try:
+        payload = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                             parse_constant=_parse_constant)
+    except json.JSONDecodeError as exc:
+        raise CommandError("payload", f"not valid JSON: {exc}") from None
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise CommandError("payload", "nested too deeply") from None
+    if isinstance(payload, dict):  # name the key that holds the refused number
+        for key, value in payload.items():
+            bad = _bad_number(value)
+            if bad is not None:
+                raise CommandError(key[:60], bad.problem)
+    elif (bad := _bad_number(payload)) is not None:
+        raise CommandError("payload", bad.problem)
+    return payload
+
+
 def _number(payload: dict[str, Any], key: str) -> float | None:
     value = payload.get(key)
     if value is None:
@@ -80,10 +189,7 @@ def parse_command(verb: str, raw: bytes, *, now_s: float, max_age_s: float, max_
     if retained:
         raise CommandError("retain", "retained commands are never executed (they are stale "
                                      "by nature); publish commands without the retain flag")
-    try:
-        payload = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError("payload", f"not valid JSON: {exc}") from None
+    payload = _load(raw)
     if not isinstance(payload, dict):
         raise CommandError("payload", "expected a JSON object")
     unknown = sorted(k for k in payload if k not in VERBS[verb])

@@ -27,6 +27,12 @@ telemetry (``telemetry_dropped``) and reconnects with jittered exponential backo
 ``on_disconnect = "disarm"`` disarms the stimulator the moment control is lost. If the
 service dies, the worker exits without disconnecting, so the broker publishes the last
 will; if the worker dies, the service fails visibly.
+
+An unexpected exception while the service carries out a command (a bug, not a refusal:
+refusals are ``ConfigError`` and ``ControlError``) disarms the stimulator, is recorded as
+a ``fault`` event and answered ``ok: false``; the service keeps running, disarmed, and the
+operator decides. A broker that is not on this machine, reached without TLS, is recorded
+as ``mqtt_insecure`` at start.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from typing import Any
 from closedloop.config.schema import MqttConfig
 from closedloop.control.service import ClosedLoopService
 from closedloop.errors import ConfigError, ControlError
-from closedloop.mqtt.worker import FORWARDED, frame, read_frame
+from closedloop.mqtt.worker import FORWARDED, frame, insecure_connection, read_frame
 
 __all__ = ["MqttControlPlane"]
 
@@ -95,6 +101,9 @@ class MqttControlPlane:
                 stdout=subprocess.DEVNULL)
         finally:
             theirs.close()
+        warning = insecure_connection(self.cfg)
+        if warning is not None:
+            self.service.record("mqtt_insecure", host=self.cfg.host, message=warning)
         reader, self._writer = await asyncio.open_unix_connection(sock=mine)
         self._writer.write(frame(("init", self.cfg, os.getpid())))
         self._task = asyncio.create_task(self._from_worker(reader), name="mqtt-plane")
@@ -223,5 +232,21 @@ class MqttControlPlane:
             reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": exc.key}
         except ControlError as exc:
             reply = {"ok": False, "verb": verb, "id": cid, "error": str(exc), "key": ""}
+        except Exception as exc:  # a bug while carrying it out: disarm, record, go on
+            reply = {"ok": False, "verb": verb, "id": cid, "key": "", "error": (
+                f"internal error while carrying out '{verb}' ({type(exc).__name__}: "
+                f"{exc}); the stimulator was disarmed")}
+            self._internal_error(verb, exc)
         svc.record("command", verb=verb, ok=reply["ok"], error=reply.get("error"))
         return reply
+
+    def _internal_error(self, verb: str, exc: Exception) -> None:
+        """Disarm after an unexpected exception in a command and record it as a fault; if
+        even disarming fails, the service fails (disarmed by its fault path)."""
+        svc = self.service
+        try:
+            svc.disarm(by="internal_error")
+        except Exception as disarm_exc:
+            svc.fail(disarm_exc)
+        svc.record("fault", error=type(exc).__name__, message=str(exc)[:500],
+                   during=f"mqtt:{verb}")

@@ -17,12 +17,18 @@ frames (4-byte length, then a pickle; both ends are this package):
 
 When the service's end closes without ``stop`` (the service was killed), the worker exits
 at once without disconnecting, so that the broker publishes the last will.
+
+No message from the broker can end this process: each command is handled behind its own
+exception barrier (:meth:`PlaneWorker._handle`); whatever goes wrong becomes an ``ok:
+false`` reply and a recorded ``command`` event, and the next message is served. Only the
+connection's own errors (``aiomqtt.MqttError``) leave it, to reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import os
@@ -45,7 +51,8 @@ from closedloop.config.schema import MqttConfig
 from closedloop.mqtt.commands import CommandError, parse_command
 from closedloop.recording.events import clean_json
 
-__all__ = ["HEADER", "client_kwargs", "frame", "lower_thread_priority", "read_frame"]
+__all__ = ["HEADER", "PlaneWorker", "client_kwargs", "frame", "insecure_connection",
+           "lower_thread_priority", "read_frame"]
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024
@@ -92,6 +99,26 @@ def client_kwargs(cfg: MqttConfig, *, identifier: str,
             "password": cfg.password, "identifier": identifier, "protocol": proto,
             "keepalive": cfg.keepalive_s, "tls_params": tls, "will": will, "timeout": 5.0,
             "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]}
+
+
+def insecure_connection(cfg: MqttConfig) -> str | None:
+    """Why the broker connection is open to the network, or None.
+
+    Commands that arm and fire a stimulator, and the credentials, travel in clear when the
+    broker is not on this machine and TLS is off. A host name other than ``localhost`` is
+    not resolved (that could block): it counts as remote.
+    """
+    if not cfg.enabled or cfg.tls.ca is not None:
+        return None
+    host = cfg.host.strip().rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    what = "commands" + (" and the password" if cfg.password is not None else "")
+    return (f"mqtt.host {cfg.host!r} is not this machine and TLS is off (mqtt.tls.ca unset): "
+            f"{what} travel in clear; anyone on the network can read them or send commands")
 
 
 def lower_thread_priority(increment: int) -> str | None:
@@ -316,34 +343,89 @@ class PlaneWorker:
         self.published += 1
 
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """One command message: checked, carried out, answered; never an exception out.
+
+        Behind this barrier, an exception (a bug: payload errors are CommandErrors) becomes
+        an ``ok: false`` reply naming the internal error, and a recorded ``command`` event;
+        the next message is served. Only the connection's errors leave, to reconnect.
+        """
         self.commands += 1
         verb = message.topic.value[len(self.prefix) + len("cmd/"):]
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        raw = message.payload if isinstance(message.payload, bytes) else str(
-            message.payload or "").encode()
+        try:
+            reply = await self._reply(verb, message)
+        except Exception as exc:  # recorded and answered: the sender and the log hear of it
+            reply = {"ok": False, "verb": verb[:64], "id": None, "key": "", "error": (
+                f"internal error in the control plane while handling '{verb[:40]}' "
+                f"({_describe(exc)}); see the event log")}
+            self._send("record", "command", {"verb": verb[:40], "ok": False,
+                                             "error": reply["error"]})
+        try:
+            await self._answer(client, message, verb, reply)
+        except aiomqtt.MqttError:
+            raise  # the connection: _connection_loop reconnects
+        except Exception as exc:  # the reply is lost: say so in the event log
+            self._send("record", "command_reply_error", {"verb": verb[:40],
+                                                         "error": _describe(exc)})
+
+    async def _reply(self, verb: str, message: aiomqtt.Message) -> dict[str, Any]:
+        """The reply to one command (its ``command`` event recorded)."""
+        payload = message.payload
+        raw = bytes(payload) if isinstance(payload, bytes | bytearray) else str(
+            payload or "").encode()
         try:
             cmd = parse_command(verb, raw, now_s=time.time(),
                                 max_age_s=self.cfg.max_command_age_s,
                                 max_bytes=self.cfg.max_payload_bytes, retained=message.retain)
         except CommandError as exc:
-            reply: dict[str, Any] = {"ok": False, "verb": verb, "id": None, "error": str(exc),
-                                     "key": exc.key}
-            self._send("record", "command", {"verb": verb[:40], "ok": False,
-                                             "error": reply["error"]})
-        else:  # carried out on the service's loop, which records the command
-            reply = await self._call("command", verb=cmd.verb, args=cmd.args, id=cmd.id)
+            self._send("record", "command", {"verb": verb[:40], "ok": False, "error": str(exc)})
+            return {"ok": False, "verb": verb[:64], "id": None, "error": str(exc),
+                    "key": exc.key}
+        # carried out on the service's loop, which records the command
+        reply: dict[str, Any] = await self._call("command", verb=cmd.verb, args=cmd.args,
+                                                 id=cmd.id)
+        return reply
+
+    async def _answer(self, client: aiomqtt.Client, message: aiomqtt.Message, verb: str,
+                      reply: dict[str, Any]) -> None:
+        """Publish the reply: to the MQTT 5 response topic if any, else ``reply/<verb>``.
+
+        A response topic that cannot be published to (paho refuses wildcards, for one) gets
+        the reply on ``reply/<verb>`` instead, with the reason recorded.
+        """
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
         properties = None
         if self.cfg.protocol == "5" and correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = correlation
-        target = response_topic or f"{self.prefix}reply/{verb[:64] or 'unknown'}"
-        await client.publish(target, _dumps(reply), qos=1, properties=properties)
+        fallback = f"{self.prefix}reply/{verb[:64] or 'unknown'}"
+        body = _dumps(reply)
+        try:
+            await client.publish(response_topic or fallback, body, qos=1,
+                                 properties=properties)
+        except ValueError as exc:  # paho refuses the topic before sending anything
+            if response_topic is None:
+                raise
+            self._send("record", "command_reply_error", {
+                "verb": verb[:40], "topic": str(response_topic)[:80],
+                "error": f"{_describe(exc)}; replied on {fallback} instead"})
+            await client.publish(fallback, body, qos=1, properties=properties)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _dumps(payload: dict[str, Any]) -> str:
-    return json.dumps(clean_json(payload), separators=(",", ":"))
+    """JSON text of a reply or telemetry message; a value that cannot be encoded (only a
+    cyclic structure is left, :func:`clean_json` makes the rest representable) is named."""
+    try:
+        return json.dumps(clean_json(payload), separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError) as exc:
+        problem = f"unencodable: {_describe(exc)}"
+        return json.dumps({"ok": False, "error": problem} if "ok" in payload else
+                          {"event": str(payload.get("event")), "error": problem})
 
 
 async def _main(fd: int) -> None:

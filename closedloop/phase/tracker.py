@@ -162,6 +162,13 @@ class PhaseTracker:
         self.amplitude: BandAmplitude | None = None
         self._delay_s = 0.0
         self.resets = 0
+        # every channel the estimate or a power condition uses: a non-finite sample there
+        # (an amplifier's NaN for a saturated or disconnected electrode) restarts the chain
+        # after it, so no filter state is poisoned and no estimate spans it
+        self._used = np.array(sorted({*self.spatial.indices,
+                                      *(i for c in self._conditions
+                                        for i in c.spatial.indices)}), dtype=np.intp)
+        self.nonfinite = 0  # samples dropped because a used channel was not finite
         self._total = 0  # samples ever written to the history (never reset)
         self._trainer = trainer or _run_now
         self.wiener: WienerModel | None = None  # the trained filter ("wiener")
@@ -243,9 +250,21 @@ class PhaseTracker:
         self.resets += 1
 
     def push(self, data: npt.NDArray[np.floating], ts: Array) -> None:
-        """Feed raw samples (n, channels) with their LSL timestamps."""
+        """Feed raw samples (n, channels) with their LSL timestamps.
+
+        A sample that is not finite in a used channel resets the chain: estimation starts
+        again from the first sample after it (counted in :attr:`nonfinite`)."""
         if len(ts) == 0:
             return
+        used = data[:, self._used]
+        if not np.isfinite(used).all():
+            bad = np.flatnonzero(~np.isfinite(used).all(axis=1))
+            self.nonfinite += len(bad)
+            self.reset()
+            data, ts = data[bad[-1] + 1:], ts[bad[-1] + 1:]
+            if len(ts) == 0:
+                return
+            self._last_ts = None  # the reset already restarted the chain
         if self._last_ts is not None:
             step = ts[0] - self._last_ts
             if abs(step) > max(_GAP_S, 5.0 / self.fs_in):  # a gap, or time ran backwards

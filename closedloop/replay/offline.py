@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from closedloop.control.core import DecisionCore
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
-from closedloop.stim.safety import SafetyGate, SafetyLimits
+from closedloop.stim.safety import SafetyGate, SafetyLimits, Trigger
 from closedloop.streams.ring import RingBuffer
 
 __all__ = ["OfflineResult", "fingerprint", "run_offline"]
@@ -94,11 +94,11 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
     latency = (cfg.stimulator.latency_ms or 0.0) / 1000.0
     core = DecisionCore(cfg, tracker, latency_s=latency,
                         rng=np.random.default_rng(cfg.trigger.seed))
-    gate = SafetyGate(SafetyLimits.from_config(cfg.safety))
-    per_trigger = 2 if core.unit.paired else 1
-    intensity = cfg.stimulator.intensity_pct
-    if core.unit.paired:
-        intensity = max(intensity, cfg.stimulation.conditioning_pct)
+    gate = SafetyGate(SafetyLimits.from_config(cfg.safety), max_units=core.unit.max_units)
+    # what one trigger gives (the simulated device delivers what it is told)
+    trig = (Trigger(0.0, (cfg.stimulation.conditioning_pct, cfg.stimulator.intensity_pct),
+                    (0.0, cfg.stimulation.isi_ms / 1000.0), paired=True)
+            if core.unit.paired else Trigger(0.0, (cfg.stimulator.intensity_pct,)))
     out = OfflineResult(t0=t0, seconds=eeg.duration_s)
     offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
     # deterministic configurations fix the delay decisions assume; otherwise it is modelled
@@ -126,8 +126,7 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
                 tracker.push(data[i + a:i + b], stamps[a:b])
                 if update_here:
                     units, busy_until = _update(core, float(stamps[b - 1]) + offset_s, delay,
-                                                armed, units, busy_until, gate, intensity,
-                                                per_trigger, cfg, out)
+                                                armed, units, busy_until, gate, trig, cfg, out)
             i = j
             continue
         # where the updates fall, chunk by chunk as the live path would see them
@@ -143,7 +142,7 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
         for k, newest, spacing in updates:
             core.spacing = spacing
             units, busy_until = _update(core, newest, delay, armed, units, busy_until, gate,
-                                        intensity, per_trigger, cfg, out, back=kept - k)
+                                        trig, cfg, out, back=kept - k)
         i = j
     if emg is not None and out.pulses:
         out.meps = _meps(cfg, emg, out.pulses, unit.kind, t0)
@@ -152,8 +151,8 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
 
 
 def _update(core: DecisionCore, newest: float, delay: float, armed: bool, units: int,
-            busy_until: float, gate: SafetyGate, intensity: float, per_trigger: int,
-            cfg: Config, out: OfflineResult, back: int = 0) -> tuple[int, float]:
+            busy_until: float, gate: SafetyGate, trig: Trigger, cfg: Config,
+            out: OfflineResult, back: int = 0) -> tuple[int, float]:
     """One estimator update and its decision, as the live service would make them
     (``back``: the update's sample is this many samples before the tracker's newest)."""
     unit = core.unit
@@ -172,8 +171,8 @@ def _update(core: DecisionCore, newest: float, delay: float, armed: bool, units:
     if fire and now < busy_until:  # the live scheduler still delivers the last unit
         fire, reason = False, "scheduler_busy"
     if fire:
-        refusal = gate.check(t=decision.fire_time, intensity_pct=intensity, eeg_age_s=0.0,
-                             offsets=unit.offsets, pulses_per_trigger=per_trigger)
+        first = replace(trig, t=decision.fire_time)
+        refusal = gate.check_start(first, offsets=unit.offsets, eeg_age_s=0.0)
         core.scheduled(decision)
         busy_until = decision.fire_time + unit.duration_s
         if refusal is not None:
@@ -182,13 +181,18 @@ def _update(core: DecisionCore, newest: float, delay: float, armed: bool, units:
             units += 1
             for k, off in enumerate(unit.offsets):
                 t = decision.fire_time + off
-                gate.commit(t, per_trigger)
+                now_trig = replace(trig, t=t)
+                if k > 0 and (why := gate.check_next(now_trig, planned=t, max_lateness_s=0.0,
+                                                     eeg_age_s=0.0)) is not None:
+                    gate.end_unit()
+                    out.refused.append({"scheduled_lsl_time": t,
+                                        "reason": f"unit_aborted:{why}"})
+                    break
+                gate.commit(now_trig, start=k == 0, triggers=len(unit.offsets))
                 out.pulses.append({
                     "lsl_time": t, "intensity_pct": cfg.stimulator.intensity_pct,
                     "predicted_phase_deg": round(math.degrees(update.est.phase_at(t)), 2),
                     "target_phase_deg": cfg.trigger.target_phase_deg, "unit_index": k})
-            if len(unit.offsets) > 1:
-                gate.end_unit(decision.fire_time + unit.offsets[-1])
     out.decisions.append({
         "fire": fire, "reason": reason, "crossing_lsl_time": decision.crossing_time,
         "fire_lsl_time": decision.fire_time,

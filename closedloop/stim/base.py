@@ -9,17 +9,123 @@ the gate.
 A driver that talks to a device reports trouble it finds on its own (a keep-alive that got
 no answer, a port that vanished, an error flag) through :meth:`DriverBase.report_fault`;
 the gate disarms on it. :class:`DriverBase` holds what every driver shares.
+
+What the gate checks is what the *device* will deliver, not what the driver last asked
+for: a Magstim left at 95 % by the previous user, or a front-panel knob turned after
+arming, fires at the device's power. Every driver therefore reads its device back
+(:meth:`Stimulator.read_device`) into a :class:`DeviceState`, caches the last one
+(:attr:`Stimulator.device`), and a driver with a watch thread (keep-alive or poll) reports a
+fault when a read-back differs from what it commanded (:func:`device_mismatch`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from closedloop.errors import StimulatorError
 
-__all__ = ["DriverBase", "Stimulator"]
+__all__ = ["Commanded", "DeviceState", "DriverBase", "Stimulator", "device_mismatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """What the device will deliver on its next trigger, as last read back from it.
+
+    ``intensity_pct`` is output A: the only pulse of a single-pulse trigger, the first
+    pulse of a pair (the drivers' ``set_paired`` puts the conditioning pulse on A and the
+    test pulse on B). ``intensity_b_pct`` is the second output where the mode uses one
+    (BiStim B power, MagPro twin/dual B amplitude), else None.
+
+    Attributes:
+        intensity_pct: Output A, % of maximum output; None = unknown.
+        intensity_b_pct: Output B where the mode uses one; else None.
+        pulses_per_trigger: 1 standard; 2 paired (BiStim A+B with an interval, MagPro
+            twin/dual); N for a MagPro burst or a Rapid train.
+        isi_ms: Spacing between those pulses (None when 1).
+        mode: Driver-specific name: ``standard``, ``twin``, ``dual``, ``power``,
+            ``burst``, ``paired``, ``simultaneous``, ``train``...
+        source: ``device`` when read back from the device; ``declared`` when the driver
+            cannot read it back (ttl: the operator's declared value).
+        read_at: When it was read back (``time.monotonic()``; the injected clock for
+            :class:`~closedloop.stim.fake.FakeStimulator`).
+    """
+
+    intensity_pct: float | None
+    intensity_b_pct: float | None
+    pulses_per_trigger: int
+    isi_ms: float | None
+    mode: str
+    source: Literal["device", "declared"]
+    read_at: float
+
+    @property
+    def max_pct(self) -> float | None:
+        """The highest intensity any pulse of a trigger will have (None if unknown)."""
+        if self.intensity_pct is None:
+            return None
+        if self.intensity_b_pct is None:
+            return self.intensity_pct
+        return max(self.intensity_pct, self.intensity_b_pct)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields (and ``max_pct``) as a JSON-ready dict."""
+        return {"intensity_pct": self.intensity_pct, "intensity_b_pct": self.intensity_b_pct,
+                "max_pct": self.max_pct, "pulses_per_trigger": self.pulses_per_trigger,
+                "isi_ms": self.isi_ms, "mode": self.mode, "source": self.source,
+                "read_at": self.read_at}
+
+
+@dataclass(frozen=True, slots=True)
+class Commanded:
+    """What a driver last commanded; None = never commanded (not compared)."""
+
+    intensity_pct: float | None = None
+    intensity_b_pct: float | None = None
+    pulses_per_trigger: int | None = None
+    mode: str | None = None
+
+
+def _pulses(n: int) -> str:
+    return f"{n} pulse{'' if n == 1 else 's'} per trigger"
+
+
+def device_mismatch(commanded: Commanded, device: DeviceState, *,
+                    tolerance_pct: float = 0.5) -> str | None:
+    """Why ``device`` is not what was ``commanded`` (None when it is, or nothing was).
+
+    Intensities differ when they are ``tolerance_pct`` or more apart (the serial devices
+    take whole percent); an intensity the device does not report (None) while one was
+    commanded is a difference too.
+    """
+    def differ(want: float | None, got: float | None) -> bool:
+        if want is None:
+            return False
+        return got is None or abs(want - got) >= tolerance_pct
+
+    def pct(x: float | None) -> str:
+        return "unknown" if x is None else f"{x:g} %"
+
+    parts = []
+    if differ(commanded.intensity_pct, device.intensity_pct):
+        parts.append(f"commanded {pct(commanded.intensity_pct)}, device reads "
+                     f"{pct(device.intensity_pct)}")
+    if differ(commanded.intensity_b_pct, device.intensity_b_pct):
+        parts.append(f"commanded B {pct(commanded.intensity_b_pct)}, device reads B "
+                     f"{pct(device.intensity_b_pct)}")
+    want_n, want_mode = commanded.pulses_per_trigger, commanded.mode
+    if ((want_n is not None and want_n != device.pulses_per_trigger)
+            or (want_mode is not None and want_mode != device.mode)):
+        want = [f"mode {want_mode}"] if want_mode is not None else []
+        if want_n is not None:
+            want.append(f"({_pulses(want_n)})")
+        parts.append(f"commanded {' '.join(want)}, device reads mode {device.mode} "
+                     f"({_pulses(device.pulses_per_trigger)})")
+    if not parts:
+        return None
+    return "device changed: " + "; ".join(parts) + " (front panel?)"
 
 
 @runtime_checkable
@@ -78,16 +184,34 @@ class Stimulator(Protocol):
     def report_fault(self, reason: str) -> None:
         """Record a fault (the first since open) and call the handler once."""
 
+    def read_device(self) -> DeviceState:
+        """Read what the device will deliver, now (device I/O); update :attr:`device`.
+
+        Raises:
+            StimulatorError: the read-back failed (the message names what failed).
+        """
+
+    @property
+    def device(self) -> DeviceState | None:
+        """The last read-back (no I/O): updated by :meth:`read_device`, by every
+        ``set_*`` call and by the driver's watch thread; None before the first."""
+
     def status(self) -> dict[str, Any]:
-        """A snapshot of what the driver knows; no device I/O."""
+        """A snapshot of what the driver knows; no device I/O.
+
+        ``intensity_pct`` is the device's (read back), ``commanded_intensity_pct`` what
+        the driver last commanded, ``device`` the last :class:`DeviceState` as a dict.
+        """
 
 
 class DriverBase:
-    """Fault reporting and the status snapshot, shared by the drivers."""
+    """Fault reporting, the device read-back cache and the status snapshot."""
 
     name = "base"
     trigger_route = "none"
     supports_paired = False
+    # intensities this far apart are a mismatch (the serial devices take whole percent)
+    intensity_tolerance_pct = 0.5
 
     def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s
@@ -97,6 +221,32 @@ class DriverBase:
         self._temperature: float | None = None
         self._armed = False
         self._intensity: float | None = None
+        self._device: DeviceState | None = None
+        self._commanded = Commanded()
+
+    @property
+    def device(self) -> DeviceState | None:
+        return self._device
+
+    @property
+    def commanded(self) -> Commanded:
+        """What the driver last commanded (None fields: never commanded)."""
+        return self._commanded
+
+    def read_device(self) -> DeviceState:
+        raise NotImplementedError
+
+    def _seen(self, state: DeviceState) -> str | None:
+        """Cache a read-back; return how it differs from what was commanded (or None)."""
+        self._device = state
+        return device_mismatch(self._commanded, state,
+                               tolerance_pct=self.intensity_tolerance_pct)
+
+    def _watch_seen(self, state: DeviceState) -> None:
+        """A watch-thread read-back: cache it, and report a fault when it differs."""
+        why = self._seen(state)
+        if why is not None:
+            self.report_fault(why)
 
     @property
     def ready(self) -> bool:
@@ -133,7 +283,11 @@ class DriverBase:
                               "(use magstim-bistim, magventure or simulated)")
 
     def status(self) -> dict[str, Any]:
+        dev = self.device
         return {"driver": self.name, "trigger_route": self.trigger_route,
                 "latency_ms": round(self.latency_s * 1000.0, 3), "armed": self._armed,
-                "ready": self.ready, "fault": self._fault, "intensity_pct": self._intensity,
+                "ready": self.ready, "fault": self._fault,
+                "intensity_pct": None if dev is None else dev.intensity_pct,
+                "commanded_intensity_pct": self._intensity,
+                "device": None if dev is None else dev.as_dict(),
                 "coil_temperature_c": self._temperature}

@@ -1,93 +1,75 @@
-"""The safety gate's rules: a pure, explicit-state check of every pulse request.
+"""The safety gate: every trigger is judged against the ledger of pulses that really left.
 
 The gate can only refuse. Its limits come from ``[safety]`` and are clamped again here by
 the hard caps of :mod:`closedloop.config.schema`, so that neither a config file nor a
-command can raise them. The minimum inter-pulse interval is enforced here *and*,
-independently, by the trigger policy. EEG freshness is part of the gate: a pulse is never
-fired on a phase estimate made from a stream that has stopped.
+command can raise them. It keeps its own ledger of every pulse delivered (time, intensity
+in % of maximum output and % of motor threshold, output, role) and judges each new trigger
+against that history with the rules of :mod:`closedloop.stim.rules`, whatever produced
+it: the phase loop, a pattern, a protocol, ``stimulator check``, a paired pulse.
 
-What one trigger delivers is a *unit*: one pulse, a paired pulse (two pulses from one
-trigger), or a train or burst (pulses at given offsets). A unit is checked as a whole
-before its first pulse, and each of its pulses is checked again as it fires.
+A *unit* is what one decision schedules: one trigger, or several at given offsets (a
+burst, a train, a block of theta-burst). A unit is atomic:
 
-Rules for trains and bursts (all need ``motor_threshold_pct``, since the published limits
-are in % of the resting motor threshold, MT):
+- its first trigger is checked for the whole unit (the rules simulated over all its
+  triggers, every count for all its pulses), and its pulses are held against the session,
+  day and protocol budgets until it ends;
+- its intensities are fixed when its first trigger is checked: every later trigger must
+  have exactly the same intensities (role by role) or it is refused, and no other unit
+  can start while one is under way.
 
-- Regular trains up to 25 Hz: the train may last at most ``train_duration_factor`` × the
-  maximum safe single-train duration of Rossi et al. 2009 (Clin Neurophysiol
-  120:2008-2039, Table 4, from Wassermann 1998, Electroencephalogr Clin Neurophysiol
-  108:1-16), looked up at the next higher tabulated frequency and intensity; above
-  130 % MT, or above 25 Hz, no regular train is allowed. Chen et al. 1997
-  (Electroencephalogr Clin Neurophysiol 105:415-421) advise 0.75 of the table, the
-  default, and found inter-train intervals of 1 s or less unsafe at 20 Hz above 100 % MT:
-  hence ``min_inter_train_s`` (at least 1 s in code, 5 s by default).
-- Faster patterns (bursts: pulses closer than 40 ms: theta-burst, 100 Hz triplets) are
-  not covered by that table; Rossi et al. 2009 and 2021 (Clin Neurophysiol
-  132:269-306) report them safe at the intensities used (TBS at 80 % active MT, i.e.
-  below rest MT) with one seizure at 100 % rest MT cTBS. We allow them up to
-  ``max_burst_intensity_mt`` (≤ 100 % MT in code), at most 5 pulses a burst, bursts
-  starting at least 190 ms apart (TBS: every 200 ms), at most 600 pulses in one unit
-  (one cTBS block).
-- Counts: pulses per session, per calendar day (across sessions, see
-  :class:`DayCounter`) and per sliding window count every pulse of every unit.
+Counts are pulses, conditioning pulses included: pulses per session, per sliding window,
+per calendar day and participant (a :class:`DayBudget`, reserved ahead in blocks and
+settled when the session ends, so that a crash never forgets a pulse), units per session
+(``stimulation.units``, the theta-burst session length), and pulses per protocol run. A
+hard cap of 25 pulses in any second holds whatever the configuration. Re-arming resets
+none of them.
+
+EEG freshness is part of the gate: a pulse is never fired on a phase estimate made from a
+stream that has stopped. The minimum interval between units is enforced here *and*,
+independently, by the trigger policy.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
-import datetime as _dt
 import itertools
-import json
 import math
-import os
+import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 from closedloop.config.schema import (
     HARD_MAX_BURST_INTENSITY_MT,
     HARD_MAX_COIL_TEMP_C,
     HARD_MAX_INTENSITY_PCT,
     HARD_MAX_PULSES_PER_DAY,
+    HARD_MAX_PULSES_PER_S,
     HARD_MAX_PULSES_PER_SESSION,
     HARD_MAX_TRAIN_DURATION_FACTOR,
     HARD_MIN_INTER_TRAIN_S,
     HARD_MIN_INTERVAL_S,
-    HARD_MIN_TRAIN_IPI_S,
+    HARD_RTMS_GAP_S,
     SafetyConfig,
 )
-from closedloop.errors import ConfigError
-
-__all__ = ["DayCounter", "SafetyGate", "SafetyLimits", "max_train_duration_s"]
-
-# Rossi et al. 2009, Table 4 (Wassermann 1998): maximum safe duration (s) of a single
-# rTMS train, by frequency (rows) and intensity in % of MT (columns). ">x" entries are
-# taken as x.
-_TABLE_FREQS = (1.0, 5.0, 10.0, 20.0, 25.0)
-_TABLE_INTENS = (90.0, 100.0, 110.0, 120.0, 130.0)
-_TABLE_S = (
-    (1800.0, 1800.0, 1800.0, 360.0, 50.0),
-    (10.0, 10.0, 10.0, 10.0, 10.0),
-    (5.0, 5.0, 5.0, 4.2, 2.9),
-    (2.05, 1.6, 1.0, 0.55, 0.35),
-    (1.28, 0.84, 0.4, 0.24, 0.2),
+from closedloop.stim.rules import (
+    RuleLimits,
+    RunState,
+    Trigger,
+    advance,
+    judge,
+    max_train_duration_s,
 )
-_BURST_IPI_S = 0.04  # pulses closer than this (> 25 Hz) form a burst
-_MAX_BURST_PULSES = 5
-_MIN_BURST_GAP_S = 0.19
-_MAX_UNIT_PULSES = 600
-_EPS = 1e-9
 
+__all__ = ["DayBudget", "LedgerPulse", "SafetyGate", "SafetyLimits", "Trigger",
+           "max_train_duration_s"]
 
-def max_train_duration_s(freq_hz: float, intensity_mt_pct: float) -> float | None:
-    """Longest safe regular train (Rossi 2009 Table 4), or None if outside the table."""
-    i = bisect.bisect_left(_TABLE_FREQS, freq_hz - _EPS)
-    j = bisect.bisect_left(_TABLE_INTENS, intensity_mt_pct - _EPS)
-    if i >= len(_TABLE_FREQS) or j >= len(_TABLE_INTENS):
-        return None
-    return _TABLE_S[i][j]
+_EARLY_S = 0.002  # a later trigger of a unit may leave this much before its plan
+# between the check and the pulse (the check path takes tens of microseconds; a serial fire
+# command is in the driver's known latency): every trigger is judged at both ends of it
+FIRE_UNCERTAINTY_S = 0.001
+_MAX_LEDGER = HARD_MAX_PULSES_PER_SESSION
+_SHAPE_CACHE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,152 +109,296 @@ class SafetyLimits:
             max_coil_temp_c=min(cfg.max_coil_temp_c, HARD_MAX_COIL_TEMP_C),
         )
 
+    def rules(self) -> RuleLimits:
+        return RuleLimits(motor_threshold_pct=self.motor_threshold_pct,
+                          train_duration_factor=self.train_duration_factor,
+                          min_inter_train_s=self.min_inter_train_s,
+                          max_burst_intensity_mt=self.max_burst_intensity_mt)
 
-def _unit_reason(lim: SafetyLimits, offsets: Sequence[float],
-                 intensity_pct: float) -> str | None:
-    """Rules on the shape of a multi-pulse unit (see the module docstring)."""
-    gaps = [b - a for a, b in itertools.pairwise(offsets)]
-    if offsets[0] != 0.0 or any(not math.isfinite(g) or g <= 0 for g in gaps):
-        return "safety:invalid_train"
-    if min(gaps) < HARD_MIN_TRAIN_IPI_S - _EPS:
-        return "safety:train_ipi"
-    if len(offsets) > _MAX_UNIT_PULSES:
-        return "safety:train_pulses"
-    if lim.motor_threshold_pct is None:
-        return "safety:train_needs_motor_threshold"
-    rel = intensity_pct / lim.motor_threshold_pct * 100.0
-    if min(gaps) < _BURST_IPI_S - _EPS:
-        if rel > lim.max_burst_intensity_mt + _EPS:
-            return "safety:burst_intensity"
-        run, onset = 1, offsets[0]
-        for g, t in zip(gaps, offsets[1:], strict=True):
-            if g < _BURST_IPI_S - _EPS:
-                run += 1
-                if run > _MAX_BURST_PULSES:
-                    return "safety:burst_length"
-            else:
-                if t - onset < _MIN_BURST_GAP_S - _EPS:
-                    return "safety:burst_rate"
-                run, onset = 1, t
-        return None
-    freq = 1.0 / min(gaps)
-    limit = max_train_duration_s(freq, rel)
-    if limit is None:
-        return "safety:train_outside_table"
-    if len(offsets) / freq > limit * lim.train_duration_factor + _EPS:
-        return "safety:train_duration"
-    return None
+
+class DayBudget(Protocol):
+    """The pulses of a participant's day, shared by every process (see
+    :class:`closedloop.stim.day_counter.DayCounter`)."""
+
+    def reserve(self, n: int) -> int:
+        """Count up to ``n`` more pulses today (durably); return how many were granted."""
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` reserved pulses that were not delivered."""
+
+    def count(self) -> int:
+        """Today's pulses, reservations included."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerPulse:
+    """One pulse that left the coil, as the gate recorded it."""
+
+    t: float
+    pct: float  # % of maximum output
+    mt_pct: float | None  # % of the resting motor threshold, when it is known
+    role: str  # "single", "conditioning", "test" or "burst"
+    unit: int  # the unit's number in the session (1, 2, ...)
+
+
+@dataclass(slots=True)
+class _Unit:
+    number: int
+    pcts: tuple[float, ...]
+    offsets: tuple[float, ...]
+    paired: bool
+    triggers: int
+    delivered: int = 0
+    held: int = 0  # pulses still held against the budgets
 
 
 class SafetyGate:
-    """Checks requests against the limits and remembers the pulses that were fired."""
+    """Judges triggers against the limits and the ledger; records what was delivered.
 
-    def __init__(self, limits: SafetyLimits, *, day_count: int = 0) -> None:
-        self.limits = limits
-        self._recent: deque[float] = deque()
-        self.fired = 0
-        self.day_count = day_count
-        self.last_fire = -math.inf
-        self.last_unit_end = -math.inf  # end of the last train or burst
-
-    def check(self, *, t: float, intensity_pct: float, eeg_age_s: float | None,
-              offsets: Sequence[float] = (0.0,), pulses_per_trigger: int = 1) -> str | None:
-        """Return None if a unit starting at LSL time ``t`` is allowed, else the reason.
-
-        Args:
-            offsets: Times of the unit's triggers after ``t`` (``(0.0,)``: one trigger).
-            pulses_per_trigger: 2 for a paired pulse (one trigger, two pulses).
-        """
-        lim = self.limits
-        if not math.isfinite(intensity_pct) or intensity_pct < 0:
-            return "safety:invalid_intensity"
-        if intensity_pct > lim.max_intensity_pct:
-            return "safety:max_intensity"
-        if eeg_age_s is None or not eeg_age_s <= lim.max_eeg_age_s:
-            return "safety:eeg_stale"
-        if not math.isfinite(t):
-            return "safety:invalid_time"
-        if t - self.last_fire < lim.min_interval_s:
-            return "safety:min_interval"
-        if t - self.last_unit_end < lim.min_inter_train_s:
-            return "safety:inter_train"
-        n = len(offsets) * pulses_per_trigger
-        if n < 1 or pulses_per_trigger not in (1, 2):
-            return "safety:invalid_train"
-        if self.fired + n > lim.max_pulses:
-            return "safety:max_pulses"
-        if self.day_count + n > lim.max_pulses_per_day:
-            return "safety:max_pulses_per_day"
-        while self._recent and self._recent[0] <= t - lim.rate_window_s:
-            self._recent.popleft()
-        if len(self._recent) + n > lim.max_pulses_per_window:
-            return "safety:max_rate"
-        if len(offsets) > 1:
-            return _unit_reason(lim, offsets, intensity_pct)
-        return None
-
-    def check_next(self, *, t: float, planned: float, max_lateness_s: float,
-                   eeg_age_s: float | None) -> str | None:
-        """A later trigger of a unit that passed :meth:`check`: on time, EEG still fresh."""
-        if eeg_age_s is None or not eeg_age_s <= self.limits.max_eeg_age_s:
-            return "safety:eeg_stale"
-        if not planned - 0.002 <= t <= planned + max_lateness_s:
-            return "late"
-        return None
-
-    def commit(self, t: float, pulses: int = 1) -> None:
-        """Record a trigger at LSL time ``t`` that gave ``pulses`` pulses."""
-        self.fired += pulses
-        self.day_count += pulses
-        self.last_fire = t
-        self._recent.extend([t] * pulses)
-
-    def end_unit(self, t_last: float) -> None:
-        """A train or burst ended with a pulse at ``t_last``: the inter-train pause starts."""
-        self.last_unit_end = t_last
-
-
-class DayCounter:
-    """Pulses per calendar day (local time), kept in a small JSON file across sessions.
-
-    The file maps ISO dates to counts; it is rewritten atomically. A file that cannot be
-    read is an error (it is not silently reset: that would lift the daily limit).
+    Args:
+        limits: The clamped limits.
+        day: The participant's daily budget (None: counted in this process only, from 0).
+        max_units: Most units in the session (``stimulation.units``, a TBS session).
     """
 
-    def __init__(self, path: str | Path, today: Callable[[], str] | None = None) -> None:
-        self.path = Path(path)
-        self._today = today or (lambda: _dt.date.today().isoformat())
-        self.counts: dict[str, int] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                if not isinstance(data, dict) or not all(
-                        isinstance(v, int) and v >= 0 for v in data.values()):
-                    raise ValueError("expected {\"YYYY-MM-DD\": count, ...}")
-                self.counts = {str(k): int(v) for k, v in data.items()}
-            except (OSError, ValueError) as exc:
-                raise ConfigError(source=str(self.path), key="safety.day_counter_file",
-                                  problem=f"unreadable pulse counter ({exc}); fix or remove "
-                                  "it knowingly") from exc
+    def __init__(self, limits: SafetyLimits, *, day: DayBudget | None = None,
+                 max_units: int | None = None) -> None:
+        self.limits = limits
+        self._rules = limits.rules()
+        self.day = day
+        self.max_units = max_units
+        self.run = RunState()
+        self.fired = 0  # pulses delivered this session
+        self.units = 0  # units started this session
+        self.ledger: deque[LedgerPulse] = deque(maxlen=_MAX_LEDGER)
+        self._times: deque[float] = deque()  # pulse times within the longest window
+        self._unit: _Unit | None = None
+        self.budget: int | None = None  # pulses left for the running protocol
+        self._credit = 0  # pulses reserved in the day budget and not used yet
+        self.day_exhausted = False
+        self.day_count = 0 if day is None else day.count()
+        self._credit_lock = threading.Lock()
+        self._shapes: dict[tuple[object, ...], tuple[str | None, int]] = {}
+
+    # -- budgets -------------------------------------------------------------------------
+    @property
+    def unit_active(self) -> bool:
+        """Whether a unit of several triggers is being delivered."""
+        return self._unit is not None
 
     @property
-    def today(self) -> int:
-        return self.counts.get(self._today(), 0)
+    def credit(self) -> int:
+        """Pulses reserved in the day budget and not yet used."""
+        return self._credit
 
-    def add(self, n: int) -> int:
-        """Count ``n`` pulses today and save; return today's total."""
-        day = self._today()
-        self.counts = {k: v for k, v in self.counts.items() if k >= _week_before(day)}
-        self.counts[day] = self.counts.get(day, 0) + n
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.counts, sort_keys=True))
-        os.replace(tmp, self.path)
-        return self.counts[day]
+    def top_up(self, target: int) -> None:
+        """Reserve day pulses until ``target`` are held (does file I/O: not on the fire
+        path). Raises what the day budget raises."""
+        if self.day is None:
+            return
+        want = target - self._credit
+        if want <= 0:
+            return
+        granted = self.day.reserve(want)
+        with self._credit_lock:
+            self._credit += granted
+        self.day_exhausted = granted < want
+        self.day_count = self.day.count()
 
+    def settle(self) -> None:
+        """Give the unused reservation back (at the end of a session)."""
+        with self._credit_lock:
+            unused, self._credit = self._credit, 0
+        if self.day is not None and unused:
+            self.day.release(unused)
+            self.day_count = self.day.count()
 
-def _week_before(day: str) -> str:
-    with contextlib.suppress(ValueError):
-        return (_dt.date.fromisoformat(day) - _dt.timedelta(days=7)).isoformat()
-    return ""
+    def set_budget(self, pulses: int | None) -> None:
+        """Pulses the running protocol may still deliver (None: no protocol limit)."""
+        self.budget = pulses
 
+    # -- checks --------------------------------------------------------------------------
+    def _intensity_reason(self, trig: Trigger) -> str | None:
+        for pct in trig.pcts:
+            if not math.isfinite(pct) or pct < 0:
+                return "safety:invalid_intensity"
+            if pct > self.limits.max_intensity_pct:
+                return "safety:max_intensity"
+        return None
+
+    def _eeg_reason(self, eeg_age_s: float | None) -> str | None:
+        if eeg_age_s is None or not eeg_age_s <= self.limits.max_eeg_age_s:
+            return "safety:eeg_stale"
+        return None
+
+    def _recent(self, t: float, window: float) -> int:
+        """Pulses of the ledger later than ``t - window``."""
+        times = self._times
+        longest = max(self.limits.rate_window_s, 1.0)
+        while times and times[0] <= t - longest:
+            times.popleft()
+        if window >= longest:
+            return len(times)
+        n = 0
+        for x in reversed(times):
+            if x <= t - window:
+                break
+            n += 1
+        return n
+
+    def _shape(self, trig: Trigger, offsets: Sequence[float]) -> tuple[str | None, int]:
+        """The rules over a unit starting a new run (independent of the history before
+        it), and its most pulses in any second; cached per shape."""
+        key = (trig.pcts, trig.offsets, trig.paired, tuple(offsets))
+        hit = self._shapes.get(key)
+        if hit is not None:
+            return hit
+        reason, _ = self._simulate(RunState(), trig, offsets, 0.0)
+        times = sorted(off + p for off in offsets for p in trig.offsets)
+        most, j = 0, 0
+        for i, x in enumerate(times):
+            while times[j] <= x - 1.0:
+                j += 1
+            most = max(most, i - j + 1)
+        if len(self._shapes) >= _SHAPE_CACHE:
+            self._shapes.clear()
+        self._shapes[key] = (reason, most)
+        return reason, most
+
+    def _judge(self, trig: Trigger) -> str | None:
+        """The rules for ``trig`` leaving at any moment of [t, t + the time a fire takes]:
+        a pulse that leaves a little later than judged must not cross a rule's boundary
+        (a run that ends, a pause that is too short) unjudged."""
+        reason, _ = judge(self.run, trig, self._rules)
+        if reason is None:
+            later = Trigger(trig.t + FIRE_UNCERTAINTY_S, trig.pcts, trig.offsets, trig.paired)
+            reason, _ = judge(self.run, later, self._rules)
+        return reason
+
+    def _simulate(self, s: RunState, trig: Trigger, offsets: Sequence[float],
+                  t0: float) -> tuple[str | None, RunState]:
+        for off in offsets:
+            reason, s = judge(s, Trigger(t0 + off, trig.pcts, trig.offsets, trig.paired),
+                              self._rules)
+            if reason is not None:
+                return reason, s
+        return None, s
+
+    def check_start(self, trig: Trigger, *, offsets: Sequence[float] = (0.0,),
+                    eeg_age_s: float | None) -> str | None:
+        """Whether a unit may start with ``trig``; its triggers start at ``trig.t`` +
+        ``offsets``, each like ``trig``. Returns None or the reason."""
+        lim = self.limits
+        reason = self._intensity_reason(trig) or self._eeg_reason(eeg_age_s)
+        if reason is not None:
+            return reason
+        if not math.isfinite(trig.t):
+            return "safety:invalid_time"
+        if (not offsets or offsets[0] != 0.0
+                or any(not b > a for a, b in itertools.pairwise(offsets))):
+            return "safety:invalid_train"
+        if self._unit is not None:
+            return "safety:unit_in_progress"
+        if trig.t - self.run.last_start < lim.min_interval_s:
+            return "safety:min_interval"
+        if self.max_units is not None and self.units >= self.max_units:
+            return "safety:max_units"
+        n = len(offsets) * len(trig.pcts)
+        if self.fired + n > lim.max_pulses:
+            return "safety:max_pulses"
+        if self.budget is not None and n > self.budget:
+            return "safety:protocol_pulses"
+        if self.day is None:
+            if self.fired + n > lim.max_pulses_per_day:
+                return "safety:max_pulses_per_day"
+        elif n > self._credit:
+            return ("safety:max_pulses_per_day" if self.day_exhausted
+                    else "safety:day_count_pending")
+        if self._recent(trig.t, lim.rate_window_s) + n > lim.max_pulses_per_window:
+            return "safety:max_rate"
+        if trig.t - self.run.last_start >= HARD_RTMS_GAP_S:  # a new run
+            reason = self._judge(trig)
+            if reason is None:
+                reason, most = self._shape(trig, offsets)
+                if reason is None and self._recent(trig.t, 1.0) + most > HARD_MAX_PULSES_PER_S:
+                    reason = "safety:hard_rate"
+            return reason
+        reason = self._judge(trig)
+        if reason is None:
+            reason, _ = self._simulate(self.run, trig, offsets, trig.t)
+        if reason is None and self._recent(trig.t, 1.0) + n > HARD_MAX_PULSES_PER_S:
+            reason = "safety:hard_rate"
+        return reason
+
+    def check_next(self, trig: Trigger, *, planned: float, max_lateness_s: float,
+                   eeg_age_s: float | None) -> str | None:
+        """Whether a later trigger of the unit under way may leave now."""
+        unit = self._unit
+        if unit is None:
+            return "safety:no_unit"
+        reason = self._eeg_reason(eeg_age_s) or self._intensity_reason(trig)
+        if reason is not None:
+            return reason
+        if (trig.paired != unit.paired or len(trig.pcts) != len(unit.pcts)
+                or any(abs(a - b) > 1e-9 for a, b in zip(trig.pcts, unit.pcts, strict=True))
+                or any(abs(a - b) > 1e-9
+                       for a, b in zip(trig.offsets, unit.offsets, strict=True))):
+            return "safety:unit_intensity_changed"
+        if not planned - _EARLY_S <= trig.t <= planned + max_lateness_s:
+            return "late"
+        if self._recent(trig.t, 1.0) + len(trig.pcts) > HARD_MAX_PULSES_PER_S:
+            return "safety:hard_rate"
+        if (self._recent(trig.t, self.limits.rate_window_s) + len(trig.pcts)
+                > self.limits.max_pulses_per_window):
+            return "safety:max_rate"
+        return self._judge(trig)
+
+    # -- records -------------------------------------------------------------------------
+    def commit(self, trig: Trigger, *, start: bool, triggers: int = 1) -> None:
+        """Record a trigger that fired (or may have: a failed fire counts too), at the
+        time it left.
+
+        Args:
+            start: The first trigger of a unit of ``triggers`` triggers.
+        """
+        actual = trig.t
+        if start:
+            self.units += 1
+            n = triggers * len(trig.pcts)
+            self._unit = _Unit(self.units, trig.pcts, trig.offsets, trig.paired, triggers,
+                               held=n)
+            with self._credit_lock:
+                if self.day is not None:
+                    self._credit -= n
+            if self.budget is not None:
+                self.budget -= n
+        unit = self._unit
+        number = unit.number if unit is not None else self.units
+        mt = self.limits.motor_threshold_pct
+        for k, (off, pct) in enumerate(zip(trig.offsets, trig.pcts, strict=True)):
+            role = ("conditioning" if k == 0 else "test") if trig.paired else (
+                "burst" if trig.burst else "single")
+            self.ledger.append(LedgerPulse(actual + off, pct,
+                                           None if mt is None else pct / mt * 100.0,
+                                           role, number))
+            self._times.append(actual + off)
+        self.run = advance(self.run, trig)
+        self.fired += len(trig.pcts)
+        if self.day is None:
+            self.day_count += len(trig.pcts)
+        if unit is not None:
+            unit.delivered += 1
+            unit.held -= len(trig.pcts)
+            if unit.delivered >= unit.triggers:
+                self._unit = None
+
+    def end_unit(self) -> None:
+        """The unit under way stopped early: its undelivered pulses go back."""
+        unit, self._unit = self._unit, None
+        if unit is None or unit.held <= 0:
+            return
+        with self._credit_lock:
+            if self.day is not None:
+                self._credit += unit.held
+        if self.budget is not None:
+            self.budget += unit.held

@@ -60,6 +60,9 @@ class PulseOutcome:
     handed_over: float  # when the thread received the request (LSL clock)
     times: tuple[float, ...] = ()  # every trigger delivered (all of them when fired)
     command_times: tuple[float, ...] = ()
+    # per trigger delivered: (LSL time, % of maximum output) of each of its pulses, as the
+    # device's read-back said it would deliver them (conditioning pulses included)
+    pulses: tuple[tuple[tuple[float, float], ...], ...] = ()
 
 
 class FireScheduler:
@@ -121,7 +124,8 @@ class FireScheduler:
                 self._cv.notify_all()
 
     def _finish(self, req: PulseRequest, handed: float, result: FireResult,
-                times: tuple[float, ...] = (), commands: tuple[float, ...] = ()) -> None:
+                times: tuple[float, ...] = (), commands: tuple[float, ...] = (),
+                pulses: tuple[tuple[tuple[float, float], ...], ...] = ()) -> None:
         with self._cv:
             self._pending = None
             self._cancel_reason = None
@@ -129,7 +133,8 @@ class FireScheduler:
             result = FireResult(False, f"unit_aborted:{result.reason}", times[0],
                                 result.command_time)
         self._on_outcome(PulseOutcome(req, result.fired, result.reason, result.lsl_time,
-                                      result.command_time, handed, times, commands))
+                                      result.command_time, handed, times, commands,
+                                      pulses))
 
     def _wait_until(self, t_cmd: float) -> str | None:
         """Sleep (interruptibly) until shortly before ``t_cmd``; return a cancel reason."""
@@ -151,6 +156,7 @@ class FireScheduler:
     def _run_unit(self, req: PulseRequest, handed: float) -> None:
         times: list[float] = []
         commands: list[float] = []
+        pulses: list[tuple[tuple[float, float], ...]] = []
         for k, off in enumerate(req.offsets):
             planned = req.fire_time + off
             t_cmd = planned - self.stim.latency_s
@@ -169,15 +175,17 @@ class FireScheduler:
                 self._overhead_s += _OVERHEAD_ALPHA * (
                     min(max(spent, 0.0), _MAX_OVERHEAD_S) - self._overhead_s)
             if not result.fired:
-                if times:
-                    self.stim.end_unit(times[-1])
-                self._finish(req, handed, result, tuple(times), tuple(commands))
+                if k > 0 or result.reason == "fire_failed":
+                    self.stim.end_unit(times[-1] if times else None)
+                self._finish(req, handed, result, tuple(times), tuple(commands),
+                             tuple(pulses))
                 return
             assert result.lsl_time is not None
             times.append(result.lsl_time)
             commands.append(result.command_time)
+            pulses.append(result.pulses)
         self._finish(req, handed, FireResult(True, "fired", times[0], commands[0]),
-                     tuple(times), tuple(commands))
+                     tuple(times), tuple(commands), tuple(pulses))
 
     def _run(self) -> None:
         try:

@@ -110,6 +110,16 @@ class SerialLink:
                     f"(got {len(buf)} of {n} bytes: {bytes(buf)!r})")
             return bytes(buf)
 
+    def drain(self) -> bytes:
+        """What the device sent on its own and is waiting to be read (no waiting)."""
+        with self.lock:
+            ser = self._port()
+            try:
+                n = ser.in_waiting
+                return ser.read(n) if n else b""
+            except _PORT_ERRORS as exc:
+                raise self._lost(exc) from exc
+
     def flush_input(self) -> None:
         with self.lock:
             ser = self._port()
@@ -167,6 +177,16 @@ class SerialDriver(DriverBase):
     def _watch(self) -> None:
         raise NotImplementedError
 
+    def _watch_guarded(self) -> None:
+        """The watch thread never ends silently: an unexpected error in it (a reply that
+        does not parse, a bug) is a fault like a missed keep-alive, and the gate disarms."""
+        try:
+            self._watch()
+        except Exception as exc:
+            if not self._stop.is_set():
+                self.report_fault(f"{self.watch_name} thread failed: "
+                                  f"{type(exc).__name__}: {exc}")
+
     def _goodbye(self) -> None:
         raise NotImplementedError
 
@@ -177,11 +197,20 @@ class SerialDriver(DriverBase):
         raise NotImplementedError
 
     def disarm(self) -> None:
+        """Send the device's disarm command whenever the port is open, even in fault.
+
+        A driver in fault (a knob turned, a missed keep-alive) is exactly when the device
+        must be disarmed; then an error is suppressed (the fault is already reported),
+        otherwise it is reported as a fault.
+        """
         self._armed = False
-        if self.link.is_open and self._fault is None:
-            try:
-                self._device_disarm()
-            except StimulatorError as exc:
+        if not self.link.is_open:
+            return
+        in_fault = self._fault is not None
+        try:
+            self._device_disarm()
+        except StimulatorError as exc:
+            if not in_fault:
                 self.report_fault(f"disarm: {exc}")
 
     def fire(self) -> float:
@@ -209,7 +238,7 @@ class SerialDriver(DriverBase):
             raise
         self.clear_fault()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._watch,
+        self._thread = threading.Thread(target=self._watch_guarded,
                                         name=f"{self.name}-{self.watch_name}", daemon=True)
         self._thread.start()
 

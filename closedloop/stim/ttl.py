@@ -12,7 +12,10 @@ Three lines are supported, all through pyserial:
 
 A TTL line cannot set the stimulator's intensity: with the ``ttl`` driver the intensity is
 set on the device by hand, and ``[stimulator] intensity_pct`` must say what it is (it is
-what the safety gate checks). The serial drivers can use a :class:`TtlLine` as their
+what the safety gate checks). Nor can it read the device back: the ttl driver's
+:class:`~closedloop.stim.base.DeviceState` is the operator's declaration (``source =
+"declared"``: the intensity ``set_intensity`` was told, one pulse per trigger), and a
+knob turned on the device is not seen. The serial drivers can use a :class:`TtlLine` as their
 trigger route (``trigger_port``) while they set intensity and arm over their own port.
 
 - ``parport``: a parallel port's data lines through Linux's ppdev (``/dev/parportN``):
@@ -32,7 +35,7 @@ from typing import Any, Literal
 import pylsl
 
 from closedloop.errors import StimulatorError
-from closedloop.stim.base import DriverBase
+from closedloop.stim.base import Commanded, DeviceState, DriverBase
 from closedloop.stim.serial_link import SerialLink, wire_time_s
 
 __all__ = ["TtlLine", "TtlStimulator"]
@@ -176,10 +179,19 @@ class TtlStimulator(DriverBase):
     def open(self) -> None:
         self.ttl.open()
         self.clear_fault()
+        self.read_device()
 
     def close(self) -> None:
         self._armed = False
         self.ttl.close()
+
+    def read_device(self) -> DeviceState:
+        """The operator's declaration (a TTL line cannot read the device): no I/O."""
+        state = DeviceState(intensity_pct=self._intensity, intensity_b_pct=None,
+                            pulses_per_trigger=1, isi_ms=None, mode="standard",
+                            source="declared", read_at=time.monotonic())
+        self._device = state
+        return state
 
     def arm(self) -> None:
         if not self.ttl.is_open:
@@ -191,6 +203,8 @@ class TtlStimulator(DriverBase):
 
     def set_intensity(self, pct: float) -> float:
         self._intensity = float(pct)  # what the operator set on the device
+        self._commanded = Commanded(self._intensity, None, 1, "standard")
+        self.read_device()
         return self._intensity
 
     def fire(self) -> float:
