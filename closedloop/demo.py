@@ -44,6 +44,9 @@ def demo_overrides(prefix: str, events: str) -> list[str]:
         # the trained filter takes over (and pulses start) 17 s in: 15 s of training data
         # (about the least it needs), then the switch delay
         "phase.calibration_s=15",
+        # the simulated participant's pulses are counted under a name of their own, never
+        # against a real participant's (or the shared "unspecified") daily limit
+        'session.participant="demo-simulated"',
     ]
 
 

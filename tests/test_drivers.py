@@ -653,3 +653,21 @@ def test_ttl_device_state_is_the_declaration() -> None:
     finally:
         drv.close()
         box.stop()
+
+
+def test_a_watch_thread_that_fails_is_a_fault_not_silence(faults: list[str],
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """An unexpected error in the keep-alive thread (a reply that does not parse, a bug)
+    used to end it silently: the device then disarmed itself while the driver said ready."""
+    with device("200", faults) as (_emu, drv):
+        drv.open()
+        drv.arm()
+
+        def broken() -> dict[str, object]:
+            raise ValueError("invalid literal for int() with base 10: '9x5'")
+
+        monkeypatch.setattr(drv, "read_parameters", broken)
+        assert wait_for(lambda: bool(faults), 3.0)
+        assert "keepalive thread failed: ValueError" in faults[0]
+        assert drv.fault is not None and not drv.ready

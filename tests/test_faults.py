@@ -170,3 +170,39 @@ async def test_eeg_clock_jump_blocks_decisions(tmp_path: Path, pushers: list[Pus
     assert [t for t in pulses if t < marks["jump"]]
     assert [t for t in pulses if t > marks["back"]], "pulses resume once the clock is sane"
 
+
+
+async def test_non_finite_eeg_is_reported_never_fired_on_and_recovered(
+        tmp_path: Path, pushers: list[Pusher]) -> None:
+    """One NaN sample used to stop phase estimation for good, without a word."""
+    eeg = unique("eeg")
+    window: dict[str, float] = {}
+
+    def signal(t: np.ndarray) -> np.ndarray:
+        x = mu(t)
+        if window and window["from"] <= t[0] < window["to"]:
+            x[:, 1] = np.nan  # a reference electrode flat-lines to NaN
+        return x
+
+    pushers.append(Pusher(eeg, LABELS, 1000.0, signal))
+    cfg = fast(tmp_path, eeg)
+
+    async def scenario(service: ClosedLoopService) -> None:
+        await asyncio.sleep(2.0)
+        now = pylsl.local_clock()
+        window.update({"from": now, "to": now + 0.5})
+        await asyncio.sleep(3.0)
+
+    stats, service = await run_service(cfg, 0, scenario)
+    events = read_events(tmp_path / "events.jsonl")
+    said = [e for e in events if e["event"] == "stream_error"]
+    assert said and said[0]["reason"] == "non_finite_samples" and said[0]["fatal"] is False
+    assert service.tracker is not None and service.tracker.nonfinite >= 400
+    # no pulse from a decision whose estimate window held a NaN sample (the window of the
+    # estimate: phase.window_ms before it), and pulses again afterwards
+    pulses = [e for e in events if e["event"] == "pulse"]
+    span = cfg.phase.window_ms / 1000.0
+    assert not [p for p in pulses
+                if window["from"] <= p["estimate_lsl_time"] < window["to"] + span]
+    assert [p for p in pulses if p["lsl_time"] > window["to"] + 1.0]
+    assert stats.fired >= 3 and not [e for e in events if e["event"] == "fault"]

@@ -95,6 +95,9 @@ class MemoryDay:
     def count(self) -> int:
         return self._count
 
+    def day(self) -> str:
+        return "2026-12-01"
+
 
 # --- the scenario: limits and operations ----------------------------------------------
 

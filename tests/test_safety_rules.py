@@ -251,6 +251,7 @@ class Budget:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used, self.calls = limit, 0, 0
+        self.today = "2026-12-01"
 
     def reserve(self, n: int) -> int:
         self.calls += 1
@@ -263,6 +264,9 @@ class Budget:
 
     def count(self) -> int:
         return self.used
+
+    def day(self) -> str:
+        return self.today
 
 
 def test_day_pulses_are_reserved_before_they_leave() -> None:
@@ -286,3 +290,24 @@ def test_day_pulses_are_reserved_before_they_leave() -> None:
     assert gated.fire_now().reason == "safety:max_pulses_per_day"
     gated.gate.settle()
     assert day.used == 7 == len(drv.delivered)
+
+
+def test_credit_reserved_yesterday_is_not_spent_today() -> None:
+    """A session across midnight: pulses after it are reserved in the new day's count."""
+    day = Budget(limit=100)
+    clock = Clock()
+    drv = FakeStimulator(clock=clock)
+    drv.open()
+    gated = GatedStimulator(drv, SafetyGate(limits(), day=day), eeg_age_s=lambda: 0.0,
+                            clock=clock, credit_target=5)
+    gated.set_intensity(50.0)
+    gated.arm()
+    clock.t += 10.0
+    assert gated.fire_now().fired
+    day.today, day.used = "2026-12-02", 0  # midnight: the new day's count starts at 0
+    clock.t += 10.0
+    assert gated.fire_now().reason == "safety:day_count_pending"
+    assert gated.gate.needs_credit
+    gated.gate.top_up(5)
+    assert day.used == 5  # the new day holds its own reservation
+    assert gated.fire_now().fired

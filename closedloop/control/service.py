@@ -311,7 +311,8 @@ class ClosedLoopService:
                                max_units=self.unit.max_units),
             eeg_age_s=self._eeg_age,
             on_fault=lambda reason: self._call_soon(self._on_driver_fault, reason),
-            credit_target=self.unit.pulses + 20)  # reserved ahead: see _top_up_day
+            credit_target=self.unit.pulses + 20,  # reserved ahead: see _top_up_day
+            unit_offsets=self.unit.offsets)
         if self.unit.paired:
             self.stim.set_paired(cfg.stimulation.conditioning_pct,
                                  cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
@@ -619,7 +620,7 @@ class ClosedLoopService:
         ctx = o.request.context
         if o.times:
             self._record_unit_pulses(o)
-            self._top_up_day()
+        self._top_up_day()
         if not o.fired:
             self.stats.refused[o.reason] += 1
             self._event("pulse_refused", reason=o.reason,
@@ -644,8 +645,10 @@ class ClosedLoopService:
     def _top_up_day(self) -> None:
         """Reserve the next block of the day's pulses, off the loop, before it is needed."""
         stim = self.stim
-        if (stim is None or stim.gate.day is None or self._topping_up
-                or stim.gate.credit >= self.unit.pulses + 10 or stim.gate.day_exhausted):
+        if stim is None or self._topping_up or not stim.gate.needs_credit:
+            return
+        day_changed = stim.gate.day is not None and stim.gate.day.day() != stim.gate.credit_day
+        if stim.gate.credit >= self.unit.pulses + 10 and not day_changed:
             return
         assert self._loop is not None
         self._topping_up = True

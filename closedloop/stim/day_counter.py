@@ -149,6 +149,10 @@ class DayCounter:
         """The lock file beside it."""
         return self._lock_path
 
+    def day(self) -> str:
+        """The calendar day (``YYYY-MM-DD``) the counter counts in now."""
+        return self._day()
+
     def count(self) -> int:
         """Today's pulses (reserved ones included), re-read from disk under the lock."""
         day = self._day()

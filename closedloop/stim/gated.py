@@ -86,7 +86,7 @@ class GatedStimulator:
                  eeg_age_s: Callable[[], float | None],
                  clock: Callable[[], float] = pylsl.local_clock,
                  on_fault: Callable[[str], None] | None = None,
-                 credit_target: int = 20) -> None:
+                 credit_target: int = 20, unit_offsets: Sequence[float] = (0.0,)) -> None:
         self.driver = driver
         self.gate = gate
         self._eeg_age_s = eeg_age_s
@@ -98,6 +98,7 @@ class GatedStimulator:
         self._blocked: str | None = None  # a fault that only a full reconnect clears
         self._on_fault = on_fault
         self.credit_target = credit_target
+        self.unit_offsets = tuple(unit_offsets)  # the session's unit, judged ahead
         driver.set_fault_handler(self._driver_fault)
 
     def _driver_fault(self, reason: str) -> None:
@@ -190,8 +191,14 @@ class GatedStimulator:
                 assert trig is not None
                 self._commanded = trig.pcts
             self.gate.top_up(self.credit_target)
+            self._prepare(dev)
             self.driver.arm()
             self._armed = True
+
+    def _prepare(self, dev: DeviceState | None) -> None:
+        trig = trigger_of(dev, 0.0) if dev is not None else None
+        if trig is not None and len(self.unit_offsets) > 1:
+            self.gate.prepare(trig, self.unit_offsets)
 
     def disarm(self) -> None:
         """Disarm; safe to call at any time, from any thread, more than once."""
@@ -232,6 +239,7 @@ class GatedStimulator:
             raise StimulatorError(f"the device reads {_show(got)} after being set to "
                                   f"{_show(want)}: disarmed")
         self._commanded = tuple(got)
+        self._prepare(dev)
         if max(got) > self.gate.limits.max_intensity_pct:  # a driver that rounded up
             self._fault(f"device set to {max(got):g}%, above the safety limit")
             raise StimulatorError(f"device set to {max(got):g}%, above the safety limit: "

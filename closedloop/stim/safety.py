@@ -129,6 +129,9 @@ class DayBudget(Protocol):
     def count(self) -> int:
         """Today's pulses, reservations included."""
 
+    def day(self) -> str:
+        """The calendar day the budget counts in now (``YYYY-MM-DD``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerPulse:
@@ -177,6 +180,7 @@ class SafetyGate:
         self._credit = 0  # pulses reserved in the day budget and not used yet
         self.day_exhausted = False
         self.day_count = 0 if day is None else day.count()
+        self._credit_day: str | None = None  # the day the credit was reserved on
         self._credit_lock = threading.Lock()
         self._shapes: dict[tuple[object, ...], tuple[str | None, int]] = {}
 
@@ -191,11 +195,31 @@ class SafetyGate:
         """Pulses reserved in the day budget and not yet used."""
         return self._credit
 
+    @property
+    def credit_day(self) -> str | None:
+        """The day the credit was reserved on."""
+        return self._credit_day
+
+    @property
+    def needs_credit(self) -> bool:
+        """Whether the day budget should be topped up (a new day, or little credit left
+        and the day's limit not reached)."""
+        if self.day is None:
+            return False
+        if self.day.day() != self._credit_day:
+            return True
+        return not self.day_exhausted
+
     def top_up(self, target: int) -> None:
         """Reserve day pulses until ``target`` are held (does file I/O: not on the fire
         path). Raises what the day budget raises."""
         if self.day is None:
             return
+        today = self.day.day()
+        if today != self._credit_day:  # a new day: yesterday's credit stays yesterday's
+            with self._credit_lock:
+                self._credit = 0
+            self._credit_day = today
         want = target - self._credit
         if want <= 0:
             return
@@ -249,7 +273,7 @@ class SafetyGate:
     def _shape(self, trig: Trigger, offsets: Sequence[float]) -> tuple[str | None, int]:
         """The rules over a unit starting a new run (independent of the history before
         it), and its most pulses in any second; cached per shape."""
-        key = (trig.pcts, trig.offsets, trig.paired, tuple(offsets))
+        key = (trig.pcts, trig.offsets, trig.paired, tuple(offsets))  # not the time
         hit = self._shapes.get(key)
         if hit is not None:
             return hit
@@ -275,6 +299,11 @@ class SafetyGate:
             reason, _ = judge(self.run, later, self._rules)
         return reason
 
+    def prepare(self, trig: Trigger, offsets: Sequence[float]) -> None:
+        """Judge the shape of a unit ahead (a 600-pulse theta-burst block takes a few
+        milliseconds), so that its first trigger is not delayed by it on the fire path."""
+        self._shape(Trigger(0.0, trig.pcts, trig.offsets, trig.paired), offsets)
+
     def _simulate(self, s: RunState, trig: Trigger, offsets: Sequence[float],
                   t0: float) -> tuple[str | None, RunState]:
         for off in offsets:
@@ -299,7 +328,7 @@ class SafetyGate:
             return "safety:invalid_train"
         if self._unit is not None:
             return "safety:unit_in_progress"
-        if trig.t - self.run.last_start < lim.min_interval_s:
+        if trig.t - self.run.last_start < lim.min_interval_s - 1e-9:  # (float round-off)
             return "safety:min_interval"
         if self.max_units is not None and self.units >= self.max_units:
             return "safety:max_units"
@@ -311,8 +340,10 @@ class SafetyGate:
         if self.day is None:
             if self.fired + n > lim.max_pulses_per_day:
                 return "safety:max_pulses_per_day"
-        elif n > self._credit:
-            return ("safety:max_pulses_per_day" if self.day_exhausted
+        elif n > self._credit or self.day.day() != self._credit_day:
+            # (after midnight the credit reserved yesterday is not today's)
+            return ("safety:max_pulses_per_day"
+                    if self.day_exhausted and self.day.day() == self._credit_day
                     else "safety:day_count_pending")
         if self._recent(trig.t, lim.rate_window_s) + n > lim.max_pulses_per_window:
             return "safety:max_rate"
