@@ -158,7 +158,9 @@ def _triggers(pulses: Sequence[Pulse]) -> list[_Trigger]:
 def _runs(triggers: list[_Trigger]) -> list[list[_Trigger]]:
     runs: list[list[_Trigger]] = []
     for tr in triggers:
-        if runs and tr.start - runs[-1][-1].start < RUN_GAP_S - EPS:
+        # from the previous trigger's LAST pulse: a long-interval pair's test pulse and the
+        # next trigger's first pulse belong together
+        if runs and tr.start - max(p.t for p in runs[-1][-1].pulses) < RUN_GAP_S - EPS:
             runs[-1].append(tr)
         else:
             runs.append([tr])
@@ -218,7 +220,7 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
     - R2 the first trigger of a unit starts >= min_interval_s after the start of the
       previous trigger (of any unit); triggers within one unit may be closer.
     - R3 a *run* is a maximal sequence of triggers each starting less than 1.0 s after
-      the previous one's start. A run of >= 2 triggers, or a trigger giving several
+      the previous one's last pulse. A run of >= 2 triggers, or a trigger giving several
       pulses that is not a paired pulse (a device burst), is repetitive TMS and needs
       motor_threshold_pct.
     - R4 in a run, *groups* are maximal sets of consecutive pulses less than 40 ms apart;
@@ -228,9 +230,10 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
       MT, each group <= 5 pulses, consecutive group onsets >= 0.19 s apart, <= 600
       pulses in the run.
     - R5 a run of >= 2 triggers that is not patterned is a regular train: its frequency
-      is 1 / (smallest start-to-start gap), its intensity the highest pulse in % of MT;
-      above 25 Hz or 130 % MT it is not allowed; else its duration (last start - first
-      start + smallest gap) must be <= Table 4 x train_duration_factor (looked up at the
+      is 1 / (smallest gap between consecutive pulses, a paired trigger's own
+      conditioning-test gap aside), its intensity the highest pulse in % of MT;
+      above 25 Hz or 130 % MT it is not allowed; else its duration (last pulse - first
+      pulse + smallest gap) must be <= Table 4 x train_duration_factor (looked up at the
       next tabulated frequency and intensity at or above; below 1 Hz the 1 Hz row, below
       90 % the 90 % column).
     - R6 after a repetitive run, the next trigger's first pulse comes strictly more than
@@ -302,7 +305,10 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
                            f"pulses (> {MAX_PATTERNED_RUN_PULSES})")
         # R5
         elif len(run) >= 2 and mt is not None:
-            gap = min(b.start - a.start for a, b in itertools.pairwise(run))
+            in_run = sorted(run_pulses, key=lambda p: (p.t, p.trigger))
+            gap = min(b.t - a.t for a, b in itertools.pairwise(in_run)
+                      if not (a.trigger == b.trigger and a.role == "conditioning"
+                              and b.role == "test"))
             level = max(p.pct for p in run_pulses) * 100.0 / mt
             freq = 1.0 / (gap + TIMING_TOL_S)
             table = max_train_s(freq, level)
@@ -310,7 +316,7 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
                 out.append(f"R5 train not allowed: {where} at {freq:.3f} Hz, "
                            f"{level:.3f}% MT (table ends at 25 Hz, 130% MT)")
             else:
-                duration = last.start - first.start + gap
+                duration = in_run[-1].t - in_run[0].t + gap
                 allowed = table * lim.train_duration_factor
                 if duration > allowed + EPS:
                     out.append(f"R5 train duration: {where} at {freq:.3f} Hz, "

@@ -317,8 +317,11 @@ def test_r6_min_inter_train() -> None:
 
 
 def test_r6_counts_from_the_last_pulse_of_a_burst() -> None:
-    # a device burst: its last pulse is 80 ms after the trigger
+    # a device burst: its last pulse is 80 ms after the trigger; a pulse 0.97 s after that
+    # continues its (patterned) run, one exactly 1 s after it starts a run too early
     seq = Seq().burst(0.0, 40.0, 5, 20).single(1.05, 40.0)
+    assert violations(seq.pulses, BASE) == []
+    seq = Seq().burst(0.0, 40.0, 5, 20).single(1.08, 40.0)
     assert rules(violations(seq.pulses, BASE)) == {"R6"}
     seq = Seq().burst(0.0, 40.0, 5, 20).single(1.081, 40.0)
     assert violations(seq.pulses, BASE) == []

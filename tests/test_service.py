@@ -381,8 +381,12 @@ async def test_session_recording_in_xdf(tmp_path: Path, pushers: list[Pusher]) -
     cfg = config(tmp_path, f'streams.eeg.name="{name}"', f'recording.xdf="{xdf}"',
                  "stimulator.arm_on_start=true", "trigger.min_interval_s=0.3",
                  "trigger.jitter_s=0", "safety.min_interval_s=0.3",
-                 "trigger.amplitude_percentile=0")
+                 "trigger.amplitude_percentile=0",
+                 # secrets never reach a record (the control plane is off: only logged)
+                 'mqtt.username="lab"', 'mqtt.password="hunter2-secret"')
     stats, _ = await run_service(cfg, 4.0)
+    for path in (xdf, tmp_path / "events.jsonl"):
+        assert b"hunter2-secret" not in path.read_bytes()
     content = load_xdf(xdf)
     eeg = content.first("EEG")
     assert eeg.labels == labels

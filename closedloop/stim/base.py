@@ -20,8 +20,10 @@ fault when a read-back differs from what it commanded (:func:`device_mismatch`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -138,12 +140,16 @@ class Stimulator(Protocol):
             coil; the scheduler calls :meth:`fire` this much earlier.
         trigger_route: How a pulse is triggered (``serial``, ``ttl:rts``, ``lsl``...).
         supports_paired: Whether one :meth:`fire` can give a conditioning-test pair.
+        fire_lock: Held by the gate from its checks through :meth:`fire` (a serial
+            driver's port lock, so that a keep-alive in progress delays the checks, not
+            the pulse after them); a no-op where firing waits for nothing.
     """
 
     name: str
     latency_s: float
     trigger_route: str
     supports_paired: bool
+    fire_lock: AbstractContextManager[Any]
 
     def open(self) -> None:
         """Connect to the device; raise StimulatorError naming what failed."""
@@ -223,6 +229,7 @@ class DriverBase:
         self._intensity: float | None = None
         self._device: DeviceState | None = None
         self._commanded = Commanded()
+        self.fire_lock: AbstractContextManager[Any] = contextlib.nullcontext()
 
     @property
     def device(self) -> DeviceState | None:

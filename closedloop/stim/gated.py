@@ -44,6 +44,7 @@ __all__ = ["FireResult", "GatedStimulator", "trigger_of"]
 
 _MATCH_PCT = 1e-6  # read-back equal to the command (drivers return the device's value)
 _ROUNDING_PCT = 0.5  # a device that stores whole percent
+_ISI_MS = 0.5  # a device that stores whole milliseconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,14 +159,24 @@ class GatedStimulator:
         trig = trigger_of(dev, 0.0)
         if trig is None:
             return "the device does not say its intensity"
+        if dev.mode == "simultaneous":  # two stimulators into one coil: a stronger pulse
+            return ("the device is in simultaneous-discharge mode (interval 0), whose "
+                    "strength the gate cannot judge")
         limit = self.gate.limits.max_intensity_pct
-        if max(trig.pcts) > limit:
-            return (f"the device is set to {max(trig.pcts):g}%, above the safety limit "
+        highest = max(*trig.pcts, dev.max_pct or 0.0)  # an output the mode may not use
+        if highest > limit:
+            return (f"the device is set to {highest:g}%, above the safety limit "
                     f"({limit:g}%)")
         want = self._commanded
         if want is not None and not _same(sorted(trig.pcts), sorted(want), _MATCH_PCT):
             return (f"the device will give {_show(trig.pcts)} per trigger ({dev.mode}) but "
                     f"{_show(want)} was commanded (front panel? a failed restore?)")
+        if want is not None and self._paired is not None and len(trig.pcts) == 2:
+            isi = self._paired[1]
+            got = (dev.isi_ms or 0.0)
+            if abs(got - isi) > _ISI_MS:
+                return (f"the device's paired-pulse interval is {got:g} ms but {isi:g} ms "
+                        "was commanded (front panel?)")
         return None
 
     def arm(self) -> None:
@@ -293,10 +304,15 @@ class GatedStimulator:
         for the whole unit; later ones must be on time (``planned`` ± ``max_lateness_s``)
         and have the unit's intensities.
         """
-        with self._lock:
+        # the driver's own port lock is taken before the checks, so that the pulse leaves
+        # right after them (a serial fire command waits for a keep-alive in progress)
+        with self._lock, self.driver.fire_lock:
             t_cmd = self._clock()
             if not self._armed:
                 return FireResult(False, "disarmed", None, t_cmd)
+            if index == 0 and planned is not None and (
+                    t_cmd + self.driver.latency_s > planned + max_lateness_s):
+                return FireResult(False, "late", None, t_cmd)
             reason = self._device_reason()
             if reason is not None:
                 return FireResult(False, reason, None, t_cmd)

@@ -6,18 +6,19 @@ fire command delivers: one pulse, a paired pulse, or the pulses of a device burs
 it is released, whatever produced it: the phase loop, a pattern, a protocol, ``stimulator
 check``. The rules, and where they come from:
 
-- **rTMS.** Triggers that start less than 1 s apart form a *run* (repetitive TMS; so does a
-  trigger that gives a burst of pulses). A run needs the resting motor threshold (MT),
-  since its limits are in % of it; without ``safety.motor_threshold_pct`` the second
-  trigger of a run is refused.
+- **rTMS.** A trigger whose first pulse comes less than 1 s after the last pulse of the
+  trigger before continues its *run* (repetitive TMS; so does a trigger that gives a burst
+  of pulses). A run needs the resting motor threshold (MT), since its limits are in % of
+  it; without ``safety.motor_threshold_pct`` the second trigger of a run is refused.
 - **Regular runs** obey Rossi et al. 2009 (Clin Neurophysiol 120:2008-2039), Table 4
   (after Wassermann 1998, Electroencephalogr Clin Neurophysiol 108:1-16): the maximum safe
   duration of a single train by frequency and intensity, looked up at the next higher
-  tabulated frequency (of the run's fastest trigger-to-trigger gap) and the next higher
-  tabulated intensity (of the run's strongest pulse), times ``train_duration_factor``
-  (Chen et al. 1997, Electroencephalogr Clin Neurophysiol 105:415-421, advise 0.75).
-  Above 25 Hz or 130 % MT no regular run is allowed. The duration of a run is the time
-  from its first to its last trigger plus its smallest gap (``n / f`` for a regular train).
+  tabulated frequency (of the run's smallest gap between consecutive pulses) and the next
+  higher tabulated intensity (of the run's strongest pulse), times
+  ``train_duration_factor`` (Chen et al. 1997, Electroencephalogr Clin Neurophysiol
+  105:415-421, advise 0.75). Above 25 Hz or 130 % MT no regular run is allowed. The
+  duration of a run is the time from its first to its last pulse plus its smallest gap
+  (``n / f`` for a regular train).
 - **Pauses.** After a run, the next trigger comes strictly more than 1 s (Chen et al. 1997
   found 1 s or less unsafe at 20 Hz) and at least ``min_inter_train_s`` after its last
   pulse.
@@ -28,9 +29,10 @@ check``. The rules, and where they come from:
   ``max_burst_intensity_mt`` (≤ 100 % MT), bursts of at most 5 pulses starting at least
   190 ms apart (TBS: every 200 ms), at most 600 pulses in a run (one cTBS block).
 - The two pulses of a **paired pulse** (conditioning and test, one trigger) belong
-  together: their interval (1-999 ms) is not a burst gap (Rossi et al. 2009 rank
-  paired-pulse TMS with single pulses), but a run of paired triggers is rTMS like any
-  other, judged on its trigger rate and on its strongest pulse.
+  together: their own interval (1-999 ms) is neither a burst gap nor a train's gap
+  (Rossi et al. 2009 rank paired-pulse TMS with single pulses), but a run of paired
+  triggers is rTMS like any other, judged on the gaps between one pair's test pulse and
+  the next pair's conditioning pulse and on its strongest pulse.
 - Hard floors no configuration changes: pulses of different triggers at least 10 ms apart,
   pulses within a device burst too; time never runs backwards in the ledger.
 
@@ -131,10 +133,11 @@ class RunState:
 
     last_start: float = -math.inf  # start of the last trigger
     last_pulse: float = -math.inf
-    run_first: float = -math.inf  # start of the run's first trigger
+    run_first: float = -math.inf  # the run's first pulse
     run_triggers: int = 0
     run_pulses: int = 0
-    run_min_gap: float = math.inf  # smallest trigger-to-trigger gap of the run
+    # smallest gap between consecutive pulses of the run (a pair's own interval aside)
+    run_min_gap: float = math.inf
     run_max_pct: float = 0.0
     run_repetitive: bool = False
     run_patterned: bool = False
@@ -144,12 +147,17 @@ class RunState:
     run_min_onset_gap: float = math.inf  # smallest gap between burst group onsets
 
 
-def advance(s: RunState, trig: Trigger) -> RunState:
-    """The state after ``trig`` was delivered."""
-    gap = trig.t - s.last_start
-    if gap < HARD_RTMS_GAP_S:  # the run goes on
+def advance(s: RunState, trig: Trigger, tolerance_s: float = TIMING_TOLERANCE_S) -> RunState:
+    """The state after ``trig`` was delivered.
+
+    A trigger whose first pulse comes less than 1 s after the last pulse of the one before
+    continues its run: runs are made of pulses, so the test pulse of a long-interval pair
+    and the next trigger's first pulse are judged together (a pair every second with a
+    980 ms interval is a 50 Hz doublet every second, not single pulses).
+    """
+    if trig.t - s.last_pulse < HARD_RTMS_GAP_S:  # the run goes on
         first, triggers, pulses = s.run_first, s.run_triggers + 1, s.run_pulses
-        min_gap, max_pct, repetitive = min(s.run_min_gap, gap), s.run_max_pct, True
+        min_gap, max_pct, repetitive = s.run_min_gap, s.run_max_pct, True
         patterned, group, onset = s.run_patterned, s.group_size, s.group_onset
         max_group, min_onset = s.run_max_group, s.run_min_onset_gap
     else:
@@ -158,8 +166,10 @@ def advance(s: RunState, trig: Trigger) -> RunState:
     last = s.last_pulse
     for k, (off, pct) in enumerate(zip(trig.offsets, trig.pcts, strict=True)):
         t = trig.t + off
-        in_pair = trig.paired and k == 1
-        if pulses > 0 and (in_pair or t - last + TIMING_TOLERANCE_S < BURST_GAP_S - _EPS):
+        in_pair = trig.paired and k == 1  # a pair's own interval is not a train's gap
+        if pulses > 0 and not in_pair:
+            min_gap = min(min_gap, t - last)
+        if pulses > 0 and (in_pair or t - last + tolerance_s < BURST_GAP_S - _EPS):
             group += 1
             patterned = patterned or not in_pair
         else:
@@ -175,26 +185,33 @@ def advance(s: RunState, trig: Trigger) -> RunState:
                     run_min_onset_gap=min_onset)
 
 
-def judge(s: RunState, trig: Trigger, lim: RuleLimits) -> tuple[str | None, RunState]:
+def judge(s: RunState, trig: Trigger, lim: RuleLimits,
+          tolerance_s: float = TIMING_TOLERANCE_S) -> tuple[str | None, RunState]:
     """Whether ``trig`` may follow the sequence summarised by ``s``.
+
+    Args:
+        tolerance_s: How much longer than measured a gap is judged where a shorter gap
+            means a faster pattern: :data:`TIMING_TOLERANCE_S` for pulses as they leave
+            (the fire thread's timing error); 0 for a plan, which is judged as written.
 
     Returns:
         ``(None, state after it)`` when allowed, else ``(reason, s)``.
     """
+    tol = tolerance_s
     if not math.isfinite(trig.t) or not trig.pcts or len(trig.pcts) != len(trig.offsets):
         return "safety:invalid_trigger", s
     if trig.t < s.last_pulse:
         return "safety:invalid_time", s  # the clock went back, or overlapping triggers
-    if trig.t - s.last_pulse + TIMING_TOLERANCE_S < HARD_MIN_TRAIN_IPI_S - _EPS:
+    if trig.t - s.last_pulse + tol < HARD_MIN_TRAIN_IPI_S - _EPS:
         return "safety:train_ipi", s
-    if trig.burst and any(b - a + TIMING_TOLERANCE_S < HARD_MIN_TRAIN_IPI_S - _EPS
+    if trig.burst and any(b - a + tol < HARD_MIN_TRAIN_IPI_S - _EPS
                           for a, b in itertools.pairwise(trig.offsets)):
         return "safety:train_ipi", s
-    if trig.t - s.last_start >= HARD_RTMS_GAP_S and s.run_repetitive:
+    if trig.t - s.last_pulse >= HARD_RTMS_GAP_S and s.run_repetitive:
         pause = trig.t - s.last_pulse
         if not (pause > HARD_RTMS_GAP_S + _EPS and pause >= lim.min_inter_train_s - _EPS):
             return "safety:inter_train", s
-    new = advance(s, trig)
+    new = advance(s, trig, tol)
     if not new.run_repetitive:
         return None, new
     mt = lim.motor_threshold_pct
@@ -206,17 +223,17 @@ def judge(s: RunState, trig: Trigger, lim: RuleLimits) -> tuple[str | None, RunS
             return "safety:burst_intensity", s
         if new.run_max_group > MAX_BURST_PULSES:
             return "safety:burst_length", s
-        if new.run_min_onset_gap + TIMING_TOLERANCE_S < MIN_BURST_ONSET_S - _EPS:
+        if new.run_min_onset_gap + tol < MIN_BURST_ONSET_S - _EPS:
             return "safety:burst_rate", s
         if new.run_pulses > MAX_PATTERNED_PULSES:
             return "safety:train_pulses", s
         return None, new
-    if new.run_triggers < 2:  # a device burst slower than 25 Hz: not a pattern we know
-        return "safety:device_train", s
-    limit = max_train_duration_s(1.0 / (new.run_min_gap + TIMING_TOLERANCE_S), rel)
+    if not math.isfinite(new.run_min_gap):  # one trigger whose pulses are one pair
+        return None, new
+    limit = max_train_duration_s(1.0 / (new.run_min_gap + tol), rel)
     if limit is None:
         return "safety:train_outside_table", s
-    duration = new.last_start - new.run_first + new.run_min_gap
+    duration = new.last_pulse - new.run_first + new.run_min_gap
     if duration > limit * lim.train_duration_factor + _EPS:
         return "safety:train_duration", s
     return None, new

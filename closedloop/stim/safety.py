@@ -31,6 +31,7 @@ independently, by the trigger policy.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import threading
@@ -174,7 +175,8 @@ class SafetyGate:
         self.fired = 0  # pulses delivered this session
         self.units = 0  # units started this session
         self.ledger: deque[LedgerPulse] = deque(maxlen=_MAX_LEDGER)
-        self._times: deque[float] = deque()  # pulse times within the longest window
+        self._times: list[float] = []  # pulse times (sorted), from index _t0 on
+        self._t0 = 0
         self._unit: _Unit | None = None
         self.budget: int | None = None  # pulses left for the running protocol
         self._credit = 0  # pulses reserved in the day budget and not used yet
@@ -256,19 +258,10 @@ class SafetyGate:
         return None
 
     def _recent(self, t: float, window: float) -> int:
-        """Pulses of the ledger later than ``t - window``."""
+        """Pulses of the ledger later than ``t - window`` (counted, never dropped here: a
+        refused request at a strange time must not erase the history)."""
         times = self._times
-        longest = max(self.limits.rate_window_s, 1.0)
-        while times and times[0] <= t - longest:
-            times.popleft()
-        if window >= longest:
-            return len(times)
-        n = 0
-        for x in reversed(times):
-            if x <= t - window:
-                break
-            n += 1
-        return n
+        return len(times) - bisect.bisect_right(times, t - window, lo=self._t0)
 
     def _shape(self, trig: Trigger, offsets: Sequence[float]) -> tuple[str | None, int]:
         """The rules over a unit starting a new run (independent of the history before
@@ -277,7 +270,7 @@ class SafetyGate:
         hit = self._shapes.get(key)
         if hit is not None:
             return hit
-        reason, _ = self._simulate(RunState(), trig, offsets, 0.0)
+        reason, _ = self._simulate(RunState(), trig, offsets, 0.0, tolerance_s=0.0)
         times = sorted(off + p for off in offsets for p in trig.offsets)
         most, j = 0, 0
         for i, x in enumerate(times):
@@ -305,10 +298,10 @@ class SafetyGate:
         self._shape(Trigger(0.0, trig.pcts, trig.offsets, trig.paired), offsets)
 
     def _simulate(self, s: RunState, trig: Trigger, offsets: Sequence[float],
-                  t0: float) -> tuple[str | None, RunState]:
+                  t0: float, *, tolerance_s: float) -> tuple[str | None, RunState]:
         for off in offsets:
             reason, s = judge(s, Trigger(t0 + off, trig.pcts, trig.offsets, trig.paired),
-                              self._rules)
+                              self._rules, tolerance_s)
             if reason is not None:
                 return reason, s
         return None, s
@@ -347,7 +340,7 @@ class SafetyGate:
                     else "safety:day_count_pending")
         if self._recent(trig.t, lim.rate_window_s) + n > lim.max_pulses_per_window:
             return "safety:max_rate"
-        if trig.t - self.run.last_start >= HARD_RTMS_GAP_S:  # a new run
+        if trig.t - self.run.last_pulse >= HARD_RTMS_GAP_S:  # a new run
             reason = self._judge(trig)
             if reason is None:
                 reason, most = self._shape(trig, offsets)
@@ -355,8 +348,8 @@ class SafetyGate:
                     reason = "safety:hard_rate"
             return reason
         reason = self._judge(trig)
-        if reason is None:
-            reason, _ = self._simulate(self.run, trig, offsets, trig.t)
+        if reason is None:  # the plan as written (the later triggers are judged again)
+            reason, _ = self._simulate(self.run, trig, offsets, trig.t, tolerance_s=0.0)
         if reason is None and self._recent(trig.t, 1.0) + n > HARD_MAX_PULSES_PER_S:
             reason = "safety:hard_rate"
         return reason
@@ -412,7 +405,8 @@ class SafetyGate:
             self.ledger.append(LedgerPulse(actual + off, pct,
                                            None if mt is None else pct / mt * 100.0,
                                            role, number))
-            self._times.append(actual + off)
+            bisect.insort(self._times, actual + off, lo=self._t0)
+        self._forget(actual)
         self.run = advance(self.run, trig)
         self.fired += len(trig.pcts)
         if self.day is None:
@@ -422,6 +416,14 @@ class SafetyGate:
             unit.held -= len(trig.pcts)
             if unit.delivered >= unit.triggers:
                 self._unit = None
+
+    def _forget(self, now: float) -> None:
+        """Drop pulse times older than the longest window, once a pulse has left."""
+        times, longest = self._times, max(self.limits.rate_window_s, 1.0)
+        self._t0 = bisect.bisect_right(times, now - longest, lo=self._t0)
+        if self._t0 > 4096:
+            del times[:self._t0]
+            self._t0 = 0
 
     def end_unit(self) -> None:
         """The unit under way stopped early: its undelivered pulses go back."""

@@ -168,6 +168,8 @@ class SerialDriver(DriverBase):
 
     def __init__(self, latency_s: float) -> None:
         super().__init__(latency_s)
+        if self.trigger is None:  # fired over the port the keep-alive shares
+            self.fire_lock = self.link.lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -219,12 +221,13 @@ class SerialDriver(DriverBase):
             raise StimulatorError(f"{self.name}: not armed")
         if self.trigger is not None:
             return self.trigger.pulse() + self.latency_s
-        t = float(pylsl.local_clock())
-        try:
-            self._serial_fire()
-        except StimulatorError as exc:
-            self.report_fault(f"fire: {exc}")
-            raise
+        with self.link.lock:  # stamped once the port is ours: when the command leaves
+            t = float(pylsl.local_clock())
+            try:
+                self._serial_fire()
+            except StimulatorError as exc:
+                self.report_fault(f"fire: {exc}")
+                raise
         return t + self.latency_s
 
     def open(self) -> None:
