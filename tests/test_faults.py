@@ -206,3 +206,22 @@ async def test_non_finite_eeg_is_reported_never_fired_on_and_recovered(
                 if window["from"] <= p["estimate_lsl_time"] < window["to"] + span]
     assert [p for p in pulses if p["lsl_time"] > window["to"] + 1.0]
     assert stats.fired >= 3 and not [e for e in events if e["event"] == "fault"]
+
+
+async def test_a_watchdog_that_fails_disarms_and_stops_the_service(
+        tmp_path: Path, pushers: list[Pusher], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog thread must not die silently: a hung loop would then stay armed."""
+    eeg = unique("eeg")
+    pushers.append(Pusher(eeg, LABELS, 1000.0, mu))
+    cfg = fast(tmp_path, eeg)
+
+    def broken(self: ClosedLoopService) -> None:
+        raise RuntimeError("a bug in the watchdog")
+
+    monkeypatch.setattr(ClosedLoopService, "_watch_loop", broken)
+    with pytest.raises(ClosedLoopError, match="watchdog thread failed"):
+        await run_service(cfg, 3.0)
+    events = read_events(tmp_path / "events.jsonl")
+    fault = next(e for e in events if e["event"] == "fault")
+    assert "watchdog thread failed" in fault["message"]
+    assert [e["event"] for e in events][-2:] == ["disarmed", "session_end"]

@@ -650,12 +650,22 @@ def test_later_triggers_are_checked_against_their_plan() -> None:
     clock.t = 2000.2  # the second trigger, 100 ms late
     assert gated.fire_now(offsets=offs, index=1, planned=2000.1,
                           max_lateness_s=0.01).reason == "late"
+    # a unit refused part-way is over: it is not retried, nor continued by another plan
     assert gated.fire_now(offsets=offs, index=1, planned=2000.1,
-                          max_lateness_s=0.2).fired
-    # without a plan, "now" (plus the trigger latency) is the plan
-    clock.t = 2000.25
-    assert gated.fire_now(offsets=offs, index=2, max_lateness_s=0.0).fired
-    assert len(drv.delivered) == 3
+                          max_lateness_s=0.2).reason == "safety:no_unit"
+    # a unit started without a plan: "now" (plus the trigger latency) is each trigger's plan
+    clock.t = 2010.0
+    assert gated.fire_now(offsets=offs, index=0).fired
+    clock.t = 2010.1
+    assert gated.fire_now(offsets=offs, index=1, max_lateness_s=0.0).fired
+    gated.end_unit()  # stopped after two of its three triggers
+    # with a plan, a later trigger must be the next one at its own planned time
+    clock.t = 2020.0
+    assert gated.fire_now(offsets=offs, index=0, planned=2020.0).fired
+    clock.t = 2020.2
+    assert gated.fire_now(offsets=offs, index=2, planned=2020.2).reason == \
+        "safety:not_the_unit"
+    assert len(drv.delivered) == 4
 
 
 def test_the_latency_is_added_not_subtracted() -> None:

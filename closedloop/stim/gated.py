@@ -333,7 +333,10 @@ class GatedStimulator:
             else:
                 reason = self.gate.check_next(
                     trig, planned=t_est if planned is None else planned,
-                    max_lateness_s=max_lateness_s, eeg_age_s=self._eeg_age_s())
+                    max_lateness_s=max_lateness_s, eeg_age_s=self._eeg_age_s(),
+                    index=index)
+                if reason is not None and reason != "safety:no_unit":
+                    self.gate.end_unit()  # a unit refused part-way is over: it never resumes
             if reason is not None:
                 return FireResult(False, reason, None, t_cmd)
             try:
@@ -341,21 +344,31 @@ class GatedStimulator:
             except StimulatorError as exc:
                 # the device failed (port gone, error reply): the pulse may or may not have
                 # left, so the ledger counts it
-                self.gate.commit(trig, start=index == 0, triggers=len(offsets))
+                self.gate.commit(trig, start=index == 0, triggers=len(offsets),
+                                 plan=self._plan(planned, offsets, index))
                 self._fault(f"fire: {exc}")
                 return FireResult(False, "fire_failed", None, t_cmd)
             except Exception as exc:
                 self._armed = False
-                self.gate.commit(trig, start=index == 0, triggers=len(offsets))
+                self.gate.commit(trig, start=index == 0, triggers=len(offsets),
+                                 plan=self._plan(planned, offsets, index))
                 # the fire error is the one to report; a failing disarm must not hide it
                 with contextlib.suppress(Exception):
                     self.driver.disarm()
                 raise StimulatorError(f"fire failed, disarmed: {exc}") from exc
             done = Trigger(t_pulse, trig.pcts, trig.offsets, trig.paired)
-            self.gate.commit(done, start=index == 0, triggers=len(offsets))
+            self.gate.commit(done, start=index == 0, triggers=len(offsets),
+                             plan=self._plan(planned, offsets, index))
             return FireResult(True, "fired", t_pulse, t_cmd,
                               tuple((t_pulse + o, p)
                                     for o, p in zip(trig.offsets, trig.pcts, strict=True)))
+
+    @staticmethod
+    def _plan(planned: float | None, offsets: Sequence[float], index: int) -> tuple[float, ...]:
+        """The planned time of each trigger of a unit starting now (none without a plan)."""
+        if index != 0 or planned is None:
+            return ()
+        return tuple(planned + off for off in offsets)
 
     def end_unit(self, t_last: float | None = None) -> None:
         """A unit stopped early (after a pulse at ``t_last``): its undelivered pulses go

@@ -154,6 +154,7 @@ class _Unit:
     triggers: int
     delivered: int = 0
     held: int = 0  # pulses still held against the budgets
+    plan: tuple[float, ...] = ()  # planned time of each trigger, when the unit has a plan
 
 
 class SafetyGate:
@@ -355,11 +356,15 @@ class SafetyGate:
         return reason
 
     def check_next(self, trig: Trigger, *, planned: float, max_lateness_s: float,
-                   eeg_age_s: float | None) -> str | None:
-        """Whether a later trigger of the unit under way may leave now."""
+                   eeg_age_s: float | None, index: int | None = None) -> str | None:
+        """Whether a later trigger of the unit under way may leave now (``index``: which of
+        its triggers the caller means; it must be the next one, at its planned time)."""
         unit = self._unit
         if unit is None:
             return "safety:no_unit"
+        if index is not None and (index != unit.delivered or (
+                unit.plan and abs(planned - unit.plan[index]) > _EARLY_S)):
+            return "safety:not_the_unit"  # another unit's trigger, or out of order
         reason = self._eeg_reason(eeg_age_s) or self._intensity_reason(trig)
         if reason is not None:
             return reason
@@ -378,19 +383,22 @@ class SafetyGate:
         return self._judge(trig)
 
     # -- records -------------------------------------------------------------------------
-    def commit(self, trig: Trigger, *, start: bool, triggers: int = 1) -> None:
+    def commit(self, trig: Trigger, *, start: bool, triggers: int = 1,
+               plan: Sequence[float] = ()) -> None:
         """Record a trigger that fired (or may have: a failed fire counts too), at the
         time it left.
 
         Args:
             start: The first trigger of a unit of ``triggers`` triggers.
+            plan: With ``start``: the planned time of each of the unit's triggers; a later
+                trigger must then come at its own (see :meth:`check_next`).
         """
         actual = trig.t
         if start:
             self.units += 1
             n = triggers * len(trig.pcts)
             self._unit = _Unit(self.units, trig.pcts, trig.offsets, trig.paired, triggers,
-                               held=n)
+                               held=n, plan=tuple(plan))
             with self._credit_lock:
                 if self.day is not None:
                     self._credit -= n
