@@ -55,7 +55,7 @@ TABLE4_S: dict[float, tuple[float, float, float, float, float]] = {
     25.0: (1.28, 1.28, 0.84, 0.4, 0.24),
 }
 
-RUN_GAP_S = 1.0          # triggers closer than this (start to start) form one run
+RUN_GAP_S = 1.0  # a trigger this close (or closer) to the last pulse continues its run
 GROUP_GAP_S = 0.040      # pulses closer than this form one group (a burst)
 MIN_GROUP_ONSETS_S = 0.19  # patterned runs: group onsets at most ~5 Hz
 MAX_GROUP_PULSES = 5
@@ -160,7 +160,8 @@ def _runs(triggers: list[_Trigger]) -> list[list[_Trigger]]:
     for tr in triggers:
         # from the previous trigger's LAST pulse: a long-interval pair's test pulse and the
         # next trigger's first pulse belong together
-        if runs and tr.start - max(p.t for p in runs[-1][-1].pulses) < RUN_GAP_S - EPS:
+        if runs and (tr.start - max(p.t for p in runs[-1][-1].pulses)
+                     <= RUN_GAP_S + TIMING_TOL_S + EPS):
             runs[-1].append(tr)
         else:
             runs.append([tr])
@@ -176,7 +177,8 @@ def _groups(run: list[_Trigger]) -> tuple[list[list[Pulse]], bool]:
     short_gap = False
     for i in range(n - 1):
         a, b = pulses[i], pulses[i + 1]
-        pair_gap = (a.trigger == b.trigger and a.trigger in paired
+        # a pair's own gap is exempt only while the pair is alone in its run
+        pair_gap = (a.trigger == b.trigger and a.trigger in paired and len(run) == 1
                     and a.role == "conditioning" and b.role == "test")
         if b.t - a.t + TIMING_TOL_S < GROUP_GAP_S - EPS and not pair_gap:
             joined[i] = True
@@ -219,19 +221,20 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
     - R1 every pulse: 0 <= pct <= max_intensity_pct (and <= 100).
     - R2 the first trigger of a unit starts >= min_interval_s after the start of the
       previous trigger (of any unit); triggers within one unit may be closer.
-    - R3 a *run* is a maximal sequence of triggers each starting less than 1.0 s after
+    - R3 a *run* is a maximal sequence of triggers each starting 1.0 s or less after
       the previous one's last pulse. A run of >= 2 triggers, or a trigger giving several
       pulses that is not a paired pulse (a device burst), is repetitive TMS and needs
       motor_threshold_pct.
     - R4 in a run, *groups* are maximal sets of consecutive pulses less than 40 ms apart;
-      the two pulses of a paired trigger are always in one group and their mutual gap
-      never counts as short. A run is *patterned* if some gap < 40 ms is not a
-      conditioning-test gap. Patterned runs: every pulse <= max_burst_intensity_mt % of
+      the two pulses of a paired trigger are always in one group; their mutual gap does
+      not count as short while the pair is alone in its run. A run is *patterned* if some
+      gap < 40 ms is not a lone pair's conditioning-test gap; a patterned run has no group
+      of a single pulse. Patterned runs: every pulse <= max_burst_intensity_mt % of
       MT, each group <= 5 pulses, consecutive group onsets >= 0.19 s apart, <= 600
       pulses in the run.
     - R5 a run of >= 2 triggers that is not patterned is a regular train: its frequency
-      is 1 / (smallest gap between consecutive pulses, a paired trigger's own
-      conditioning-test gap aside), its intensity the highest pulse in % of MT;
+      is 1 / (smallest gap between consecutive pulses, pairs' own gaps included), its
+      intensity the highest pulse in % of MT;
       above 25 Hz or 130 % MT it is not allowed; else its duration (last pulse - first
       pulse + smallest gap) must be <= Table 4 x train_duration_factor (looked up at the
       next tabulated frequency and intensity at or above; below 1 Hz the 1 Hz row, below
@@ -295,6 +298,9 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
                 if len(g) > MAX_GROUP_PULSES:
                     out.append(f"R4 burst size: group at t={_f(g[0].t)} has {len(g)} "
                                f"pulses (> {MAX_GROUP_PULSES})")
+            for g in groups[:-1]:  # (the run's last group may be a burst cut short)
+                if len(g) == 1:
+                    out.append(f"R4 single pulse in a pattern: t={_f(g[0].t)}")
             for g0, g1 in itertools.pairwise(groups):
                 if g1[0].t - g0[0].t + TIMING_TOL_S < MIN_GROUP_ONSETS_S - EPS:
                     out.append(f"R4 burst rate: groups at t={_f(g0[0].t)} and "
@@ -306,9 +312,7 @@ def violations(pulses: Sequence[Pulse], lim: Limits) -> list[str]:
         # R5
         elif len(run) >= 2 and mt is not None:
             in_run = sorted(run_pulses, key=lambda p: (p.t, p.trigger))
-            gap = min(b.t - a.t for a, b in itertools.pairwise(in_run)
-                      if not (a.trigger == b.trigger and a.role == "conditioning"
-                              and b.role == "test"))
+            gap = min(b.t - a.t for a, b in itertools.pairwise(in_run))  # pairs' gaps too
             level = max(p.pct for p in run_pulses) * 100.0 / mt
             freq = 1.0 / (gap + TIMING_TOL_S)
             table = max_train_s(freq, level)

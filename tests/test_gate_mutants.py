@@ -210,13 +210,14 @@ def test_pause_after_a_train_at_the_configured_minimum() -> None:
 
 
 def test_a_single_pulse_starts_no_run_and_needs_no_pause() -> None:
-    """Two singles 1 s apart are not rTMS; a third 1 s later neither."""
+    """Two singles more than 1 s apart are not rTMS; a third neither. 1 s apart is (the
+    1 Hz row), with 1 ms of timing tolerance."""
     gate = SafetyGate(limits(motor_threshold_pct=None))
     gate.commit(Trigger(100.0, (40.0,)), start=True)
-    assert gate.check_start(Trigger(101.0, (40.0,)), eeg_age_s=0.0) is None
-    gate.commit(Trigger(101.0, (40.0,)), start=True)
-    assert gate.check_start(Trigger(102.0, (40.0,)), eeg_age_s=0.0) is None
-    assert gate.check_start(Trigger(101.999, (40.0,)), eeg_age_s=0.0) == \
+    assert gate.check_start(Trigger(101.002, (40.0,)), eeg_age_s=0.0) is None
+    gate.commit(Trigger(101.002, (40.0,)), start=True)
+    assert gate.check_start(Trigger(102.004, (40.0,)), eeg_age_s=0.0) is None
+    assert gate.check_start(Trigger(102.002, (40.0,)), eeg_age_s=0.0) == \
         "safety:rtms_needs_motor_threshold"
 
 
@@ -241,14 +242,23 @@ def test_the_run_is_judged_on_its_strongest_pulse() -> None:
 
 
 def test_a_run_of_paired_pulses_is_judged_on_its_pulses() -> None:
-    """Paired pulses every 200 ms at 100 % MT: 197 ms from a test pulse to the next
-    conditioning pulse, faster than 5 Hz, so the 10 Hz row: 5 s allowed, not more."""
+    """Pairs at 3 ms every 200 ms are a pattern of doublets (the pairs' own gap counts once
+    they are not alone): at 100 % MT allowed up to 600 pulses, at 110 % MT not at all.
+    Pairs at 50 ms every 200 ms are a regular train at 20 Hz: its row of Table 4."""
     gate = SafetyGate(limits(train_duration_factor=1.0))
     pair = Trigger(100.0, (30.0, 50.0), (0.0, 0.003), paired=True)
-    offs = tuple(k * 0.2 for k in range(25))  # 4.803 s of pulses + the 0.197 s gap = 5 s
-    assert gate.check_start(pair, offsets=offs, eeg_age_s=0.0) is None
-    offs = tuple(k * 0.2 for k in range(26))
-    assert gate.check_start(pair, offsets=offs, eeg_age_s=0.0) == "safety:train_duration"
+    assert gate.check_start(pair, offsets=tuple(k * 0.2 for k in range(300)),
+                            eeg_age_s=0.0) is None
+    assert gate.check_start(pair, offsets=tuple(k * 0.2 for k in range(301)),
+                            eeg_age_s=0.0) == "safety:train_pulses"
+    strong = Trigger(100.0, (30.0, 55.0), (0.0, 0.003), paired=True)
+    assert gate.check_start(strong, offsets=(0.0, 0.2), eeg_age_s=0.0) == \
+        "safety:burst_intensity"
+    slow = Trigger(100.0, (30.0, 50.0), (0.0, 0.05), paired=True)  # 20 Hz at 100 % MT
+    assert gate.check_start(slow, offsets=tuple(k * 0.2 for k in range(8)),
+                            eeg_age_s=0.0) is None  # 1.45 s + 0.05 s <= 1.6 s
+    assert gate.check_start(slow, offsets=tuple(k * 0.2 for k in range(9)),
+                            eeg_age_s=0.0) == "safety:train_duration"
     # a pair's 3 ms interval is no burst: above 100 % MT the pair is still fine alone
     strong = Trigger(100.0, (30.0, 60.0), (0.0, 0.003), paired=True)
     assert gate.check_start(strong, eeg_age_s=0.0) is None
@@ -509,13 +519,16 @@ def test_a_units_triggers_must_be_in_order() -> None:
 
 
 def test_a_unit_at_exactly_one_second_from_the_last_trigger() -> None:
-    """A trigger 1 s after the last starts a new run; the unit it starts is judged whole."""
+    """A trigger 1 s after the last continues its run (the unit is judged with the pulse
+    before it); just over 1 s after it starts a new run, judged whole on its own."""
     gate = SafetyGate(limits(train_duration_factor=1.0))
     gate.commit(Trigger(100.0, (50.0,)), start=True)
     offs = tuple(k / 10 for k in range(50))  # 5 s at 10 Hz and 100 % MT: allowed alone
-    assert gate.check_start(Trigger(101.0, (50.0,)), offsets=offs, eeg_age_s=0.0) is None
-    offs = tuple(k / 10 for k in range(51))
+    assert gate.check_start(Trigger(101.002, (50.0,)), offsets=offs, eeg_age_s=0.0) is None
     assert gate.check_start(Trigger(101.0, (50.0,)), offsets=offs, eeg_age_s=0.0) == \
+        "safety:train_duration"  # with the pulse 1 s before: 6 s
+    offs = tuple(k / 10 for k in range(51))
+    assert gate.check_start(Trigger(101.002, (50.0,)), offsets=offs, eeg_age_s=0.0) == \
         "safety:train_duration"
 
 

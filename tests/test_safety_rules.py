@@ -163,17 +163,21 @@ def test_paired_pulses_every_50_ms_need_the_motor_threshold() -> None:
 
 
 def test_pause_after_a_train_is_strictly_more_than_one_second() -> None:
-    """Chen et al. 1997: inter-train intervals of 1 s or less were unsafe."""
+    """Chen et al. 1997: 20 Hz trains 1 s or less apart above 100 % MT were unsafe. A pause
+    of 1 s is no pause: the next train continues the run and is judged with it."""
     lim = limits(min_interval_s=0.05, min_inter_train_s=1.0)
-    clock, _, gated = rig(lim, 40.0)
-    offs = offsets(10, 10)
-    for k, off in enumerate(offs):  # a 10 Hz train of 1 s
+    clock, _, gated = rig(lim, 55.0)  # 110 % MT: 1.6 s x 0.75 = 1.2 s at 20 Hz
+    offs = offsets(10, 20)  # 0.5 s
+    for k, off in enumerate(offs):
         clock.t = 2000.0 + off
         assert gated.fire_now(offsets=offs, index=k, planned=clock.t).fired
-    clock.t = 2000.0 + offs[-1] + 1.0  # exactly 1 s after its last pulse
-    assert gated.fire_now().reason == "safety:inter_train"
-    clock.t += 0.01
-    assert gated.fire_now().fired
+    start = 2000.0 + offs[-1] + 1.0  # exactly 1 s after its last pulse
+    clock.t = start
+    assert gated.fire_now(offsets=offs, index=0, planned=start).reason == \
+        "safety:train_duration"  # with the first: 1.95 s
+    start += 0.01  # more than 1 s: a new run
+    clock.t = start
+    assert gated.fire_now(offsets=offs, index=0, planned=start).fired
 
 
 def test_a_unit_under_way_cannot_be_raised() -> None:

@@ -209,6 +209,11 @@ class Stimulator(Protocol):
         the driver last commanded, ``device`` the last :class:`DeviceState` as a dict.
         """
 
+    def take_pending(self) -> None:
+        """Take in what the device sent on its own and is waiting at the host (a frame
+        saying a knob was turned), without waiting for anything; the gate calls it, with
+        :attr:`fire_lock` held, just before it reads :attr:`device` to fire."""
+
 
 class DriverBase:
     """Fault reporting, the device read-back cache and the status snapshot."""
@@ -284,6 +289,9 @@ class DriverBase:
     def clear_fault(self) -> None:
         with self._fault_lock:
             self._fault = None
+
+    def take_pending(self) -> None:
+        return None  # a device that says nothing on its own
 
     def set_paired(self, conditioning_pct: float, test_pct: float, isi_ms: float) -> None:
         raise StimulatorError(f"driver {self.name!r} cannot give paired pulses "

@@ -171,6 +171,9 @@ class GatedStimulator:
         if want is not None and not _same(sorted(trig.pcts), sorted(want), _MATCH_PCT):
             return (f"the device will give {_show(trig.pcts)} per trigger ({dev.mode}) but "
                     f"{_show(want)} was commanded (front panel? a failed restore?)")
+        if trig.paired and trig.offsets[1] < 0.001:  # (the schema's isi_ms is >= 1)
+            return (f"the device's paired-pulse interval is {trig.offsets[1] * 1e3:g} ms: "
+                    "two pulses at once, whose strength the gate cannot judge")
         if want is not None and self._paired is not None and len(trig.pcts) == 2:
             isi = self._paired[1]
             got = (dev.isi_ms or 0.0)
@@ -316,6 +319,11 @@ class GatedStimulator:
             reason = self._device_reason()
             if reason is not None:
                 return FireResult(False, reason, None, t_cmd)
+            try:  # what the device said on its own (a knob turned), waiting at the host
+                self.driver.take_pending()
+            except StimulatorError as exc:
+                self._fault(f"reading the device: {exc}")
+                return FireResult(False, "device_fault", None, t_cmd)
             dev = self.driver.device
             why = self._mismatch(dev)
             if why is not None:

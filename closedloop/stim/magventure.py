@@ -165,6 +165,12 @@ class MagVentureStimulator(SerialDriver):
                 self._take_pending(self.link.drain())
             return self.link.transact(frame(body), None if answer_id is None else read)
 
+    def take_pending(self) -> None:
+        """Read the frames the device sent on its own (a knob turned) before a fire."""
+        with self.link.lock:
+            if self.link.is_open:
+                self._take_pending(self.link.drain())
+
     def _take_pending(self, data: bytes) -> None:
         """Take the whole, valid frames in ``data`` (bytes the device sent on its own)."""
         i = 0

@@ -6,10 +6,11 @@ fire command delivers: one pulse, a paired pulse, or the pulses of a device burs
 it is released, whatever produced it: the phase loop, a pattern, a protocol, ``stimulator
 check``. The rules, and where they come from:
 
-- **rTMS.** A trigger whose first pulse comes less than 1 s after the last pulse of the
-  trigger before continues its *run* (repetitive TMS; so does a trigger that gives a burst
-  of pulses). A run needs the resting motor threshold (MT), since its limits are in % of
-  it; without ``safety.motor_threshold_pct`` the second trigger of a run is refused.
+- **rTMS.** A trigger whose first pulse comes 1 s or less after the last pulse of the
+  trigger before continues its *run* (repetitive TMS, from Table 4's 1 Hz row up; so does
+  a trigger that gives a burst of pulses). A run needs the resting motor threshold (MT),
+  since its limits are in % of it; without ``safety.motor_threshold_pct`` the second
+  trigger of a run is refused.
 - **Regular runs** obey Rossi et al. 2009 (Clin Neurophysiol 120:2008-2039), Table 4
   (after Wassermann 1998, Electroencephalogr Clin Neurophysiol 108:1-16): the maximum safe
   duration of a single train by frequency and intensity, looked up at the next higher
@@ -20,19 +21,21 @@ check``. The rules, and where they come from:
   duration of a run is the time from its first to its last pulse plus its smallest gap
   (``n / f`` for a regular train).
 - **Pauses.** After a run, the next trigger comes strictly more than 1 s (Chen et al. 1997
-  found 1 s or less unsafe at 20 Hz) and at least ``min_inter_train_s`` after its last
-  pulse.
+  found 1 s or less unsafe at 20 Hz: a trigger 1 s after a run continues it) and at least
+  ``min_inter_train_s`` after its last pulse.
 - **Patterned runs** (some pulses closer than 40 ms, i.e. faster than 25 Hz: theta-burst,
-  100 Hz triplets) are not covered by the table. Rossi et al. 2009 and 2021 (Clin
-  Neurophysiol 132:269-306) report them safe at the intensities used (TBS at 80 % active
-  MT) with one seizure at 100 % rest MT cTBS: every pulse at most
-  ``max_burst_intensity_mt`` (≤ 100 % MT), bursts of at most 5 pulses starting at least
-  190 ms apart (TBS: every 200 ms), at most 600 pulses in a run (one cTBS block).
+  100 Hz triplets; made of bursts only: a single pulse in one is refused, so that a burst
+  does not take the pulses after it out of the table) are not covered by the table.
+  Rossi et al. 2009 and 2021 (Clin Neurophysiol 132:269-306) report them safe at the
+  intensities used (TBS at 80 % active MT) with one seizure at 100 % rest MT cTBS: every
+  pulse at most ``max_burst_intensity_mt`` (≤ 100 % MT), bursts of at most 5 pulses
+  starting at least 190 ms apart (TBS: every 200 ms), at most 600 pulses in a run (one
+  cTBS block).
 - The two pulses of a **paired pulse** (conditioning and test, one trigger) belong
-  together: their own interval (1-999 ms) is neither a burst gap nor a train's gap
-  (Rossi et al. 2009 rank paired-pulse TMS with single pulses), but a run of paired
-  triggers is rTMS like any other, judged on the gaps between one pair's test pulse and
-  the next pair's conditioning pulse and on its strongest pulse.
+  together while the pair is alone: its own interval (1-999 ms) is then neither a burst
+  gap nor a train's gap (Rossi et al. 2009 rank paired-pulse TMS with single pulses). A
+  run of paired triggers is rTMS like any other, judged on all its gaps, the pairs' own
+  included (pairs at 3 ms every 200 ms are a pattern of doublets).
 - Hard floors no configuration changes: pulses of different triggers at least 10 ms apart,
   pulses within a device burst too; time never runs backwards in the ledger.
 
@@ -136,7 +139,7 @@ class RunState:
     run_first: float = -math.inf  # the run's first pulse
     run_triggers: int = 0
     run_pulses: int = 0
-    # smallest gap between consecutive pulses of the run (a pair's own interval aside)
+    # smallest gap between consecutive pulses of the run (a lone pair's interval aside)
     run_min_gap: float = math.inf
     run_max_pct: float = 0.0
     run_repetitive: bool = False
@@ -144,37 +147,57 @@ class RunState:
     group_size: int = 0  # pulses in the newest burst group
     group_onset: float = -math.inf
     run_max_group: int = 0
+    run_min_group: int = 0  # pulses in the run's smallest completed or current group
     run_min_onset_gap: float = math.inf  # smallest gap between burst group onsets
+    first_pair_gap: float = math.inf  # the interval of the run's first trigger, a pair
+
+
+def continues(gap_s: float, tolerance_s: float) -> bool:
+    """Whether a trigger ``gap_s`` after the last pulse continues its run: 1 s or less (a
+    pulse every second is the 1 Hz row of Table 4; a pause must be longer than 1 s)."""
+    return gap_s <= HARD_RTMS_GAP_S + tolerance_s + _EPS
 
 
 def advance(s: RunState, trig: Trigger, tolerance_s: float = TIMING_TOLERANCE_S) -> RunState:
     """The state after ``trig`` was delivered.
 
-    A trigger whose first pulse comes less than 1 s after the last pulse of the one before
+    A trigger whose first pulse comes 1 s or less after the last pulse of the one before
     continues its run: runs are made of pulses, so the test pulse of a long-interval pair
     and the next trigger's first pulse are judged together (a pair every second with a
-    980 ms interval is a 50 Hz doublet every second, not single pulses).
+    980 ms interval is a 50 Hz doublet every second, not single pulses). A pair's own
+    interval is exempt only while the pair is alone: in a run of pairs it is a gap like
+    any other (pairs at 3 ms every 200 ms are a pattern of doublets).
     """
-    if trig.t - s.last_pulse < HARD_RTMS_GAP_S:  # the run goes on
+    tol = tolerance_s
+    if continues(trig.t - s.last_pulse, tol):  # the run goes on
         first, triggers, pulses = s.run_first, s.run_triggers + 1, s.run_pulses
         min_gap, max_pct, repetitive = s.run_min_gap, s.run_max_pct, True
         patterned, group, onset = s.run_patterned, s.group_size, s.group_onset
         max_group, min_onset = s.run_max_group, s.run_min_onset_gap
+        min_group, pair_gap = s.run_min_group, s.first_pair_gap
+        if triggers == 2 and math.isfinite(pair_gap):  # the first pair is no longer alone
+            min_gap = min(min_gap, pair_gap)
+            patterned = patterned or pair_gap + tol < BURST_GAP_S - _EPS
     else:
         first, triggers, pulses, min_gap, max_pct, repetitive = trig.t, 1, 0, math.inf, 0.0, False
         patterned, group, onset, max_group, min_onset = False, 0, -math.inf, 0, math.inf
+        min_group, pair_gap = 0, math.inf
     last = s.last_pulse
     for k, (off, pct) in enumerate(zip(trig.offsets, trig.pcts, strict=True)):
         t = trig.t + off
-        in_pair = trig.paired and k == 1  # a pair's own interval is not a train's gap
-        if pulses > 0 and not in_pair:
+        in_pair = trig.paired and k == 1
+        lone_pair = in_pair and triggers == 1  # its interval is the pair's, not a train's
+        if in_pair and triggers == 1:
+            pair_gap = t - last
+        if pulses > 0 and not lone_pair:
             min_gap = min(min_gap, t - last)
-        if pulses > 0 and (in_pair or t - last + tolerance_s < BURST_GAP_S - _EPS):
+        if pulses > 0 and (in_pair or t - last + tol < BURST_GAP_S - _EPS):
             group += 1
-            patterned = patterned or not in_pair
+            patterned = patterned or (not lone_pair and t - last + tol < BURST_GAP_S - _EPS)
         else:
             if pulses > 0:
                 min_onset = min(min_onset, t - onset)
+                min_group = group if min_group == 0 else min(min_group, group)
             group, onset = 1, t
         max_group = max(max_group, group)
         last, pulses, max_pct = t, pulses + 1, max(max_pct, pct)
@@ -182,7 +205,8 @@ def advance(s: RunState, trig: Trigger, tolerance_s: float = TIMING_TOLERANCE_S)
                     run_pulses=pulses, run_min_gap=min_gap, run_max_pct=max_pct,
                     run_repetitive=repetitive or trig.burst, run_patterned=patterned,
                     group_size=group, group_onset=onset, run_max_group=max_group,
-                    run_min_onset_gap=min_onset)
+                    run_min_group=min_group, run_min_onset_gap=min_onset,
+                    first_pair_gap=pair_gap)
 
 
 def judge(s: RunState, trig: Trigger, lim: RuleLimits,
@@ -207,7 +231,7 @@ def judge(s: RunState, trig: Trigger, lim: RuleLimits,
     if trig.burst and any(b - a + tol < HARD_MIN_TRAIN_IPI_S - _EPS
                           for a, b in itertools.pairwise(trig.offsets)):
         return "safety:train_ipi", s
-    if trig.t - s.last_pulse >= HARD_RTMS_GAP_S and s.run_repetitive:
+    if not continues(trig.t - s.last_pulse, tol) and s.run_repetitive:
         pause = trig.t - s.last_pulse
         if not (pause > HARD_RTMS_GAP_S + _EPS and pause >= lim.min_inter_train_s - _EPS):
             return "safety:inter_train", s
@@ -227,6 +251,10 @@ def judge(s: RunState, trig: Trigger, lim: RuleLimits,
             return "safety:burst_rate", s
         if new.run_pulses > MAX_PATTERNED_PULSES:
             return "safety:train_pulses", s
+        # a pattern is made of bursts: single pulses in it would escape Table 4 (a burst,
+        # then pulses at 5 Hz for minutes). A group is judged once the next one starts.
+        if new.run_min_group == 1:
+            return "safety:burst_mixed", s
         return None, new
     if not math.isfinite(new.run_min_gap):  # one trigger whose pulses are one pair
         return None, new

@@ -50,7 +50,6 @@ from closedloop.config.schema import (
     HARD_MAX_TRAIN_DURATION_FACTOR,
     HARD_MIN_INTER_TRAIN_S,
     HARD_MIN_INTERVAL_S,
-    HARD_RTMS_GAP_S,
     SafetyConfig,
 )
 from closedloop.stim.rules import (
@@ -58,6 +57,7 @@ from closedloop.stim.rules import (
     RunState,
     Trigger,
     advance,
+    continues,
     judge,
     max_train_duration_s,
 )
@@ -155,6 +155,7 @@ class _Unit:
     delivered: int = 0
     held: int = 0  # pulses still held against the budgets
     plan: tuple[float, ...] = ()  # planned time of each trigger, when the unit has a plan
+    credit_day: str | None = None  # the day whose credit its pulses were taken from
 
 
 class SafetyGate:
@@ -341,7 +342,7 @@ class SafetyGate:
                     else "safety:day_count_pending")
         if self._recent(trig.t, lim.rate_window_s) + n > lim.max_pulses_per_window:
             return "safety:max_rate"
-        if trig.t - self.run.last_pulse >= HARD_RTMS_GAP_S:  # a new run
+        if not continues(trig.t - self.run.last_pulse, 0.0):  # a new run
             reason = self._judge(trig)
             if reason is None:
                 reason, most = self._shape(trig, offsets)
@@ -398,7 +399,7 @@ class SafetyGate:
             self.units += 1
             n = triggers * len(trig.pcts)
             self._unit = _Unit(self.units, trig.pcts, trig.offsets, trig.paired, triggers,
-                               held=n, plan=tuple(plan))
+                               held=n, plan=tuple(plan), credit_day=self._credit_day)
             with self._credit_lock:
                 if self.day is not None:
                     self._credit -= n
@@ -439,7 +440,8 @@ class SafetyGate:
         if unit is None or unit.held <= 0:
             return
         with self._credit_lock:
-            if self.day is not None:
+            # pulses taken from yesterday's credit stay yesterday's: never today's credit
+            if self.day is not None and unit.credit_day == self._credit_day:
                 self._credit += unit.held
         if self.budget is not None:
             self.budget += unit.held
