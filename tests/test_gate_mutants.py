@@ -15,7 +15,7 @@ from closedloop.config.schema import SafetyConfig
 from closedloop.errors import StimulatorError
 from closedloop.stim.base import DeviceState
 from closedloop.stim.fake import FakeStimulator
-from closedloop.stim.gated import GatedStimulator, trigger_of
+from closedloop.stim.gated import FireResult, GatedStimulator, trigger_of
 from closedloop.stim.safety import SafetyGate, SafetyLimits, Trigger
 
 
@@ -935,3 +935,53 @@ def test_a_unit_stopped_with_one_pulse_left_gives_it_back() -> None:
     assert gate.budget == 0
     gate.end_unit()
     assert gate.budget == 1
+
+
+# -- added after the second review: the fire path's own checks ---------------------------
+
+def test_a_first_trigger_later_than_its_lateness_is_refused_by_the_gate() -> None:
+    """The fire thread checks lateness before the gate; the gate checks it again once it
+    holds the driver's port (a serial fire may have waited for a keep-alive)."""
+    clock, drv, gated, _ = rig()
+    clock.t = 2000.0
+    got = gated.fire_now(planned=1999.995, max_lateness_s=0.001)
+    assert got == FireResult(False, "late", None, 2000.0) and drv.delivered == []
+    assert gated.fire_now(planned=1999.999, max_lateness_s=0.001).fired  # at its limit
+    clock.t = 2010.0
+    # a later trigger is judged by the unit's plan, not by this rule
+    offs = (0.0, 0.1)
+    assert gated.fire_now(offsets=offs, index=0, planned=2010.0).fired
+    clock.t = 2010.1005
+    assert gated.fire_now(offsets=offs, index=1, planned=2010.1, max_lateness_s=0.001).fired
+
+
+def test_a_paired_interval_changed_on_the_device_is_a_mismatch() -> None:
+    clock, drv, gated, _ = rig(pct=None, arm=False)
+    gated.set_paired(30.0, 50.0, 3.0)
+    gated.arm()
+    drv.set_front_panel_mode(2, 3.4)  # within the half millisecond a device rounds to
+    drv.read_device()
+    clock.t += 10.0
+    assert gated.fire_now().fired
+    drv.set_front_panel_mode(2, 3.6)
+    drv.read_device()
+    clock.t += 10.0
+    got = gated.fire_now()
+    assert got.reason == "safety:device_mismatch" and not gated.armed
+    assert len(drv.delivered) == 2  # the one pair at 3.4 ms only
+
+
+def test_a_disarm_that_fails_during_a_fault_does_not_hide_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, drv, gated, _ = rig()
+    drv.turn_knob(70.0)
+    drv.read_device()
+
+    def broken() -> None:
+        raise RuntimeError("the port is gone")
+
+    monkeypatch.setattr(drv, "disarm", broken)
+    clock.t += 10.0
+    got = gated.fire_now()  # the mismatch is found; the failing disarm is swallowed
+    assert got.reason == "safety:device_mismatch" and not gated.armed
+    assert gated.blocked is not None and drv.delivered == []
