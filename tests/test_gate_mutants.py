@@ -16,6 +16,7 @@ from closedloop.errors import StimulatorError
 from closedloop.stim.base import DeviceState
 from closedloop.stim.fake import FakeStimulator
 from closedloop.stim.gated import FireResult, GatedStimulator, trigger_of
+from closedloop.stim.rules import RunState, judge
 from closedloop.stim.safety import SafetyGate, SafetyLimits, Trigger
 
 
@@ -985,3 +986,71 @@ def test_a_disarm_that_fails_during_a_fault_does_not_hide_it(
     got = gated.fire_now()  # the mismatch is found; the failing disarm is swallowed
     assert got.reason == "safety:device_mismatch" and not gated.armed
     assert gated.blocked is not None and drv.delivered == []
+
+
+# -- the rules' run state at real times (a plan is simulated from t = 0, which hides
+# -- mistakes that add instead of subtract times) -------------------------------------
+
+RULES = limits(motor_threshold_pct=50.0).rules()
+
+
+def deliver(*trigs: Trigger) -> tuple[str | None, RunState]:
+    """Judge and deliver ``trigs`` in order; the first refusal, and the state."""
+    s = RunState()
+    for trig in trigs:
+        reason, s = judge(s, trig, RULES)
+        if reason is not None:
+            return reason, s
+    return None, s
+
+
+def test_bursts_too_close_in_a_run_at_real_times() -> None:
+    t = 5000.0
+    tri = [Trigger(t + o, (40.0,)) for o in (0.0, 0.01, 0.02, 0.1, 0.11, 0.12)]
+    assert deliver(*tri)[0] == "safety:burst_rate"
+    ok = [Trigger(t + o, (40.0,)) for o in (0.0, 0.01, 0.02, 0.2, 0.21, 0.22)]
+    assert deliver(*ok)[0] is None
+
+
+def test_a_lone_pair_is_no_pattern_but_a_run_of_pairs_is() -> None:
+    t = 5000.0
+    strong = (30.0, 65.0)  # the test pulse at 130 % MT
+    assert deliver(Trigger(t, strong, (0.0, 0.003), paired=True))[0] is None
+    assert deliver(Trigger(t, strong, (0.0, 0.003), paired=True),
+                   Trigger(t + 0.2, strong, (0.0, 0.003), paired=True))[0] == \
+        "safety:burst_intensity"  # doublets: the burst rules, at most 100 % MT
+    reason, s = deliver(Trigger(t, (30.0, 50.0), (0.0, 0.003), paired=True),
+                        Trigger(t + 0.2, (30.0, 50.0), (0.0, 0.003), paired=True))
+    assert reason is None and s.run_patterned and s.run_triggers == 2
+    assert abs(s.run_min_gap - 0.003) < 1e-9  # the first pair's gap, folded in
+
+
+def test_a_long_pair_then_a_pulse_is_judged_on_the_pair_gap() -> None:
+    """A lone pair at 50 ms followed 250 ms later by a pulse: a run whose fastest gap is
+    the pair's (20 Hz), not 4 Hz."""
+    t = 5000.0
+    reason, s = deliver(Trigger(t, (50.0, 50.0), (0.0, 0.05), paired=True),
+                        Trigger(t + 0.3, (50.0,)))
+    assert reason is None and abs(s.run_min_gap - 0.05) < 1e-9 and not s.run_patterned
+    assert s.run_triggers == 2 and s.run_pulses == 3
+
+
+def test_a_single_pulse_in_a_pattern_is_refused_once_the_next_burst_starts() -> None:
+    t = 5000.0
+    single, burst1 = Trigger(t, (40.0,)), [Trigger(t + 0.5 + o, (40.0,)) for o in (0.0, 0.02)]
+    assert deliver(single, *burst1)[0] == "safety:burst_mixed"
+    head = [Trigger(t + o, (40.0,)) for o in (0.0, 0.02, 0.04)]
+    assert deliver(*head, Trigger(t + 0.5, (40.0,)))[0] is None  # a last single: allowed
+    assert deliver(*head, Trigger(t + 0.5, (40.0,)), Trigger(t + 0.9, (40.0,)))[0] == \
+        "safety:burst_mixed"
+    reason, s = deliver(*head, *[Trigger(t + 0.2 + o, (40.0,)) for o in (0.0, 0.02)])
+    assert reason is None and s.run_min_group == 3 and s.group_size == 2
+
+
+def test_a_run_ends_after_more_than_one_second() -> None:
+    t = 5000.0
+    reason, s = deliver(Trigger(t, (40.0,)), Trigger(t + 1.0, (40.0,)))
+    assert reason is None and s.run_triggers == 2 and s.run_repetitive
+    reason, s = deliver(Trigger(t, (40.0,)), Trigger(t + 1.0011, (40.0,)))
+    assert reason is None and s.run_triggers == 1 and not s.run_repetitive
+    assert s.run_first == t + 1.0011 and s.run_max_group == 1 and s.group_onset == t + 1.0011
