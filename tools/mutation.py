@@ -75,6 +75,7 @@ class Survivor:
 def _copy(work: Path) -> None:
     shutil.copytree(REPO / "closedloop", work / "closedloop", ignore=_IGNORE)
     shutil.copytree(REPO / "tests", work / "tests", ignore=_IGNORE)
+    shutil.copytree(REPO / "tools", work / "tools", ignore=_IGNORE)  # the emulators
     shutil.copy2(REPO / "pyproject.toml", work / "pyproject.toml")
 
 
