@@ -161,7 +161,7 @@ def test_a_unit_stopped_after_midnight_gives_back_to_yesterday_not_today() -> No
         for _ in range(60):
             clock.t += 1.5
             fired += gated.fire_now().fired
-            if gated.gate.credit < 5 and gated.gate.needs_credit:
+            if gated.gate.credit < 5 and gated.gate.needs_credit(5):
                 gated.gate.top_up(20)
         gated.gate.settle()
         # today: 28 pulses delivered on 2026-12-02, the counter says 20 (its limit)

@@ -311,7 +311,7 @@ def test_credit_reserved_yesterday_is_not_spent_today() -> None:
     day.today, day.used = "2026-12-02", 0  # midnight: the new day's count starts at 0
     clock.t += 10.0
     assert gated.fire_now().reason == "safety:day_count_pending"
-    assert gated.gate.needs_credit
+    assert gated.gate.needs_credit(1)  # a new day, whatever is held
     gated.gate.top_up(5)
     assert day.used == 5  # the new day holds its own reservation
     assert gated.fire_now().fired

@@ -645,10 +645,8 @@ class ClosedLoopService:
     def _top_up_day(self) -> None:
         """Reserve the next block of the day's pulses, off the loop, before it is needed."""
         stim = self.stim
-        if stim is None or self._topping_up or not stim.gate.needs_credit:
-            return
-        day_changed = stim.gate.day is not None and stim.gate.day.day() != stim.gate.credit_day
-        if stim.gate.credit >= self.unit.pulses + 10 and not day_changed:
+        if (stim is None or self._topping_up
+                or not stim.gate.needs_credit(self.unit.pulses + 10)):
             return
         assert self._loop is not None
         self._topping_up = True

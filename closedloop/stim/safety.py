@@ -199,20 +199,15 @@ class SafetyGate:
         """Pulses reserved in the day budget and not yet used."""
         return self._credit
 
-    @property
-    def credit_day(self) -> str | None:
-        """The day the credit was reserved on."""
-        return self._credit_day
-
-    @property
-    def needs_credit(self) -> bool:
-        """Whether the day budget should be topped up (a new day, or little credit left
-        and the day's limit not reached)."""
+    def needs_credit(self, keep: int) -> bool:
+        """Whether the day budget should be topped up: a new day began (yesterday's credit
+        is not today's), or fewer than ``keep`` pulses are held and the day's limit has not
+        been reached."""
         if self.day is None:
             return False
         if self.day.day() != self._credit_day:
             return True
-        return not self.day_exhausted
+        return not self.day_exhausted and self._credit < keep
 
     def top_up(self, target: int) -> None:
         """Reserve day pulses until ``target`` are held (does file I/O: not on the fire
