@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from closedloop.control.logs import log_event, setup_logging  # noqa: PLC0415
     from closedloop.control.service import ClosedLoopService  # noqa: PLC0415 - heavy import
+    from closedloop.mqtt.plane import planes_for  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
     setup_logging(args.log_format)
@@ -178,9 +179,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         service = ClosedLoopService(cfg, config_source=str(args.config),
                                     config_overrides=tuple(args.overrides))
-        service.add_listener(log_event)
+        service.subscribe(log_event)
         loop.add_signal_handler(signal.SIGHUP, _sighup_reload, service)
-        stats = await service.run(stop)
+        stats = await service.run(stop, attachments=planes_for(cfg))
         print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
                           "decisions": stats.decisions,
                           "events": cfg.recording.events}), flush=True)

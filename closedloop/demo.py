@@ -28,6 +28,7 @@ from closedloop.config.schema import Config, StreamSelector
 from closedloop.control.service import ClosedLoopService, ServiceStats
 from closedloop.control.stats import circular_stats_deg
 from closedloop.mqtt.local_broker import local_broker
+from closedloop.mqtt.plane import planes_for
 from closedloop.streams.reader import MarkerReader
 
 __all__ = ["demo_overrides", "run_demo", "summarize"]
@@ -128,7 +129,7 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
                                 acquisition=cfg.acquisition, on_marker=on_truth,
                                 on_event=lambda _e: None)
     truth_reader.start()
-    task = asyncio.create_task(service.run(stop))
+    task = asyncio.create_task(service.run(stop, attachments=planes_for(cfg)))
     helper = None
     try:
         ready = asyncio.create_task(service.ready.wait())

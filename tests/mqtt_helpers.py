@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from closedloop.config.schema import Config
 from closedloop.control.service import ClosedLoopService, ServiceStats
+from closedloop.mqtt.plane import MqttControlPlane, planes_for
 
 
 def free_port() -> int:
@@ -147,6 +148,7 @@ class ThreadedService:
 
     def __init__(self, cfg: Config, *, config_source: str = "") -> None:
         self.service = ClosedLoopService(cfg, config_source=config_source)
+        self.planes = planes_for(cfg)
         self.loop = asyncio.new_event_loop()
         self.stats: ServiceStats | None = None
         self.error: BaseException | None = None
@@ -165,7 +167,7 @@ class ThreadedService:
             self._stop = asyncio.Event()
             self._started.set()
             try:
-                self.stats = await self.service.run(self._stop)
+                self.stats = await self.service.run(self._stop, attachments=self.planes)
             except BaseException as exc:  # reported to the test through .error
                 self.error = exc
 
@@ -174,6 +176,11 @@ class ThreadedService:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         finally:
             self.loop.close()
+
+    @property
+    def plane(self) -> MqttControlPlane:
+        """The MQTT control plane attached to the service."""
+        return self.planes[0]
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args)`` on the service's loop and return its result."""

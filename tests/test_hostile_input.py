@@ -234,9 +234,11 @@ class FakeService:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.disarmed_by: list[str] = []
         self.state = "idle"
+        self.subscribers: list[Any] = []
 
-    def add_listener(self, fn: Any) -> None:
-        pass
+    def subscribe(self, fn: Any) -> Any:
+        self.subscribers.append(fn)
+        return lambda: self.subscribers.remove(fn)
 
     def record(self, kind: str, **fields: Any) -> None:
         self.events.append((kind, fields))
@@ -253,7 +255,8 @@ class FakeService:
 
 def test_an_unexpected_service_exception_disarms_and_records_a_fault() -> None:
     svc = FakeService()
-    plane = MqttControlPlane(svc, MqttConfig())  # type: ignore[arg-type]
+    plane = MqttControlPlane(MqttConfig())
+    plane.bind(svc)  # type: ignore[arg-type]
     reply = plane.command("arm", {}, "x1")
     assert reply["ok"] is False
     assert reply["id"] == "x1"
@@ -271,12 +274,13 @@ def test_an_unexpected_service_exception_disarms_and_records_a_fault() -> None:
 
 def test_the_plane_records_an_insecure_broker_at_start() -> None:
     svc = FakeService()
-    plane = MqttControlPlane(svc, MqttConfig(  # type: ignore[arg-type]
+    plane = MqttControlPlane(MqttConfig(
         enabled=True, host="192.0.2.1", instance=unique("insecure")))  # TEST-NET-1
 
     async def start_stop() -> None:
-        await plane.start()
+        await plane.start(svc)  # type: ignore[arg-type]
         await plane.stop()
+        assert svc.subscribers == []  # unsubscribed on the way out
 
     asyncio.run(start_stop())
     insecure = [f for k, f in svc.events if k == "mqtt_insecure"]
@@ -497,10 +501,10 @@ def test_a_live_service_survives_a_batch_of_hostile_payloads(tmp_path: Path,
     svc = ThreadedService(load_config(file), config_source=str(file))
     try:
         deadline = time.monotonic() + 10
-        while not (svc.service.control_plane and svc.service.control_plane.connected):
+        while not (svc.plane and svc.plane.connected):
             assert time.monotonic() < deadline, "the control plane never connected"
             time.sleep(0.05)
-        plane = svc.service.control_plane
+        plane = svc.plane
         worker_pid = plane.pid
         file.write_bytes(b"\xff\xfe not UTF-8")
         ts = f"{time.time():.3f}".encode()

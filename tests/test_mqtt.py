@@ -71,7 +71,7 @@ def service(tmp_path: Path, eeg: str) -> Iterator[tuple[ThreadedService, str]]:
 def wait_connected(svc: ThreadedService, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        plane = svc.service.control_plane
+        plane = svc.plane
         if plane is not None and plane.connected:
             return
         time.sleep(0.05)
@@ -80,7 +80,7 @@ def wait_connected(svc: ThreadedService, timeout: float = 10.0) -> None:
 
 def test_every_verb_round_trips(service: tuple[ThreadedService, str], tmp_path: Path) -> None:
     svc, prefix = service
-    plane = svc.service.control_plane
+    plane = svc.plane
     assert plane is not None and plane.pid is not None and plane.pid != os.getpid()
     # the MQTT client runs in its own process, below the real-time path's CPU priority
     assert os.getpriority(os.PRIO_PROCESS, plane.pid) == min(
@@ -303,7 +303,7 @@ def test_a_dead_worker_stops_the_service_with_a_fault(tmp_path: Path, eeg: str) 
                                       "stimulator.arm_on_start=true"))
     try:
         wait_connected(svc)
-        plane = svc.service.control_plane
+        plane = svc.plane
         assert svc.service.state == "armed"
         os.kill(plane.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
@@ -323,7 +323,7 @@ def test_a_clean_stop_ends_the_worker(tmp_path: Path, eeg: str) -> None:
     prefix = f"closedloop/{inst}/"
     svc = ThreadedService(mqtt_config(tmp_path, eeg, inst))
     wait_connected(svc)
-    plane = svc.service.control_plane
+    plane = svc.plane
     assert command(prefix, "status")["ok"]
     svc.stop()
     assert plane._proc is not None and plane._proc.poll() == 0
@@ -363,7 +363,7 @@ def test_broker_restart_during_a_run(tmp_path: Path, eeg: str) -> None:
         fired = svc.service.stats.fired
         broker.stop()
         time.sleep(2.0)
-        plane = svc.service.control_plane
+        plane = svc.plane
         assert not plane.connected
         assert svc.service.stats.fired > fired  # the loop kept stimulating without a broker
         assert svc.service.state == "armed"  # on_disconnect = "keep"
@@ -421,7 +421,7 @@ def test_wrong_credentials_are_refused(tmp_path: Path, eeg: str) -> None:
         svc = ThreadedService(anon)
         try:
             time.sleep(1.5)
-            assert not svc.service.control_plane.connected
+            assert not svc.plane.connected
             assert svc.service.state == "idle"  # the service itself runs on
         finally:
             svc.stop()
@@ -511,7 +511,7 @@ def test_broker_down_at_start(tmp_path: Path, eeg: str) -> None:
                                       "stimulator.arm_on_start=true", port=port))
     try:
         time.sleep(2.0)
-        assert not svc.service.control_plane.connected
+        assert not svc.plane.connected
         assert svc.service.state == "armed"
         assert svc.service.stats.fired >= 2
     finally:

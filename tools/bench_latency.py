@@ -51,6 +51,7 @@ from closedloop.config.schema import PhaseConfig
 from closedloop.control.service import ClosedLoopService
 from closedloop.control.stats import LatencyRing
 from closedloop.mqtt.local_broker import local_broker
+from closedloop.mqtt.plane import planes_for
 from closedloop.phase.tracker import TRAINED, TRAINED_SWITCH_DELAY_S
 from closedloop.recording.events import read_events
 from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
@@ -124,7 +125,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
     service = ClosedLoopService(cfg)
     stop = asyncio.Event()
     try:
-        task = asyncio.create_task(service.run(stop))
+        task = asyncio.create_task(service.run(stop, attachments=planes_for(cfg)))
         await service.ready.wait()
         await asyncio.sleep(warmup_s)  # LSL connection, filters, amplitude history, training
         for ring in (service.stats.chunk_to_decision_ms, service.stats.chunk_to_handoff_ms,

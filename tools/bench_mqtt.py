@@ -121,7 +121,7 @@ async def block(mqtt_on: bool, rate: float, seconds: float, per_minute: float, p
     async def load(service: Any) -> dict[str, Any] | None:
         if not mqtt_on:
             return None
-        worker_pid = service.control_plane.pid  # the MQTT worker process
+        worker_pid = service.attachments[0].pid  # the MQTT worker process
         b0, w0 = cpu_seconds(broker_pid), time.perf_counter()
         k0 = cpu_seconds(worker_pid)
         proc = await asyncio.create_subprocess_exec(

@@ -42,6 +42,7 @@ from closedloop.config import load_config  # noqa: E402
 from closedloop.control.memory import trim_heap  # noqa: E402
 from closedloop.control.service import ClosedLoopService  # noqa: E402
 from closedloop.mqtt.local_broker import local_broker  # noqa: E402
+from closedloop.mqtt.plane import planes_for  # noqa: E402
 
 
 def rss_by_kind_mb() -> dict[str, float]:
@@ -90,7 +91,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             f"mqtt.port={broker.port}", "mqtt.metrics_interval_s=5"])
         service = ClosedLoopService(cfg)
         stop = asyncio.Event()
-        task = asyncio.create_task(service.run(stop))
+        task = asyncio.create_task(service.run(stop, attachments=planes_for(cfg)))
         await service.ready.wait()
         t0 = time.monotonic()
         lsl0 = pylsl.local_clock()

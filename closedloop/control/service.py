@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,8 @@ from closedloop.blas import single_threaded_blas
 from closedloop.config.load import load_config
 from closedloop.config.redact import redacted_config
 from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
+from closedloop.control.api import Attachment, Listener, Unsubscribe
+from closedloop.control.bus import EventBus
 from closedloop.control.core import DecisionCore
 from closedloop.control.memory import trim_heap
 from closedloop.control.runtime import (
@@ -140,8 +142,8 @@ class ClosedLoopService:
         self.tracker: PhaseTracker | None = None
         self.meps: MepTracker | None = None
         self._markers: PulseMarkerOutlet | None = None
-        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self.control_plane: Any = None  # the MqttControlPlane when mqtt.enabled
+        self.bus = EventBus(self._write_event, pylsl.local_clock)
+        self._attachments: tuple[Attachment, ...] = ()
         self.recorder: SessionRecorder | None = None
         self._last_external = -math.inf
         self._protocol: dict[str, Any] | None = None
@@ -160,8 +162,12 @@ class ClosedLoopService:
         self._protocol_restore: tuple[float, ...] | None = None
 
     # -- life cycle --------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> ServiceStats:
+    async def run(self, stop: asyncio.Event, *,
+                  attachments: Sequence[Attachment] = ()) -> ServiceStats:
         """Run until ``stop`` is set; always disarm and flush on the way out.
+
+        ``attachments`` (the control planes, :func:`closedloop.mqtt.plane.planes_for`) are
+        started once the service is ready and stopped first on the way out.
 
         Raises:
             ClosedLoopError: a stream, channel, stimulator or recording error that stopped
@@ -170,6 +176,9 @@ class ClosedLoopService:
         self._stop = stop
         self._loop = asyncio.get_running_loop()
         cfg = self.cfg
+        if cfg.mqtt.enabled and not attachments:
+            raise ClosedLoopError("mqtt.enabled is set but no MQTT control plane was "
+                                  "attached (closedloop.mqtt.plane.planes_for builds it)")
         old_switch = sys.getswitchinterval()
         sys.setswitchinterval(_GIL_SWITCH_S)  # the fire thread must get the GIL promptly
         self.log = EventLog(cfg.recording.events)
@@ -190,11 +199,9 @@ class ClosedLoopService:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
                          tg.create_task(self._housekeeping(), name="housekeeping")]
-                if cfg.mqtt.enabled:  # in its own process: MQTT never holds this GIL
-                    from closedloop.mqtt.plane import MqttControlPlane  # noqa: PLC0415
-
-                    self.control_plane = MqttControlPlane(self, cfg.mqtt)
-                    await self.control_plane.start()
+                for attachment in attachments:
+                    self._attachments += (attachment,)
+                    await attachment.start(self)
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -342,7 +349,7 @@ class ClosedLoopService:
             except OSError as exc:
                 raise ClosedLoopError(f"recording.xdf: cannot write {cfg.recording.xdf}: "
                                       f"{exc}") from exc
-            self.add_listener(self.recorder.event)
+            self.subscribe(self.recorder.event)
             self.recorder.event("session_start", {"lsl_time": pylsl.local_clock(),
                                                   "version": __version__,
                                                   "config": redacted_config(cfg)})
@@ -353,8 +360,9 @@ class ClosedLoopService:
     async def _shutdown(self) -> None:
         if self.stim is not None:
             self.stim.disarm()
-        if self.control_plane is not None:
-            await self.control_plane.stop()
+        for attachment in reversed(self._attachments):
+            with contextlib.suppress(Exception):  # a plane's error must not stop the rest
+                await attachment.stop()
         if self.scheduler is not None:
             self.scheduler.cancel("shutdown")
             await asyncio.to_thread(self.scheduler.stop)
@@ -597,12 +605,12 @@ class ClosedLoopService:
 
     # -- outcomes and events (run on the loop) -----------------------------------------
     def _event(self, kind: str, **fields: Any) -> None:
-        """Record an event; ``lsl_time`` defaults to now."""
+        """Record an event (log, then subscribers); ``lsl_time`` defaults to now."""
+        self.bus.emit(kind, **fields)
+
+    def _write_event(self, kind: str, **fields: Any) -> None:
         assert self.log is not None
-        fields.setdefault("lsl_time", pylsl.local_clock())
         self.log.write(kind, **fields)
-        for listener in self._listeners:
-            listener(kind, fields)
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         """From another thread: run ``fn(*args)`` on the loop; an error there is fatal."""
@@ -851,9 +859,19 @@ class ClosedLoopService:
         """Record an event in the log (and hand it to the listeners)."""
         self._event(kind, **fields)
 
-    def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
-        """Call ``fn(kind, fields)`` for every recorded event (on the event loop)."""
-        self._listeners.append(fn)
+    def subscribe(self, fn: Listener) -> Unsubscribe:
+        """Call ``fn(kind, fields)`` for every recorded event (on the event loop) until the
+        returned function is called."""
+        return self.bus.subscribe(fn)
+
+    def add_listener(self, fn: Listener) -> None:
+        """Subscribe ``fn`` for the whole session."""
+        self.bus.subscribe(fn)
+
+    @property
+    def attachments(self) -> tuple[Attachment, ...]:
+        """The control planes started beside the service."""
+        return self._attachments
 
     @property
     def state(self) -> str:

@@ -8,13 +8,13 @@ Topics, under ``mqtt.topic_prefix()`` (default ``closedloop/<instance>/``):
   Replies go to the MQTT 5 response topic with the correlation data when the command
   has them, otherwise to ``reply/<verb>``; each reply is ``{"ok": true, "verb", "id",
   "result"}`` or ``{"ok": false, "verb", "id", "error", "key"}``.
-- ``status`` (retained): :meth:`ClosedLoopService.status`, published on every state
+- ``status`` (retained): :meth:`~closedloop.control.api.ControlApi.status`, published on every state
   change and every ``status_interval_s``; the last will sets it to ``{"state":
   "offline"}``.
 - ``events/pulse``, ``events/mep``, ``events/decision`` (at most ``decision_rate_hz``),
   ``events/fault`` (faults, stream changes, arm/disarm, protocol changes).
-- ``metrics``: :meth:`ClosedLoopService.metrics` every ``metrics_interval_s``, with the
-  telemetry counters of this plane.
+- ``metrics``: :meth:`~closedloop.control.api.ControlApi.metrics` every
+  ``metrics_interval_s``, with the telemetry counters of this plane.
 
 The real-time path never waits for the broker, nor shares its interpreter with MQTT: the
 MQTT client, payload parsing and JSON run in a worker process
@@ -47,21 +47,29 @@ import sys
 import time
 from typing import Any
 
-from closedloop.config.schema import MqttConfig
-from closedloop.control.service import ClosedLoopService
+from closedloop.config.schema import Config, MqttConfig
+from closedloop.control.api import ControlApi, Unsubscribe
 from closedloop.errors import ConfigError, ControlError
 from closedloop.mqtt.worker import FORWARDED, frame, insecure_connection, read_frame
 
-__all__ = ["MqttControlPlane"]
+__all__ = ["MqttControlPlane", "planes_for"]
 
 _MAX_BACKLOG = 1 << 20  # bytes of telemetry waiting for the worker before dropping
 
 
-class MqttControlPlane:
-    """Runs beside a :class:`ClosedLoopService`; the MQTT client in a worker process."""
+def planes_for(cfg: Config) -> list[MqttControlPlane]:
+    """The control planes a configuration asks for (the MQTT one when ``mqtt.enabled``),
+    to hand to :meth:`ClosedLoopService.run <closedloop.control.service.ClosedLoopService.run>`."""
+    return [MqttControlPlane(cfg.mqtt)] if cfg.mqtt.enabled else []
 
-    def __init__(self, service: ClosedLoopService, cfg: MqttConfig) -> None:
-        self.service = service
+
+class MqttControlPlane:
+    """Runs beside the service (a :class:`~closedloop.control.api.ControlApi`); the MQTT
+    client in a worker process."""
+
+    def __init__(self, cfg: MqttConfig) -> None:
+        self._service: ControlApi | None = None
+        self._unsubscribe: Unsubscribe | None = None
         self.cfg = cfg
         self.prefix = cfg.topic_prefix()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -72,7 +80,13 @@ class MqttControlPlane:
         self.ipc_dropped = 0
         self._decision_tokens = 1.0
         self._decision_last = time.monotonic()
-        service.add_listener(self._on_event)
+
+    @property
+    def service(self) -> ControlApi:
+        """The service this plane controls (once started)."""
+        if self._service is None:
+            raise RuntimeError("the MQTT control plane has not been started")
+        return self._service
 
     # -- what the worker last reported -----------------------------------------------------
     @property
@@ -91,8 +105,15 @@ class MqttControlPlane:
         return self._proc.pid if self._proc is not None else None
 
     # -- life cycle ------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the worker process (on the service's event loop)."""
+    def bind(self, api: ControlApi) -> None:
+        """Control ``api`` and subscribe to its events (:meth:`start` does it first)."""
+        self._service = api
+        self._unsubscribe = api.subscribe(self._on_event)
+
+    async def start(self, api: ControlApi) -> None:
+        """Subscribe to the service's events and start the worker process (on the
+        service's event loop)."""
+        self.bind(api)
         mine, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
@@ -109,8 +130,11 @@ class MqttControlPlane:
         self._task = asyncio.create_task(self._from_worker(reader), name="mqtt-plane")
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Have the worker publish the final status and disconnect; wait for it."""
+        """Unsubscribe; have the worker publish the final status and disconnect; wait."""
         self._stopping = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._writer is not None and not self._writer.is_closing():
             with contextlib.suppress(ConnectionError):
                 self._writer.write(frame(("stop",)))
