@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,7 @@ from closedloop.control.api import Attachment, Listener, Unsubscribe
 from closedloop.control.bus import EventBus
 from closedloop.control.core import DecisionCore
 from closedloop.control.memory import trim_heap
+from closedloop.control.protocols import PROTOCOLS, ProtocolRun, ProtocolRunner
 from closedloop.control.runtime import (
     LIVE_KEYS,
     apply_live_settings,
@@ -54,7 +55,6 @@ from closedloop.control.runtime import (
 )
 from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
-from closedloop.mep.protocols import MEP_PROTOCOLS, MepProtocol, make_mep_protocol
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.etp import ETP
 from closedloop.phase.tracker import PhaseTracker
@@ -71,11 +71,6 @@ from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
 __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
 
-# Protocols that `start` accepts. "phase-single": single pulses at the target phase, until
-# stopped or `pulses` have fired (the stimulator issue adds paired pulses, bursts, trains).
-# The MEP-driven ones (closedloop.mep.protocols) choose each pulse from the last MEP.
-PROTOCOLS = ("phase-single", *MEP_PROTOCOLS)
-_MAX_REJECTED_IN_A_ROW = 5
 
 _HOUSEKEEPING_S = 0.01
 _RECONNECT_S = 5.0  # a faulted stimulator is reopened this often (it stays disarmed)
@@ -132,7 +127,7 @@ class ClosedLoopService:
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rng = np.random.default_rng(cfg.trigger.seed)
-        self._request_id = 0
+        self._decision_id = 0  # every decision has one; a unit fired carries it on
         self.log: EventLog | None = None
         self.eeg: StreamReader | None = None
         self.emg: StreamReader | None = None
@@ -146,7 +141,7 @@ class ClosedLoopService:
         self._attachments: tuple[Attachment, ...] = ()
         self.recorder: SessionRecorder | None = None
         self._last_external = -math.inf
-        self._protocol: dict[str, Any] | None = None
+        self.protocols: ProtocolRunner | None = None
         self.started_wall = time.time()
         self.unit: Unit = unit_for(cfg.stimulation)
         self.units_fired = 0
@@ -159,7 +154,6 @@ class ClosedLoopService:
         self._watchdog_stop = threading.Event()
         self._result_tasks: set[asyncio.Task[None]] = set()
         self._topping_up = False
-        self._protocol_restore: tuple[float, ...] | None = None
 
     # -- life cycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, *,
@@ -325,6 +319,10 @@ class ClosedLoopService:
                                  cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
         else:
             self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        self.protocols = ProtocolRunner(
+            _RunnerHost(self), stim=self.stim, unit=self.unit,
+            settle_s=lambda: self.cfg.stimulator.settle_ms / 1000.0, spawn=self._spawn,
+            results=self.stats.protocol_results)
         self._event("stimulator_ready", **driver.status(), pattern=self.unit.kind,
                     pulses_per_unit=self.unit.pulses, timing=cfg.stimulation.timing)
         self.scheduler = FireScheduler(
@@ -504,7 +502,7 @@ class ClosedLoopService:
                 self.stats.estimates += 1
                 clock_now = pylsl.local_clock()
                 now = core.decision_time(newest, clock_now)
-                if self._protocol_holds(clock_now):
+                if self.protocols is not None and self.protocols.holds(clock_now):
                     continue  # an MEP protocol waits for its last MEP before the next pulse
                 skew = clock_now - newest  # how old the newest sample's timestamp claims
                 if not -_MAX_FUTURE_S <= skew <= cfg.safety.max_eeg_age_ms / 1000.0:
@@ -540,12 +538,12 @@ class ClosedLoopService:
                 if decision is None:
                     continue
                 self.stats.decisions += 1
+                self._decision_id += 1
                 stages = {"read_dsp_us": round((t_b - t_a) / 1000, 1),
                           "estimate_us": round((t_c - t_b) / 1000, 1),
                           "decide_us": round((t_d - t_c) / 1000, 1)}
                 reason = decision.reason
                 if decision.fire:
-                    self._request_id += 1
                     context = {
                         "target_phase_deg": cfg.trigger.target_phase_deg,
                         "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
@@ -555,7 +553,7 @@ class ClosedLoopService:
                         **({"expected_error_deg": round(est.expected_error_deg, 1)}
                            if est.expected_error_deg is not None else {}),
                     }
-                    req = PulseRequest(self._request_id, decision.fire_time, context,
+                    req = PulseRequest(self._decision_id, decision.fire_time, context,
                                        self.unit.offsets)
                     if scheduler.submit(req):
                         self.stats.chunk_to_handoff_ms.add(
@@ -566,7 +564,8 @@ class ClosedLoopService:
                 fired = reason in ("target_phase", "open_loop")
                 if not fired:
                     self.stats.refused[reason] += 1
-                self._event("decision", fire=fired, reason=reason,
+                self._event("decision", decision_id=self._decision_id, fire=fired,
+                            reason=reason,
                             crossing_lsl_time=decision.crossing_time,
                             fire_lsl_time=decision.fire_time,
                             predicted_phase_deg=round(
@@ -632,20 +631,15 @@ class ClosedLoopService:
         if not o.fired:
             self.stats.refused[o.reason] += 1
             self._event("pulse_refused", reason=o.reason,
-                        scheduled_lsl_time=o.request.fire_time, request_id=o.request.id,
+                        scheduled_lsl_time=o.request.fire_time, decision_id=o.request.id,
                         delivered=len(o.times), of=len(o.request.offsets),
                         **{k: v for k, v in ctx.items() if k != "stages_us"})
             return
         self.units_fired += 1
-        proto = self._protocol
-        if proto is not None:
-            if proto["mep"] is not None:
-                proto["awaiting"] = o.times[-1]
-            elif (proto["pulses"] is not None
-                  and proto["pulses"] - proto["fired"] < self.unit.pulses):
-                self.stop_protocol(by="protocol_complete")  # no whole unit fits any more
+        if self.protocols is not None:
+            self.protocols.unit_fired(o.request.id)
         limit = self.unit.max_units
-        if limit is not None and self.units_fired >= limit and self._protocol is None:
+        if limit is not None and self.units_fired >= limit and self.protocol is None:
             self._event("stimulation_complete", units=self.units_fired, pattern=self.unit.kind,
                         pulses=self.stats.fired)
             self.disarm(by="stimulation_complete")
@@ -669,9 +663,7 @@ class ClosedLoopService:
             finally:
                 self._topping_up = False
 
-        task = self._loop.create_task(top_up())
-        self._result_tasks.add(task)
-        task.add_done_callback(self._result_tasks.discard)
+        self._spawn(top_up())
 
     def _record_unit_pulses(self, o: PulseOutcome) -> None:
         """One ``pulse`` event per trigger delivered, with its own schedule and error, and
@@ -684,15 +676,15 @@ class ClosedLoopService:
             scheduled = req.fire_time + req.offsets[k]
             shots = o.pulses[k] if k < len(o.pulses) else ((t, self.stim.intensity_pct),)
             self.stats.fired += len(shots)
-            if self._protocol is not None:
-                self._protocol["fired"] += len(shots)
+            if self.protocols is not None:
+                self.protocols.pulses_delivered(len(shots))
             error_ms = (t - scheduled) * 1000.0
             self.stats.fire_error_ms.add(error_ms)
             record: dict[str, Any] = {
                 "lsl_time": t, "scheduled_lsl_time": scheduled,
                 "fire_error_ms": round(error_ms, 4), "command_lsl_time": o.command_times[k],
                 "intensity_pct": shots[-1][1], "driver": self.stim.driver.name,
-                "pulse_number": self.stats.fired, "request_id": req.id,
+                "pulse_number": self.stats.fired, "decision_id": req.id,
                 **{key: v for key, v in ctx.items() if key != "stages_us"}}
             if n_unit > 1:
                 record.update(unit=self.unit.kind, unit_index=k, unit_size=n_unit)
@@ -715,7 +707,7 @@ class ClosedLoopService:
             # the MEP of a paired pulse follows the test pulse; of a burst, its last pulse
             t_mep = o.times[-1] + (paired[1] / 1000.0 if paired is not None else 0.0)
             if self.unit.kind != "burst" or len(o.times) == n_unit:
-                self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock())
+                self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock(), decision_id=req.id)
 
     def _on_driver_fault(self, reason: str) -> None:
         """The driver found a fault on its own (keep-alive, port, device error): disarm."""
@@ -727,7 +719,7 @@ class ClosedLoopService:
                     f"{_RECONNECT_S:g} s, arm again when it is back")
         self.stats.refused["stimulator_fault"] += 1
         self._next_reconnect = time.monotonic() + _RECONNECT_S
-        if self._protocol is not None:
+        if self.protocol is not None:
             self.stop_protocol(by="stimulator_fault")
 
     async def _reconnect_stimulator(self) -> None:
@@ -809,7 +801,7 @@ class ClosedLoopService:
                     action="arm again when the cause is known")
                 self._watchdog_trip = None
                 self.stats.refused["watchdog"] += 1
-                if self._protocol is not None:
+                if self.protocol is not None:
                     self.stop_protocol(by="watchdog")
             self._poll_meps()
             if time.monotonic() >= self._next_reconnect and self.stim is not None:
@@ -843,7 +835,8 @@ class ClosedLoopService:
 
     def _record_mep(self, rec: MepRecord) -> None:
         m = rec.measure
-        fields = {"pulse_lsl_time": rec.pulse_lsl_time, "source": rec.source,
+        fields = {"pulse_lsl_time": rec.pulse_lsl_time, "decision_id": rec.decision_id,
+                  "source": rec.source,
                   "channel": rec.channel, "p2p_uv": _r(m.p2p_uv), "latency_ms": _r(m.latency_ms),
                   "peak_latency_ms": _r(m.peak_latency_ms), "area_uv_ms": _r(m.area_uv_ms),
                   "background_p2p_uv": _r(m.background_p2p_uv),
@@ -851,7 +844,8 @@ class ClosedLoopService:
                   "rejected": m.rejected, "reason": m.reason}
         self.stats.meps.append(fields)
         self._event("mep", **fields)
-        self._protocol_mep(rec)
+        if self.protocols is not None:
+            self.protocols.mep(rec, self.cfg.mep.channels[0])
 
 
     # -- control: called on the event loop (MQTT control plane, tests) ---------------
@@ -882,7 +876,7 @@ class ClosedLoopService:
             return "stopped"
         if not self.ready.is_set() or self.stim is None:
             return "starting"
-        if self._protocol is not None:
+        if self.protocol is not None:
             return "running"
         return "armed" if self.stim.armed else "idle"
 
@@ -957,130 +951,44 @@ class ClosedLoopService:
             out["band_hz"] = list(self.tracker.band)
         return out
 
+    @property
+    def protocol(self) -> ProtocolRun | None:
+        """The running protocol's state (None: none runs)."""
+        return self.protocols.run if self.protocols is not None else None
+
     def start_protocol(self, name: str, *, pulses: int | None, by: str) -> None:
-        """Arm and run a protocol until stopped or ``pulses`` have fired.
+        """Arm and run a protocol until stopped or ``pulses`` have fired
+        (:mod:`closedloop.control.protocols`).
 
         Raises:
-            ControlError: unknown protocol, one already running, or not operational.
+            ControlError: unknown protocol, one already running, not operational, or one
+                the stimulation pattern or the streams cannot run.
         """
         if name not in PROTOCOLS:
             raise ControlError(f"protocol: unknown '{name}' (known: {', '.join(PROTOCOLS)})")
-        if self._protocol is not None:
-            raise ControlError(f"start: protocol '{self._protocol['name']}' is running; "
+        if self.protocol is not None:
+            raise ControlError(f"start: protocol '{self.protocol.name}' is running; "
                                "stop it first")
         self._require_operational("start")
-        mep: MepProtocol | None = None
-        if name in MEP_PROTOCOLS:
-            if self.emg is None:
-                raise ControlError(f"start: '{name}' needs the EMG stream (streams.emg), "
-                                   "which is not connected")
-            mep = make_mep_protocol(name, pulses=pulses,
-                                    intensity_pct=self.cfg.stimulator.intensity_pct,
-                                    max_intensity_pct=self.cfg.safety.max_intensity_pct,
-                                    seed=self.cfg.trigger.seed)
-        assert self.stim is not None
-        if self.stim.gate.unit_active:
-            raise ControlError("start: a unit is still being delivered; start again when it "
-                               "has ended")
-        # the gate holds the protocol to its pulses (conditioning pulses included; an MEP
-        # protocol's `pulses` are trials of one unit each)
-        budget = None if pulses is None else pulses * (self.unit.pulses if mep else 1)
-        self.stim.gate.set_budget(budget)
-        self._protocol_restore = self.stim.commanded
-        self._protocol = {"name": name, "pulses": None if mep else pulses, "fired": 0,
-                          "started_lsl_time": pylsl.local_clock(), "mep": mep,
-                          "plan": None, "awaiting": None, "hold_until": 0.0, "rejected": 0}
-        self._event("protocol_started", by=by, protocol=name, pulses=pulses)
-        if mep is not None:
-            self._protocol_next()
-        if self._protocol is not None:
-            try:
-                self.arm(by=by)
-            except ControlError:
-                self.stop_protocol(by="arm_refused")
-                raise
-
-    def _protocol_next(self) -> None:
-        """Set up the next pulse of an MEP protocol (intensity, maybe target phase)."""
-        proto = self._protocol
-        assert proto is not None and proto["mep"] is not None and self.stim is not None
-        plan = proto["mep"].next_pulse()
-        try:
-            if plan.intensity_pct != self.stim.intensity_pct:
-                self.stim.set_intensity(plan.intensity_pct)
-        except StimulatorError as exc:
-            self._event("protocol_error", protocol=proto["name"], error=str(exc))
-            self.stop_protocol(by="protocol_error")
-            return
-        if plan.target_phase_deg is not None:
-            self.apply_config(apply_live_settings(
-                self.cfg, {"target_phase_deg": plan.target_phase_deg}, source="protocol"),
-                by="protocol")
-        proto["plan"] = plan
-        proto["awaiting"] = None
-        proto["hold_until"] = pylsl.local_clock() + self.cfg.stimulator.settle_ms / 1000.0
-
-    def _protocol_holds(self, now: float) -> bool:
-        """An MEP protocol waits for the last MEP and for the stimulator to settle."""
-        proto = self._protocol
-        return (proto is not None and proto["mep"] is not None
-                and (proto["awaiting"] is not None or now < proto["hold_until"]))
-
-    def _protocol_mep(self, rec: MepRecord) -> None:
-        proto = self._protocol
-        if (proto is None or proto["mep"] is None or proto["awaiting"] is None
-                or rec.pulse_lsl_time != proto["awaiting"]
-                or rec.channel != self.cfg.mep.channels[0]):
-            return
-        if rec.measure.rejected:  # no usable MEP: give the same pulse again
-            proto["rejected"] += 1
-            proto["awaiting"] = None
-            if proto["rejected"] >= _MAX_REJECTED_IN_A_ROW:
-                self._event("protocol_error", protocol=proto["name"], error=(
-                    f"{proto['rejected']} MEPs in a row rejected ({rec.measure.reason})"))
-                self.stop_protocol(by="protocol_error")
-            return
-        proto["rejected"] = 0
-        mep: MepProtocol = proto["mep"]
-        mep.record(proto["plan"], rec.measure.p2p_uv)
-        if mep.done:
-            self.stop_protocol(by="protocol_complete")
-            # the final fit (a bootstrap, hundreds of ms) runs in a worker thread: the EEG
-            # pipeline on this loop must not stall
-            assert self._loop is not None
-            task = self._loop.create_task(self._protocol_result(proto["name"], mep))
-            self._result_tasks.add(task)
-            task.add_done_callback(self._result_tasks.discard)
-        else:
-            self._protocol_next()
-
-    async def _protocol_result(self, name: str, mep: MepProtocol) -> None:
-        try:
-            result = await asyncio.to_thread(mep.result)
-        except ValueError as exc:
-            result = {"error": str(exc)}
-        self.stats.protocol_results.append({"protocol": name, **result})
-        self._event("protocol_result", protocol=name, **result)
+        assert self.protocols is not None
+        self.protocols.start(name, pulses=pulses, by=by, emg_connected=self.emg is not None,
+                             intensity_pct=self.cfg.stimulator.intensity_pct,
+                             max_intensity_pct=self.cfg.safety.max_intensity_pct,
+                             seed=self.cfg.trigger.seed)
 
     def stop_protocol(self, *, by: str) -> None:
         """Stop the running protocol (if any) and disarm."""
-        proto, self._protocol = self._protocol, None
-        self.disarm(by=by)
-        if proto is None or self.stim is None:
-            return
-        self.stim.gate.set_budget(None)
-        self._event("protocol_stopped", by=by, protocol=proto["name"], fired=proto["fired"])
-        restore, self._protocol_restore = self._protocol_restore, None
-        if restore is not None and self.stim.commanded != restore:
-            # the intensity the protocol found (the scheduler was cancelled by the disarm;
-            # a unit still ending refuses the change, and says so)
-            try:
-                self.stim.set_intensity(restore[-1])
-                self._event("intensity_restored", protocol=proto["name"],
-                            intensity_pct=restore[-1])
-            except StimulatorError as exc:
-                self._event("protocol_error", protocol=proto["name"],
-                            error=f"could not restore the intensity {restore[-1]:g}%: {exc}")
+        if self.protocols is None:
+            self.disarm(by=by)
+        else:
+            self.protocols.stop(by=by)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop; the service waits for it on the way out."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._result_tasks.add(task)
+        task.add_done_callback(self._result_tasks.discard)
 
     def calibrate(self, *, seconds: float, by: str) -> dict[str, Any]:
         """Find the individual peak in the newest ``seconds`` of EEG and use its band.
@@ -1143,9 +1051,7 @@ class ClosedLoopService:
             "uptime_s": round(time.time() - self.started_wall, 1),
             "streams": {"eeg": stream(self.eeg), "emg": stream(self.emg),
                         "pulses": stream(self.pulse_markers)},
-            "protocol": ({k: v for k, v in self._protocol.items()
-                          if k in ("name", "pulses", "fired", "started_lsl_time")}
-                         if self._protocol else None),
+            "protocol": self.protocol.summary() if self.protocol is not None else None,
             "counts": {"pulses": s.fired, "decisions": s.decisions,
                        "refused": sum(s.refused.values()), "meps": len(s.meps),
                        "samples_lost": s.samples_lost},
@@ -1193,6 +1099,30 @@ class ClosedLoopService:
             "eeg_buffer_fill": fill, "samples_lost": s.samples_lost,
             "pulses": s.fired, "refused": dict(s.refused),
         }
+
+
+class _RunnerHost:
+    """The service as the protocol runner sees it."""
+
+    def __init__(self, service: ClosedLoopService) -> None:
+        self._s = service
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._s.record(kind, **fields)
+
+    def clock(self) -> float:
+        return float(pylsl.local_clock())
+
+    def arm(self, *, by: str) -> None:
+        self._s.arm(by=by)
+
+    def disarm(self, *, by: str) -> None:
+        self._s.disarm(by=by)
+
+    def set_target_phase(self, deg: float) -> None:
+        s = self._s
+        s.apply_config(apply_live_settings(s.cfg, {"target_phase_deg": deg},
+                                           source="protocol"), by="protocol")
 
 
 def _write_status(path: str, status: dict[str, Any]) -> str | None:

@@ -23,12 +23,14 @@ __all__ = ["MepRecord", "MepTracker"]
 
 @dataclass(frozen=True, slots=True)
 class MepRecord:
-    """One channel's measures for one pulse."""
+    """One channel's measures for one pulse (``decision_id``: the decision whose unit
+    gave it; None for a pulse from elsewhere, a marker)."""
 
     pulse_lsl_time: float
     source: str
     channel: str
     measure: MepMeasure
+    decision_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class _Pending:
     t: float
     source: str
     since: float
+    decision_id: int | None
 
 
 class MepTracker:
@@ -54,9 +57,10 @@ class MepTracker:
         """Pulses waiting for their window."""
         return len(self._pending)
 
-    def add_pulse(self, t: float, source: str, now: float) -> None:
-        """Register a pulse at LSL time ``t``."""
-        self._pending.append(_Pending(t, source, now))
+    def add_pulse(self, t: float, source: str, now: float,
+                  decision_id: int | None = None) -> None:
+        """Register a pulse at LSL time ``t`` (of the unit of ``decision_id``)."""
+        self._pending.append(_Pending(t, source, now, decision_id))
 
     def poll(self, ring: RingBuffer | None, now: float) -> list[MepRecord]:
         """Measure every pending pulse whose window is complete or timed out."""
@@ -85,7 +89,7 @@ class MepTracker:
     def _unavailable(self, p: _Pending) -> list[MepRecord]:
         nan = float("nan")
         m = MepMeasure(nan, None, nan, nan, nan, nan, True, "emg_unavailable")
-        return [MepRecord(p.t, p.source, ch, m) for ch in self.channels]
+        return [MepRecord(p.t, p.source, ch, m, p.decision_id) for ch in self.channels]
 
     def _measure(self, ring: RingBuffer, p: _Pending) -> list[MepRecord]:
         c = self.cfg
@@ -104,5 +108,5 @@ class MepTracker:
             m = measure_mep(x, t_rel, window_ms=c.window_ms, background_ms=c.background_ms,
                             preactivation_uv=c.preactivation_uv, onset_sd=c.onset_sd,
                             no_response_uv=c.no_response_uv)
-            out.append(MepRecord(p.t, p.source, ch, m))
+            out.append(MepRecord(p.t, p.source, ch, m, p.decision_id))
         return out
