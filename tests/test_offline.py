@@ -136,6 +136,15 @@ async def test_live_replay_and_offline_make_the_same_decisions(tmp_path: Path) -
     assert session.duration_s > SECONDS - 2.0
     offline = run_offline(cfg_a, session, t0=session.first_timestamp)
     _same_decisions(offline.decisions, live_a)
+    # the records are the live events, field for field
+    events = read_events(tmp_path / "a" / "events.jsonl")
+    for kind, records in (("decision", offline.decisions), ("pulse", offline.pulses)):
+        live = [e for e in events if e["event"] == kind]
+        assert live and records, kind
+        assert set(records[0]) == set(live[-1]) - {"event", "wall_time"}, kind
+        assert all(set(r) == set(records[0]) for r in records), kind
+    pulse = next(e for e in events if e["event"] == "pulse")
+    assert pulse["decision_id"] in {d["decision_id"] for d in live_a if d["fire"]}
     fired = [d for d in live_a if d["fire"]]
     assert len(fired) >= 3  # from 17 s: the trained filter takes over 2 s after 15 s
 

@@ -45,6 +45,14 @@ from closedloop.config.schema import HARD_MIN_INTERVAL_S, Config
 from closedloop.control.api import Attachment, Listener, Unsubscribe
 from closedloop.control.bus import EventBus
 from closedloop.control.core import DecisionCore
+from closedloop.control.ledger import (
+    PulseLedger,
+    decision_fields,
+    fire_context,
+    mep_fields,
+    mep_time,
+    refusal_fields,
+)
 from closedloop.control.memory import trim_heap
 from closedloop.control.protocols import PROTOCOLS, ProtocolRun, ProtocolRunner
 from closedloop.control.runtime import (
@@ -142,6 +150,7 @@ class ClosedLoopService:
         self.recorder: SessionRecorder | None = None
         self._last_external = -math.inf
         self.protocols: ProtocolRunner | None = None
+        self.ledger: PulseLedger | None = None
         self.started_wall = time.time()
         self.unit: Unit = unit_for(cfg.stimulation)
         self.units_fired = 0
@@ -319,6 +328,7 @@ class ClosedLoopService:
                                  cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
         else:
             self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        self.ledger = PulseLedger(driver=driver.name, unit=self.unit)
         self.protocols = ProtocolRunner(
             _RunnerHost(self), stim=self.stim, unit=self.unit,
             settle_s=lambda: self.cfg.stimulator.settle_ms / 1000.0, spawn=self._spawn,
@@ -498,7 +508,6 @@ class ClosedLoopService:
                     self._record_estimator(tracker)
                 if update is None:
                     continue
-                est, amp, threshold = update.est, update.amplitude, update.threshold
                 self.stats.estimates += 1
                 clock_now = pylsl.local_clock()
                 now = core.decision_time(newest, clock_now)
@@ -544,15 +553,10 @@ class ClosedLoopService:
                           "decide_us": round((t_d - t_c) / 1000, 1)}
                 reason = decision.reason
                 if decision.fire:
-                    context = {
-                        "target_phase_deg": cfg.trigger.target_phase_deg,
-                        "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
-                        "estimate_lsl_time": est.lsl_time, "decision_lsl_time": t_decided,
-                        "chunk_lsl_time": chunk_newest, "freq_hz": round(est.freq_hz, 3),
-                        "band_amplitude": round(amp, 3), "stages_us": stages,
-                        **({"expected_error_deg": round(est.expected_error_deg, 1)}
-                           if est.expected_error_deg is not None else {}),
-                    }
+                    context = fire_context(decision, update,
+                                           target_phase_deg=cfg.trigger.target_phase_deg,
+                                           decided=t_decided, chunk=chunk_newest,
+                                           stages_us=stages)
                     req = PulseRequest(self._decision_id, decision.fire_time, context,
                                        self.unit.offsets)
                     if scheduler.submit(req):
@@ -564,20 +568,9 @@ class ClosedLoopService:
                 fired = reason in ("target_phase", "open_loop")
                 if not fired:
                     self.stats.refused[reason] += 1
-                self._event("decision", decision_id=self._decision_id, fire=fired,
-                            reason=reason,
-                            crossing_lsl_time=decision.crossing_time,
-                            fire_lsl_time=decision.fire_time,
-                            predicted_phase_deg=round(
-                                math.degrees(decision.predicted_phase_rad), 2),
-                            phase_deg=round(math.degrees(est.phase_rad), 2),
-                            estimate_lsl_time=est.lsl_time, freq_hz=round(est.freq_hz, 3),
-                            band_amplitude=round(amp, 3),
-                            amplitude_threshold=round(threshold, 3)
-                            if math.isfinite(threshold) else None,
-                            expected_error_deg=round(est.expected_error_deg, 1)
-                            if est.expected_error_deg is not None else None,
-                            stages_us=stages)
+                self._event("decision", **decision_fields(
+                    self._decision_id, decision, update, fired=fired, reason=reason,
+                    stages_us=stages))
 
     def _record_estimator(self, tracker: PhaseTracker) -> None:
         """A trained estimator started training, took over, or could not be trained."""
@@ -624,16 +617,12 @@ class ClosedLoopService:
         self._loop.call_soon_threadsafe(guarded)
 
     def _on_outcome(self, o: PulseOutcome) -> None:
-        ctx = o.request.context
         if o.times:
             self._record_unit_pulses(o)
         self._top_up_day()
         if not o.fired:
             self.stats.refused[o.reason] += 1
-            self._event("pulse_refused", reason=o.reason,
-                        scheduled_lsl_time=o.request.fire_time, decision_id=o.request.id,
-                        delivered=len(o.times), of=len(o.request.offsets),
-                        **{k: v for k, v in ctx.items() if k != "stages_us"})
+            self._event("pulse_refused", **refusal_fields(o))
             return
         self.units_fired += 1
         if self.protocols is not None:
@@ -666,48 +655,25 @@ class ClosedLoopService:
         self._spawn(top_up())
 
     def _record_unit_pulses(self, o: PulseOutcome) -> None:
-        """One ``pulse`` event per trigger delivered, with its own schedule and error, and
-        the intensities the device's read-back said it would deliver."""
-        assert self.stim is not None
-        ctx, req = o.request.context, o.request
+        """One ``pulse`` event per trigger delivered (:mod:`closedloop.control.ledger`)."""
+        assert self.stim is not None and self.ledger is not None
         paired = self.stim.paired
-        n_unit = len(req.offsets)
-        for k, t in enumerate(o.times):
-            scheduled = req.fire_time + req.offsets[k]
-            shots = o.pulses[k] if k < len(o.pulses) else ((t, self.stim.intensity_pct),)
-            self.stats.fired += len(shots)
+        for rec in self.ledger.records(o, paired=paired, intensity_pct=self.stim.intensity_pct):
             if self.protocols is not None:
-                self.protocols.pulses_delivered(len(shots))
-            error_ms = (t - scheduled) * 1000.0
-            self.stats.fire_error_ms.add(error_ms)
-            record: dict[str, Any] = {
-                "lsl_time": t, "scheduled_lsl_time": scheduled,
-                "fire_error_ms": round(error_ms, 4), "command_lsl_time": o.command_times[k],
-                "intensity_pct": shots[-1][1], "driver": self.stim.driver.name,
-                "pulse_number": self.stats.fired, "decision_id": req.id,
-                **{key: v for key, v in ctx.items() if key != "stages_us"}}
-            if n_unit > 1:
-                record.update(unit=self.unit.kind, unit_index=k, unit_size=n_unit)
-            if len(shots) == 2 and paired is not None:
-                record["paired"] = {"conditioning_pct": shots[0][1],
-                                    "isi_ms": round((shots[1][0] - shots[0][0]) * 1e3, 3)}
-            elif len(shots) > 1:
-                record["device_burst"] = [p for _, p in shots]
-            if k == 0 and "stages_us" in ctx:
-                stages = dict(ctx["stages_us"])
-                stages["handoff_to_fire_us"] = round((o.command_time - o.handed_over) * 1e6, 1)
-                record["stages_us"] = stages
-            self.stats.pulses.append(record)
-            self._event("pulse", **record)
+                self.protocols.pulses_delivered(rec.pulses)
+            self.stats.fire_error_ms.add(rec.fire_error_ms)
+            fields = rec.fields()
+            self.stats.pulses.append(fields)
+            self._event("pulse", **fields)
             if self._markers is not None:
-                self._markers.push(t, {"event": "pulse", "n": self.stats.fired,
-                                       "intensity_pct": shots[-1][1],
-                                       "target_phase_deg": ctx.get("target_phase_deg")})
-        if self.meps is not None and self.unit.kind in ("single", "paired", "burst"):
-            # the MEP of a paired pulse follows the test pulse; of a burst, its last pulse
-            t_mep = o.times[-1] + (paired[1] / 1000.0 if paired is not None else 0.0)
-            if self.unit.kind != "burst" or len(o.times) == n_unit:
-                self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock(), decision_id=req.id)
+                self._markers.push(rec.lsl_time, {
+                    "event": "pulse", "n": rec.pulse_number, "intensity_pct": rec.intensity_pct,
+                    "target_phase_deg": rec.context.get("target_phase_deg")})
+        self.stats.fired = self.ledger.fired
+        t_mep = mep_time(o, self.unit, paired)
+        if self.meps is not None and t_mep is not None:
+            self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock(),
+                                decision_id=o.request.id)
 
     def _on_driver_fault(self, reason: str) -> None:
         """The driver found a fault on its own (keep-alive, port, device error): disarm."""
@@ -834,14 +800,7 @@ class ClosedLoopService:
             self._record_mep(rec)
 
     def _record_mep(self, rec: MepRecord) -> None:
-        m = rec.measure
-        fields = {"pulse_lsl_time": rec.pulse_lsl_time, "decision_id": rec.decision_id,
-                  "source": rec.source,
-                  "channel": rec.channel, "p2p_uv": _r(m.p2p_uv), "latency_ms": _r(m.latency_ms),
-                  "peak_latency_ms": _r(m.peak_latency_ms), "area_uv_ms": _r(m.area_uv_ms),
-                  "background_p2p_uv": _r(m.background_p2p_uv),
-                  "background_rms_uv": _r(m.background_rms_uv),
-                  "rejected": m.rejected, "reason": m.reason}
+        fields = mep_fields(rec)
         self.stats.meps.append(fields)
         self._event("mep", **fields)
         if self.protocols is not None:
@@ -1140,9 +1099,3 @@ def _write_status(path: str, status: dict[str, Any]) -> str | None:
     except OSError as exc:
         return f"{path}: {exc}"
     return None
-
-
-def _r(x: float | None, nd: int = 3) -> float | None:
-    if x is None or not math.isfinite(x):
-        return None
-    return round(x, nd)

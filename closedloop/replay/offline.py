@@ -6,10 +6,14 @@ estimator, amplitude gate, trigger policy with the stimulator's latency and the 
 margin). Time is the recording's: a decision is taken at ``now = newest sample + delay``
 (the live service's processing delay, modelled), so the same file and configuration always
 give the same decisions, and the same decisions as the live path wherever its real delay
-did not change them. The stimulator is simulated: a pulse lands exactly when scheduled,
-after the safety gate (with the recording's clock; the EEG is never stale offline). MEPs
+did not change them. The stimulation side is the live one on a simulated device: the
+live :class:`~closedloop.stim.gated.GatedStimulator` and safety gate over an in-memory
+stimulator on the recording's clock (the EEG is never stale offline), behind
+:class:`~closedloop.stim.scheduler.SimulatedScheduler`, which lands each trigger exactly
+when scheduled; decisions, pulses, refusals and MEPs are recorded by the live builders
+(:mod:`closedloop.control.ledger`), so their records have the live events' fields. MEPs
 are measured from the recording's EMG, when it has one, by the live path's
-:class:`~closedloop.mep.tracker.MepTracker`.
+:class:`~closedloop.mep.tracker.MepTracker`, joined to their pulses by decision id.
 
 Samples are rounded to float32 first, as LSL carries them to the live service.
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,10 +35,21 @@ import numpy as np
 from closedloop.blas import single_threaded_blas
 from closedloop.config.schema import Config
 from closedloop.control.core import DecisionCore
+from closedloop.control.ledger import (
+    PulseLedger,
+    decision_fields,
+    fire_context,
+    mep_fields,
+    mep_time,
+    refusal_fields,
+)
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
-from closedloop.stim.safety import SafetyGate, SafetyLimits, Trigger
+from closedloop.stim.fake import FakeStimulator
+from closedloop.stim.gated import GatedStimulator
+from closedloop.stim.safety import SafetyGate, SafetyLimits
+from closedloop.stim.scheduler import PulseOutcome, PulseRequest, SimClock, SimulatedScheduler
 from closedloop.streams.ring import RingBuffer
 
 __all__ = ["OfflineResult", "fingerprint", "run_offline"]
@@ -82,6 +97,84 @@ def fingerprint(decisions: list[dict[str, Any]], t0: float) -> str:
     return h.hexdigest()
 
 
+class _Rig:
+    """Offline's stimulation side: the live gated stimulator on an in-memory device and a
+    simulated clock, behind the simulated scheduler; records from the live ledger."""
+
+    def __init__(self, cfg: Config, core: DecisionCore, out: OfflineResult, armed: bool
+                 ) -> None:
+        self.cfg, self.core, self.out = cfg, core, out
+        self.unit = core.unit
+        self.clock = SimClock()
+        self.now = -math.inf  # data time of the decision being made
+        drv = FakeStimulator(clock=self.clock, latency_s=core.latency_s)
+        drv.name = "offline"
+        drv.open()
+        self.stim = GatedStimulator(
+            drv, SafetyGate(SafetyLimits.from_config(cfg.safety), max_units=self.unit.max_units),
+            eeg_age_s=lambda: 0.0, clock=self.clock, unit_offsets=self.unit.offsets)
+        if self.unit.paired:
+            self.stim.set_paired(cfg.stimulation.conditioning_pct,
+                                 cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
+        else:
+            self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        if armed:
+            self.stim.arm()
+        self.scheduler = SimulatedScheduler(
+            self.stim, on_outcome=self._on_outcome,
+            max_lateness_s=cfg.trigger.max_lateness_ms / 1000.0, clock=self.clock,
+            now=lambda: self.now)
+        self.ledger = PulseLedger(driver=drv.name, unit=self.unit)
+        self.units_fired = 0
+        self.decision_id = 0
+        self.mep_pulses: list[tuple[float, int]] = []  # (MEP's pulse time, decision id)
+
+    def _on_outcome(self, o: PulseOutcome) -> None:
+        paired = self.stim.paired
+        for rec in self.ledger.records(o, paired=paired, intensity_pct=self.stim.intensity_pct):
+            self.out.pulses.append(rec.fields())
+        # (the live events' lsl_time is when they were recorded: here, when they happened)
+        t_mep = mep_time(o, self.unit, paired)
+        if t_mep is not None:
+            self.mep_pulses.append((t_mep, o.request.id))
+        if not o.fired:
+            self.out.refused.append({**refusal_fields(o), "lsl_time": self.clock.t})
+            return
+        self.units_fired += 1
+        limit = self.unit.max_units
+        if limit is not None and self.units_fired >= limit:
+            self.stim.disarm()  # stimulation complete, as the live service does
+
+    def update(self, newest: float, delay: float, back: int = 0) -> None:
+        """One estimator update and its decision, as the live service would make them
+        (``back``: the update's sample is this many samples before the tracker's newest)."""
+        core, cfg = self.core, self.cfg
+        update = core.estimate(back, t=newest)
+        if update is None:
+            return
+        self.out.updates += 1
+        self.now = now = newest + delay
+        self.clock.t = max(self.clock.t, now)
+        decision = core.decide(update, now=now, armed=self.stim.armed,
+                               busy=self.scheduler.busy)
+        if decision is None:
+            return
+        self.decision_id += 1
+        reason = decision.reason
+        if decision.fire:
+            req = PulseRequest(self.decision_id, decision.fire_time, fire_context(
+                decision, update, target_phase_deg=cfg.trigger.target_phase_deg,
+                decided=now, chunk=newest, stages_us=None), self.unit.offsets)
+            if self.scheduler.submit(req):
+                core.scheduled(decision)
+            else:
+                reason = "scheduler_busy"
+        fired = reason in ("target_phase", "open_loop")
+        self.out.decisions.append({**decision_fields(self.decision_id, decision, update,
+                                                     fired=fired, reason=reason,
+                                                     stages_us=None), "lsl_time": now})
+
+
 def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
                 chunk_ms: float = 10.0, delay_ms: float = 1.0, t0: float | None = None,
                 armed: bool = True) -> OfflineResult:
@@ -94,21 +187,14 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
     latency = (cfg.stimulator.latency_ms or 0.0) / 1000.0
     core = DecisionCore(cfg, tracker, latency_s=latency,
                         rng=np.random.default_rng(cfg.trigger.seed))
-    gate = SafetyGate(SafetyLimits.from_config(cfg.safety), max_units=core.unit.max_units)
-    # what one trigger gives (the simulated device delivers what it is told)
-    trig = (Trigger(0.0, (cfg.stimulation.conditioning_pct, cfg.stimulator.intensity_pct),
-                    (0.0, cfg.stimulation.isi_ms / 1000.0), paired=True)
-            if core.unit.paired else Trigger(0.0, (cfg.stimulator.intensity_pct,)))
     out = OfflineResult(t0=t0, seconds=eeg.duration_s)
+    rig = _Rig(cfg, core, out, armed)
     offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
     # deterministic configurations fix the delay decisions assume; otherwise it is modelled
     delay = (cfg.phase.decision_delay_ms if cfg.phase.deterministic else delay_ms) / 1000.0
     n_chunk = max(1, round(chunk_ms / 1000.0 * eeg.fs))
     # the live path receives float32 samples over LSL: give the pipeline the same numbers
     data = np.asarray(eeg.data, dtype=np.float32).astype(np.float64)
-    busy_until = -math.inf
-    units = 0
-    unit = core.unit
     n_total = data.shape[0]
     # Once the band is known, chunks are pushed through the filters in blocks of many
     # (their per-call cost dominates otherwise) and the updates inside a block are then
@@ -125,8 +211,7 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
             for a, b, update_here in core.segments(stamps, offset_s):
                 tracker.push(data[i + a:i + b], stamps[a:b])
                 if update_here:
-                    units, busy_until = _update(core, float(stamps[b - 1]) + offset_s, delay,
-                                                armed, units, busy_until, gate, trig, cfg, out)
+                    rig.update(float(stamps[b - 1]) + offset_s, delay)
             i = j
             continue
         # where the updates fall, chunk by chunk as the live path would see them
@@ -141,83 +226,24 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
         tracker.push(data[i:j], stamps)
         for k, newest, spacing in updates:
             core.spacing = spacing
-            units, busy_until = _update(core, newest, delay, armed, units, busy_until, gate,
-                                        trig, cfg, out, back=kept - k)
+            rig.update(newest, delay, back=kept - k)
         i = j
-    if emg is not None and out.pulses:
-        out.meps = _meps(cfg, emg, out.pulses, unit.kind, t0)
+    if emg is not None and rig.mep_pulses:
+        out.meps = _meps(cfg, emg, rig.mep_pulses, t0)
     out.wall_s = time.perf_counter() - start_wall
     return out
 
 
-def _update(core: DecisionCore, newest: float, delay: float, armed: bool, units: int,
-            busy_until: float, gate: SafetyGate, trig: Trigger, cfg: Config,
-            out: OfflineResult, back: int = 0) -> tuple[int, float]:
-    """One estimator update and its decision, as the live service would make them
-    (``back``: the update's sample is this many samples before the tracker's newest)."""
-    unit = core.unit
-    update = core.estimate(back, t=newest)
-    if update is None:
-        return units, busy_until
-    out.updates += 1
-    now = newest + delay
-    limit_reached = unit.max_units is not None and units >= unit.max_units
-    decision = core.decide(update, now=now, armed=armed and not limit_reached,
-                           busy=now < busy_until)
-    if decision is None:
-        return units, busy_until
-    reason = decision.reason
-    fire = decision.fire
-    if fire and now < busy_until:  # the live scheduler still delivers the last unit
-        fire, reason = False, "scheduler_busy"
-    if fire:
-        first = replace(trig, t=decision.fire_time)
-        refusal = gate.check_start(first, offsets=unit.offsets, eeg_age_s=0.0)
-        core.scheduled(decision)
-        busy_until = decision.fire_time + unit.duration_s
-        if refusal is not None:
-            out.refused.append({"scheduled_lsl_time": decision.fire_time, "reason": refusal})
-        else:
-            units += 1
-            for k, off in enumerate(unit.offsets):
-                t = decision.fire_time + off
-                now_trig = replace(trig, t=t)
-                if k > 0 and (why := gate.check_next(now_trig, planned=t, max_lateness_s=0.0,
-                                                     eeg_age_s=0.0)) is not None:
-                    gate.end_unit()
-                    out.refused.append({"scheduled_lsl_time": t,
-                                        "reason": f"unit_aborted:{why}"})
-                    break
-                gate.commit(now_trig, start=k == 0, triggers=len(unit.offsets))
-                out.pulses.append({
-                    "lsl_time": t, "intensity_pct": cfg.stimulator.intensity_pct,
-                    "predicted_phase_deg": round(math.degrees(update.est.phase_at(t)), 2),
-                    "target_phase_deg": cfg.trigger.target_phase_deg, "unit_index": k})
-    out.decisions.append({
-        "fire": fire, "reason": reason, "crossing_lsl_time": decision.crossing_time,
-        "fire_lsl_time": decision.fire_time,
-        "predicted_phase_deg": round(math.degrees(decision.predicted_phase_rad), 2),
-        "estimate_lsl_time": update.est.lsl_time, "freq_hz": round(update.est.freq_hz, 3),
-        "band_amplitude": round(update.amplitude, 3)})
-    return units, busy_until
-
-
-def _meps(cfg: Config, emg: Recording, pulses: list[dict[str, Any]], kind: str,
+def _meps(cfg: Config, emg: Recording, pulses: list[tuple[float, int]],
           t0: float) -> list[dict[str, Any]]:
-    if kind not in ("single", "paired", "burst"):
-        return []
     missing = [c for c in cfg.mep.channels if c not in emg.labels]
     if missing:
         return []
     ring = RingBuffer(emg.data.shape[0] + 1, emg.data.shape[1])
     ring.write(emg.data, t0 + np.arange(emg.data.shape[0]) / emg.fs)
     meps = MepTracker(cfg.mep, channels=cfg.mep.channels, labels=emg.labels)
-    last_of_unit = [p for p, nxt in zip(pulses, [*pulses[1:], None], strict=True)
-                    if nxt is None or nxt["unit_index"] == 0]
-    isi = cfg.stimulation.isi_ms / 1000.0 if kind == "paired" else 0.0
-    for p in last_of_unit:
-        meps.add_pulse(p["lsl_time"] + isi, "offline", 0.0)
+    for t, decision_id in pulses:
+        meps.add_pulse(t, "offline", 0.0, decision_id=decision_id)
     records = meps.poll(ring, 0.0) + meps.flush()
-    return [{"pulse_lsl_time": r.pulse_lsl_time, "channel": r.channel,
-             "p2p_uv": r.measure.p2p_uv, "rejected": r.measure.rejected,
-             "reason": r.measure.reason} for r in records]
+    end_s = cfg.mep.window_ms[1] / 1000.0  # measured when its window was complete
+    return [{**mep_fields(r), "lsl_time": r.pulse_lsl_time + end_s} for r in records]

@@ -21,6 +21,7 @@ to ``on_outcome`` from this thread.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,8 @@ import pylsl
 
 from closedloop.stim.gated import FireResult, GatedStimulator
 
-__all__ = ["FireScheduler", "PulseOutcome", "PulseRequest"]
+__all__ = ["FireScheduler", "PulseOutcome", "PulseRequest", "SimClock", "SimulatedScheduler",
+           "run_unit"]
 
 _SPIN_S = 0.002
 _OVERHEAD_ALPHA = 0.1  # running estimate of the check path's duration
@@ -63,6 +65,101 @@ class PulseOutcome:
     # per trigger delivered: (LSL time, % of maximum output) of each of its pulses, as the
     # device's read-back said it would deliver them (conditioning pulses included)
     pulses: tuple[tuple[tuple[float, float], ...], ...] = ()
+
+
+def run_unit(stim: GatedStimulator, req: PulseRequest, handed: float, *,
+             wait: Callable[[float], str | None], clock: Callable[[], float],
+             max_lateness_s: float,
+             on_fired: Callable[[FireResult, float], None] | None = None) -> PulseOutcome:
+    """Deliver the triggers of ``req`` through ``stim``, each after ``wait(command time)``
+    (which returns a reason to stop, or None), and say how it ended.
+
+    The first trigger is refused as ``late`` when ``clock()`` is past its command time by
+    more than ``max_lateness_s``; a unit stopped part-way ends as
+    ``unit_aborted:<reason>`` with the triggers that were delivered, and the gate is told
+    the unit is over. The live fire thread and the simulated scheduler both deliver here.
+    """
+    times: list[float] = []
+    commands: list[float] = []
+    pulses: list[tuple[tuple[float, float], ...]] = []
+    for k, off in enumerate(req.offsets):
+        planned = req.fire_time + off
+        t_cmd = planned - stim.latency_s
+        reason = wait(t_cmd)
+        now = clock()
+        if reason is None and k == 0 and now - t_cmd > max_lateness_s:
+            reason = "late"
+        if reason is not None:
+            result = FireResult(False, reason, None, now)
+        else:
+            result = stim.fire_now(offsets=req.offsets, index=k, planned=planned,
+                                   max_lateness_s=max_lateness_s)
+        if result.fired and on_fired is not None:
+            on_fired(result, now)
+        if not result.fired:
+            if k > 0 or result.reason == "fire_failed":
+                stim.end_unit(times[-1] if times else None)
+            if times:  # a unit stopped part-way: say so, keep its pulses
+                result = FireResult(False, f"unit_aborted:{result.reason}", times[0],
+                                    result.command_time)
+            return PulseOutcome(req, False, result.reason, result.lsl_time,
+                                result.command_time, handed, tuple(times), tuple(commands),
+                                tuple(pulses))
+        assert result.lsl_time is not None
+        times.append(result.lsl_time)
+        commands.append(result.command_time)
+        pulses.append(result.pulses)
+    return PulseOutcome(req, True, "fired", times[0], commands[0], handed, tuple(times),
+                        tuple(commands), tuple(pulses))
+
+
+class SimulatedScheduler:
+    """The fire thread's stand-in for offline mode: a request is delivered at once, on a
+    simulated clock set to each trigger's command time (the pulse lands exactly when
+    scheduled), through the same gated stimulator; it is busy until the unit's last
+    trigger in data time (``now``)."""
+
+    def __init__(self, stim: GatedStimulator, *, on_outcome: Callable[[PulseOutcome], None],
+                 max_lateness_s: float, clock: SimClock, now: Callable[[], float]) -> None:
+        self.stim = stim
+        self._on_outcome = on_outcome
+        self.max_lateness_s = max_lateness_s
+        self._clock = clock
+        self._now = now
+        self._busy_until = -math.inf
+
+    @property
+    def busy(self) -> bool:
+        return self._now() < self._busy_until
+
+    def next_command_time(self) -> float | None:
+        return None  # nothing waits: a request is delivered when it is submitted
+
+    def submit(self, request: PulseRequest) -> bool:
+        if self.busy:
+            return False
+        self._busy_until = request.fire_time + request.offsets[-1]
+
+        def wait(t_cmd: float) -> str | None:
+            self._clock.t = max(self._clock.t, t_cmd)
+            return None
+
+        self._on_outcome(run_unit(self.stim, request, self._now(), wait=wait,
+                                  clock=self._clock, max_lateness_s=self.max_lateness_s))
+        return True
+
+    def cancel(self, reason: str) -> None:
+        """Nothing is ever pending."""
+
+
+class SimClock:
+    """A clock the simulated scheduler moves forward (never back)."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
 
 
 class FireScheduler:
@@ -123,19 +220,6 @@ class FireScheduler:
                 self._cancel_reason = reason
                 self._cv.notify_all()
 
-    def _finish(self, req: PulseRequest, handed: float, result: FireResult,
-                times: tuple[float, ...] = (), commands: tuple[float, ...] = (),
-                pulses: tuple[tuple[tuple[float, float], ...], ...] = ()) -> None:
-        with self._cv:
-            self._pending = None
-            self._cancel_reason = None
-        if times and not result.fired:  # a unit stopped part-way: say so, keep its pulses
-            result = FireResult(False, f"unit_aborted:{result.reason}", times[0],
-                                result.command_time)
-        self._on_outcome(PulseOutcome(req, result.fired, result.reason, result.lsl_time,
-                                      result.command_time, handed, times, commands,
-                                      pulses))
-
     def _wait_until(self, t_cmd: float) -> str | None:
         """Sleep (interruptibly) until shortly before ``t_cmd``; return a cancel reason."""
         with self._cv:
@@ -154,38 +238,22 @@ class FireScheduler:
         return None
 
     def _run_unit(self, req: PulseRequest, handed: float) -> None:
-        times: list[float] = []
-        commands: list[float] = []
-        pulses: list[tuple[tuple[float, float], ...]] = []
-        for k, off in enumerate(req.offsets):
-            planned = req.fire_time + off
-            t_cmd = planned - self.stim.latency_s
+        def wait(t_cmd: float) -> str | None:
             # start early by what the checks before the driver's fire() take
-            reason = self._wait_until(t_cmd - self._overhead_s)
-            now = self._clock()
-            if reason is None and k == 0 and now - t_cmd > self.max_lateness_s:
-                reason = "late"
-            if reason is not None:
-                result = FireResult(False, reason, None, now)
-            else:
-                result = self.stim.fire_now(offsets=req.offsets, index=k, planned=planned,
-                                            max_lateness_s=self.max_lateness_s)
-            if result.fired and result.lsl_time is not None:
-                spent = result.lsl_time - self.stim.latency_s - now
-                self._overhead_s += _OVERHEAD_ALPHA * (
-                    min(max(spent, 0.0), _MAX_OVERHEAD_S) - self._overhead_s)
-            if not result.fired:
-                if k > 0 or result.reason == "fire_failed":
-                    self.stim.end_unit(times[-1] if times else None)
-                self._finish(req, handed, result, tuple(times), tuple(commands),
-                             tuple(pulses))
-                return
+            return self._wait_until(t_cmd - self._overhead_s)
+
+        def fired(result: FireResult, now: float) -> None:
             assert result.lsl_time is not None
-            times.append(result.lsl_time)
-            commands.append(result.command_time)
-            pulses.append(result.pulses)
-        self._finish(req, handed, FireResult(True, "fired", times[0], commands[0]),
-                     tuple(times), tuple(commands), tuple(pulses))
+            spent = result.lsl_time - self.stim.latency_s - now
+            self._overhead_s += _OVERHEAD_ALPHA * (
+                min(max(spent, 0.0), _MAX_OVERHEAD_S) - self._overhead_s)
+
+        outcome = run_unit(self.stim, req, handed, wait=wait, clock=self._clock,
+                           max_lateness_s=self.max_lateness_s, on_fired=fired)
+        with self._cv:
+            self._pending = None
+            self._cancel_reason = None
+        self._on_outcome(outcome)
 
     def _run(self) -> None:
         try:
