@@ -310,11 +310,9 @@ def _numeric(choice: str) -> int | float | None:
 
 
 def _json_default(value: Any) -> Any:
+    """A setting's default as JSON (tuples as lists; tables have no default of their own)."""
     if isinstance(value, tuple | list):
         return [_json_default(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_default(getattr(value, f.name))
-                for f in dataclasses.fields(value)}
     return value
 
 
