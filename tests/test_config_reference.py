@@ -23,8 +23,6 @@ from closedloop.control.runtime import LIVE_KEYS, apply_live_settings
 from closedloop.errors import ConfigError
 from closedloop.mqtt.commands import CommandError, parse_command
 
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the 'test' extra")
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +35,7 @@ def _keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _validator(schema: dict[str, Any]) -> Any:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the 'test' extra")
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
