@@ -161,6 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="TOML configuration file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--print", action="store_true", help="print the effective configuration")
+
+    p = sub.add_parser("config-reference", help="print the configuration reference, generated "
+                       "from the schema: markdown, or a JSON Schema")
+    p.add_argument("--format", default="markdown", choices=("markdown", "json", "set-json"),
+                   help="markdown: the reference table (docs/configuration.md); json: JSON "
+                   "Schema of a configuration; set-json: JSON Schema of the MQTT set payload")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="write it here (default: standard output)")
     return ap
 
 
@@ -501,6 +509,23 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from closedloop.config.reference import render  # noqa: PLC0415
+
+    text = render(args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"closedloop: cannot write {args.output}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``closedloop`` console script."""
     parser = _parser()
@@ -519,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "ctl": _cmd_ctl, "status": _cmd_status,
                 "evaluate-phase": _cmd_evaluate_phase, "calibrate": _cmd_calibrate,
                 "stimulator": _cmd_stimulator, "report": _cmd_report,
-                "offline": _cmd_offline}
+                "offline": _cmd_offline, "config-reference": _cmd_config_reference}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

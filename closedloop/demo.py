@@ -27,6 +27,7 @@ from closedloop.config.load import load_config
 from closedloop.config.schema import Config, StreamSelector
 from closedloop.control.service import ClosedLoopService, ServiceStats
 from closedloop.control.stats import circular_stats_deg
+from closedloop.extras import require_matplotlib
 from closedloop.mqtt.local_broker import local_broker
 from closedloop.mqtt.plane import planes_for
 from closedloop.streams.reader import MarkerReader
@@ -161,7 +162,14 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
 def run_demo(*, duration_s: float, eeg_rate: float, overrides: list[str], seed: int | None,
              events: str | None, as_json: bool, mqtt: bool = False,
              protocol: str | None = None, report_dir: str | None = None) -> int:
-    """Run the demo; print the summary; return the exit code."""
+    """Run the demo; print the summary; return the exit code.
+
+    Raises:
+        MissingDependencyError: ``report_dir`` is given and matplotlib (the extra
+            ``report``) is not installed; raised before anything starts.
+    """
+    if report_dir is not None:
+        require_matplotlib("session reports (--report)")
     prefix = f"cl-demo-{os.getpid()}"
     events = events or str(Path(tempfile.gettempdir()) / f"{prefix}-events.jsonl")
     overrides = [*demo_overrides(prefix, events), *overrides]

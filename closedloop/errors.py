@@ -9,6 +9,7 @@
     │   └── ChannelNotFoundError   a channel label the config asks for is absent
     ├── StimulatorError        the stimulator (or its driver) failed
     ├── ControlError           a command cannot be carried out now (state, staleness)
+    ├── MissingDependencyError an optional dependency (an extra) is not installed
     └── DayCounterError        the participant's pulse counter cannot be read or written
                                (closedloop.stim.day_counter: the daily limit cannot be kept)
 
@@ -26,6 +27,7 @@ __all__ = [
     "ClosedLoopError",
     "ConfigError",
     "ControlError",
+    "MissingDependencyError",
     "StimulatorError",
     "StreamError",
     "StreamNotFoundError",
@@ -105,3 +107,20 @@ class StimulatorError(ClosedLoopError):
 
 class ControlError(ClosedLoopError):
     """A command that is valid but cannot be carried out now (e.g. arm while faulted)."""
+
+
+class MissingDependencyError(ClosedLoopError):
+    """A command needs an optional dependency that is not installed.
+
+    Attributes:
+        module: The module that could not be imported (``matplotlib``).
+        extra: The extra of closedloop that installs it (``report``).
+        purpose: What needs it (``session reports``).
+    """
+
+    def __init__(self, *, module: str, extra: str, purpose: str) -> None:
+        self.module = module
+        self.extra = extra
+        self.purpose = purpose
+        super().__init__(f"{purpose} need {module}, which is not installed: "
+                         f"pip install 'closedloop[{extra}]'")

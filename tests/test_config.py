@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from closedloop.cli import main
 from closedloop.config import load_config
 from closedloop.config.load import check_cross_fields, config_to_dict, from_dict
 from closedloop.config.redact import redacted_config
-from closedloop.config.schema import HARD_MAX_INTENSITY_PCT, Config
+from closedloop.config.schema import HARD_MAX_INTENSITY_PCT, Config, live_keys, opt
 from closedloop.control.runtime import LIVE_KEYS, apply_live_settings
 from closedloop.errors import ConfigError
 
@@ -272,3 +273,63 @@ def test_check_config_refuses_unusable_files_in_one_line(
     assert not out
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(path) in err
+
+
+def test_live_keys_are_the_fields_the_schema_marks_live() -> None:
+    """Written out on purpose: making another key live (a safety limit, a driver) must be
+    a deliberate change here too, not a flag set in passing."""
+    assert LIVE_KEYS == {
+        "band_hz": "phase.band_hz",
+        "target_phase_deg": "trigger.target_phase_deg",
+        "tolerance_deg": "trigger.tolerance_deg",
+        "amplitude_percentile": "trigger.amplitude_percentile",
+        "max_expected_error_deg": "trigger.max_expected_error_deg",
+        "wait_for_training": "trigger.wait_for_training",
+        "min_interval_s": "trigger.min_interval_s",
+        "jitter_s": "trigger.jitter_s",
+        "intensity_pct": "stimulator.intensity_pct",
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Inner:
+    x: float = opt(1.0, "x", live=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Section:
+    x: float = opt(1.0, "x", live=True)
+    inner: _Inner | None = opt(None, "nested table")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Deep:
+    a: _Section | None = opt(None, "a section with a live key in a nested table")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Twice:
+    a: _Inner | None = opt(None, "a")
+    b: _Inner | None = opt(None, "b, with the same live field name")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OneSection:
+    a: _Inner | None = opt(None, "a")
+
+
+def test_live_keys_refuse_nested_and_ambiguous_fields() -> None:
+    with pytest.raises(TypeError, match=r"a\.inner\.x: only keys of a top-level section"):
+        live_keys(_Deep)
+    with pytest.raises(TypeError, match=r"b\.x: live like a\.x"):
+        live_keys(_Twice)
+    with pytest.raises(TypeError, match="x: only keys of a top-level section"):
+        live_keys(_Section)  # x is beside the sections, not in one
+    assert live_keys(_OneSection) == {"x": "a.x"}
+
+
+def test_an_open_lower_bound_refuses_the_bound_itself() -> None:
+    with pytest.raises(ConfigError, match="expected a value > 0") as info:
+        load_config(None, ["mep.notch_hz=0"])
+    assert info.value.key == "mep.notch_hz"
+    assert load_config(None, ["mep.notch_hz=0.5"]).mep.notch_hz == 0.5

@@ -27,7 +27,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from closedloop.config.schema import PAIRED_DRIVERS, TRAIN_DRIVERS, Config
+from closedloop.config.schema import (
+    PAIRED_DRIVERS,
+    TRAIN_DRIVERS,
+    Config,
+    FieldDoc,
+    field_doc,
+)
 from closedloop.errors import ConfigError
 
 __all__ = ["MAX_INT_DIGITS", "SECRET_KEYS", "apply_override", "check_cross_fields",
@@ -188,7 +194,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: str
     for name, value in data.items():
         key = prefix + name
         kwargs[name] = _coerce(value, hints[name], key=key, source=source)
-        _check_bounds(kwargs[name], fields[name].metadata, key=key, source=source)
+        _check_bounds(kwargs[name], field_doc(fields[name]), key=key, source=source)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - all fields have defaults
@@ -313,16 +319,17 @@ def _coerce(value: Any, tp: Any, *, key: str, source: str) -> Any:
     raise ConfigError(source=source, key=key, problem=f"unsupported type {tp!r}")
 
 
-def _check_bounds(value: Any, meta: Mapping[str, Any], *, key: str, source: str) -> None:
-    lo, hi = meta.get("lo"), meta.get("hi")
+def _check_bounds(value: Any, doc: FieldDoc, *, key: str, source: str) -> None:
+    """A number against the bounds its schema field declares."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    if lo is not None and value < lo:
+    if doc.lo is not None and (value <= doc.lo if doc.lo_open else value < doc.lo):
+        relation = ">" if doc.lo_open else ">="
         raise ConfigError(source=source, key=key,
-                          problem=f"expected a value >= {lo:g}, got {value!r}")
-    if hi is not None and value > hi:
+                          problem=f"expected a value {relation} {doc.lo:g}, got {value!r}")
+    if doc.hi is not None and value > doc.hi:
         raise ConfigError(source=source, key=key,
-                          problem=f"expected a value <= {hi:g}, got {value!r}")
+                          problem=f"expected a value <= {doc.hi:g}, got {value!r}")
 
 
 def check_cross_fields(cfg: Config, source: str) -> None:
@@ -368,8 +375,6 @@ def check_cross_fields(cfg: Config, source: str) -> None:
     if mep.bandpass_hz is not None and not 0 < mep.bandpass_hz[0] < mep.bandpass_hz[1]:
         raise ConfigError(source=source, key="mep.bandpass_hz",
                           problem="expected 0 < low < high")
-    if mep.notch_hz is not None and mep.notch_hz <= 0:
-        raise ConfigError(source=source, key="mep.notch_hz", problem="expected > 0")
     _check_stimulation(cfg, source)
     if not cfg.mep.channels and cfg.streams.emg is not None:
         raise ConfigError(source=source, key="mep.channels",

@@ -1,14 +1,22 @@
 """Typed configuration of closedloop: one frozen dataclass per TOML table.
 
-Every field carries its documentation and its bounds in ``metadata`` so that the loader
-(:mod:`closedloop.config.load`) can validate values and name the bad key, and the README's
-configuration reference is generated from the same source (``closedloop config-reference``).
+This module is the single source of what a setting is: every field carries a
+:class:`FieldDoc` (its help text, its numeric bounds and whether it may change while the
+service runs) in ``metadata["doc"]``. The loader (:mod:`closedloop.config.load`) validates
+values against the bounds and names the bad key; the live-settable keys of MQTT ``set``
+and SIGHUP reload (:data:`closedloop.control.runtime.LIVE_KEYS`) are those marked
+``live``; and the configuration reference and its JSON Schemas
+(:mod:`closedloop.config.reference`, ``closedloop config-reference``) are generated from
+the same fields. Rules across fields stay in :func:`closedloop.config.load.check_cross_fields`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 __all__ = [
     "HARD_MAX_BURST_INTENSITY_MT",
@@ -26,6 +34,7 @@ __all__ = [
     "TRAIN_DRIVERS",
     "AcquisitionConfig",
     "Config",
+    "FieldDoc",
     "MepConfig",
     "MqttConfig",
     "PhaseConfig",
@@ -38,6 +47,9 @@ __all__ = [
     "StreamsConfig",
     "TlsConfig",
     "TriggerConfig",
+    "field_doc",
+    "live_keys",
+    "tables_in",
 ]
 
 # Hard caps in code: no configuration file or command can go beyond these. They are
@@ -67,11 +79,47 @@ PAIRED_DRIVERS = ("simulated", "magstim-bistim", "magventure")
 TRAIN_DRIVERS = ("simulated", "ttl", "magstim-rapid", "magventure")
 
 
+@dataclass(frozen=True, slots=True)
+class FieldDoc:
+    """What a setting means and which values it takes.
+
+    Attributes:
+        help: One line for the reference and for error messages' readers.
+        lo: Smallest allowed value of a number (None = no bound).
+        hi: Largest allowed value of a number (None = no bound).
+        lo_open: ``lo`` itself is not allowed (a value must be strictly above it).
+        live: The setting may change while the service runs (MQTT ``set``, SIGHUP
+            reload); only keys of a top-level section can be, under their field name.
+    """
+
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    live: bool = False
+
+
 def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-        lo_open: bool = False) -> Any:
-    """A dataclass field with documentation and numeric bounds for the loader."""
-    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open}
-    return field(default=default, metadata=meta)
+        lo_open: bool = False, live: bool = False) -> Any:
+    """A dataclass field with its :class:`FieldDoc`."""
+    doc = FieldDoc(help=help, lo=lo, hi=hi, lo_open=lo_open, live=live)
+    return field(default=default, metadata={"doc": doc})
+
+
+def field_doc(f: dataclasses.Field[Any]) -> FieldDoc:
+    """The :class:`FieldDoc` of a configuration field."""
+    doc = f.metadata["doc"]
+    assert isinstance(doc, FieldDoc)
+    return doc
+
+
+def tables_in(tp: Any) -> tuple[type, ...]:
+    """The config classes a field's annotation holds: itself, in ``X | None``, in tuples."""
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return (tp,)
+    if get_origin(tp) in (typing.Union, types.UnionType, tuple):
+        return tuple(t for arg in get_args(tp) for t in tables_in(arg))
+    return ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +177,7 @@ class PhaseConfig:
     reference: tuple[str, ...] = opt(("FC1", "FC5", "CP1", "CP5"),
                                "Hjorth/Laplacian: channel minus the mean of these; [] = none")
     band_hz: BandSpec = opt((8.0, 13.0), "pass band [low, high] in Hz, or \"auto\": "
-                            "individual peak ± 2 Hz found during calibration_s")
+                            "individual peak ± 2 Hz found during calibration_s", live=True)
     rhythm: Literal["alpha", "beta", "theta"] = opt(
         "alpha", "band_hz = \"auto\": where the individual peak is looked for: alpha/mu "
         "7-14 Hz (band: peak ± 2 Hz), beta 13-30 Hz (± 3 Hz), theta 4-8 Hz (± 1.5 Hz)")
@@ -201,27 +249,30 @@ class TriggerConfig:
 
     target_phase_deg: float = opt(0.0, "0 = positive peak of the band-passed signal, ±180 = "
                                   "trough, -90 = rising flank, +90 = falling flank",
-                                  lo=-180.0, hi=180.0)
+                                  lo=-180.0, hi=180.0, live=True)
     tolerance_deg: float = opt(10.0, "largest predicted phase error at which a pulse may still "
-                               "fire", lo=0.0, hi=180.0)
+                               "fire", lo=0.0, hi=180.0, live=True)
     amplitude_percentile: float = opt(50.0, "fire only when band amplitude is above this "
-                                      "running percentile (0 = no gate)", lo=0.0, hi=100.0)
+                                      "running percentile (0 = no gate)", lo=0.0, hi=100.0,
+                                      live=True)
     max_expected_error_deg: float = opt(20.0, "fire only when the estimator expects a "
                                         "phase error (circular SD) at most this large for "
                                         "the estimate (estimators that report one: "
                                         "\"wiener\"); 0 = no confidence gate",
-                                        lo=0.0, hi=180.0)
+                                        lo=0.0, hi=180.0, live=True)
     wait_for_training: bool = opt(True, "trained estimators (phase.estimator \"wiener\" "
                                   "without a wiener_file, \"etp\"): no pulse until the "
                                   "trained one takes over (refused as estimator_training; "
                                   "estimator_untrained if its training failed); false: fire "
-                                  "on AR forward prediction meanwhile, without a confidence")
+                                  "on AR forward prediction meanwhile, without a confidence",
+                                  live=True)
     amplitude_window_s: float = opt(30.0, "length of the running amplitude history",
                                     lo=1.0, hi=3600.0)
-    min_interval_s: float = opt(2.0, "minimum time between pulses", lo=HARD_MIN_INTERVAL_S,
-                                hi=3600.0)
+    min_interval_s: float = opt(2.0, "minimum time between pulses (also enforced by the "
+                                "safety gate: safety.min_interval_s)", lo=HARD_MIN_INTERVAL_S,
+                                hi=3600.0, live=True)
     jitter_s: float = opt(0.5, "random extra interval, uniform in [0, jitter_s]",
-                          lo=0.0, hi=3600.0)
+                          lo=0.0, hi=3600.0, live=True)
     scheduling_margin_ms: float = opt(1.0, "time kept free between a decision and the "
                                       "earliest pulse it schedules", lo=0.0, hi=100.0)
     max_lateness_ms: float = opt(1.0, "a pulse that would leave later than this after its "
@@ -241,7 +292,8 @@ class StimulatorConfig:
     port: str = opt("", "serial port of the device (ttl, magstim-*, magventure), e.g. "
                     "/dev/ttyUSB0")
     intensity_pct: float = opt(60.0, "stimulator output, % of maximum (with ttl: what is set "
-                               "on the device by hand)", lo=0.0, hi=HARD_MAX_INTENSITY_PCT)
+                               "on the device by hand); at most safety.max_intensity_pct",
+                               lo=0.0, hi=HARD_MAX_INTENSITY_PCT, live=True)
     arm_on_start: bool = opt(False, "arm as soon as the service is ready (otherwise it "
                              "decides but never fires)")
     settle_ms: float = opt(0.0, "wait after an intensity change before the next pulse",
@@ -369,7 +421,8 @@ class MepConfig:
     bandpass_hz: tuple[float, float] | None = opt(None, "zero-phase band-pass of each epoch "
                                                   "(e.g. [10, 1000]); None = off")
     notch_hz: float | None = opt(None, "line frequency (50 or 60) removed from each epoch "
-                                 "by a sinusoid fit to the background; None = off")
+                                 "by a sinusoid fit to the background; None = off", lo=0.0,
+                                 lo_open=True)
     timeout_s: float = opt(2.0, "give up on an MEP if the EMG does not cover its window "
                            "within this time", lo=0.1, hi=60.0)
 
@@ -458,3 +511,31 @@ class Config:
     mep: MepConfig = opt(MepConfig(), "MEP measurement")
     recording: RecordingConfig = opt(RecordingConfig(), "recording")
     mqtt: MqttConfig = opt(MqttConfig(), "MQTT control plane")
+
+
+def live_keys(root: type | None = None) -> dict[str, str]:
+    """Short name (as in MQTT payloads) -> dotted key of every field marked ``live``.
+
+    In the order of the schema (``root``, by default :class:`Config`). Raises TypeError
+    (at import of the module that calls it) when a live field is not directly in a
+    top-level section, or when two live fields share a name: a short name must say which
+    key it sets.
+    """
+    out: dict[str, str] = {}
+
+    def visit(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            if field_doc(f).live:
+                if key.count(".") != 1:
+                    raise TypeError(f"{key}: only keys of a top-level section can be live")
+                if f.name in out:
+                    raise TypeError(f"{key}: live like {out[f.name]}; short names must "
+                                    "be unique")
+                out[f.name] = key
+            for sub in tables_in(hints[f.name]):
+                visit(sub, key + ".")
+
+    visit(Config if root is None else root, "")
+    return out

@@ -1,7 +1,8 @@
 """Settings that may change while the service runs, validated like the config file.
 
 Only a whitelist of keys is live-settable (target phase, tolerance, band, amplitude
-and confidence gates, interval, jitter, intensity). Each change is run through the same
+and confidence gates, interval, jitter, intensity): the fields marked ``live`` in
+:mod:`closedloop.config.schema`. Each change is run through the same
 validation as a TOML file (its section rebuilt, then the rules across sections), so an
 MQTT payload gets exactly the same error messages (naming the key) and the same bounds,
 including the safety limits: a value beyond them is refused, never clamped. Safety limits
@@ -20,23 +21,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from closedloop.config.load import check_cross_fields, config_to_dict, from_dict
-from closedloop.config.schema import Config
+from closedloop.config.schema import Config, live_keys
 from closedloop.errors import ConfigError
 
 __all__ = ["LIVE_KEYS", "apply_live_settings", "live_value", "restart_keys"]
 
-# short name (as in MQTT payloads) -> dotted config key
-LIVE_KEYS: dict[str, str] = {
-    "target_phase_deg": "trigger.target_phase_deg",
-    "tolerance_deg": "trigger.tolerance_deg",
-    "amplitude_percentile": "trigger.amplitude_percentile",
-    "max_expected_error_deg": "trigger.max_expected_error_deg",
-    "wait_for_training": "trigger.wait_for_training",
-    "min_interval_s": "trigger.min_interval_s",
-    "jitter_s": "trigger.jitter_s",
-    "band_hz": "phase.band_hz",
-    "intensity_pct": "stimulator.intensity_pct",
-}
+# short name (as in MQTT payloads) -> dotted config key: the fields the schema marks live
+LIVE_KEYS: dict[str, str] = live_keys()
 
 
 def live_value(cfg: Config, dotted: str) -> Any:

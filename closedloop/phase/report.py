@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from closedloop.errors import ClosedLoopError
+from closedloop.extras import require_matplotlib
 from closedloop.phase.evaluate import ESTIMATORS, EvaluationResult, evaluate_signal
 from closedloop.replay.recording import Recording, load_edf, load_xdf
 
@@ -61,6 +62,7 @@ def load_signal(path: Path, channel: str, reference: Sequence[str]
 
 def polar_png(results: Sequence[EvaluationResult], path: Path, title: str) -> None:
     """Polar histograms of the phase error at amplitude above the median."""
+    require_matplotlib("polar histograms (--png)")
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -89,6 +91,8 @@ def evaluate_file(path: Path, *, channel: str, reference: Sequence[str],
                   json_out: Path | None = None, png_out: Path | None = None,
                   rhythm: str = "alpha") -> dict[str, Any]:
     """Evaluate, write the JSON and PNG when asked, and return the report."""
+    if png_out is not None:  # before a minute of computing, not after
+        require_matplotlib("polar histograms (--png)")
     x, fs = load_signal(path, channel, reference)
     if len(x) < (train_s + 20.0) * fs:
         raise ClosedLoopError(f"{path}: {len(x) / fs:.0f} s is too short: {train_s:g} s of "

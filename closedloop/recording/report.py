@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from closedloop.errors import ClosedLoopError
+from closedloop.extras import require_matplotlib
 from closedloop.recording.events import read_events
 
 __all__ = ["SessionData", "build_report", "load_session"]
@@ -252,7 +253,12 @@ def _health_rows(d: SessionData) -> list[tuple[str, str, str]]:
 
 def build_report(events_path: str | Path, *, xdf_path: str | Path | None = None,
                  out_dir: str | Path | None = None) -> Path:
-    """Write ``report.html`` and the PNGs into ``out_dir``; return the HTML's path."""
+    """Write ``report.html`` and the PNGs into ``out_dir``; return the HTML's path.
+
+    Raises:
+        MissingDependencyError: matplotlib (the extra ``report``) is not installed.
+    """
+    require_matplotlib("session reports")
     d = load_session(events_path, xdf_path)
     out = Path(out_dir) if out_dir is not None else Path(events_path).with_suffix("")
     out = out if out.suffix == "" else out.with_suffix("")

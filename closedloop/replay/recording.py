@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from closedloop.errors import ClosedLoopError
+from closedloop.extras import require_edf
 
 __all__ = ["MarkerTrack", "Recording", "XdfContent", "load_edf", "load_xdf",
            "normalise_label"]
@@ -58,7 +59,9 @@ def load_edf(path: str | Path) -> Recording:
 
     Raises:
         ClosedLoopError: the file cannot be read.
+        MissingDependencyError: pyedflib (the extra ``edf``) is not installed.
     """
+    require_edf()
     import pyedflib  # noqa: PLC0415 - only needed for EDF
 
     try:
