@@ -394,10 +394,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from closedloop.phase.calibrate import (  # noqa: PLC0415
         LIVE_ESTIMATORS,
         calibrate_signal,
-        record_live,
         signal_from_file,
         write_config,
     )
+    from closedloop.streams.capture import record_live  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
     if args.file:

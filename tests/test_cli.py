@@ -227,7 +227,7 @@ def test_calibrate_from_a_file_writes_a_usable_config(tmp_path: Path) -> None:
 @pytest.mark.lsl
 def test_calibrate_records_the_live_stream(pushers: list) -> None:  # type: ignore[type-arg]
     from closedloop.config import load_config  # noqa: PLC0415
-    from closedloop.phase.calibrate import record_live  # noqa: PLC0415
+    from closedloop.streams.capture import record_live  # noqa: PLC0415
     from tests.conftest import Pusher  # noqa: PLC0415
 
     name = unique("cal")

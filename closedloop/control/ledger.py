@@ -4,7 +4,7 @@ One :class:`PulseRecord` per trigger delivered, with its own schedule and timing
 the intensities the device's read-back said it would deliver (a paired pulse's
 conditioning pulse, a device burst's pulses), its place in the unit, and the
 ``decision_id`` of the decision that asked for it. The live service and offline mode build
-their records here, from the same :class:`~closedloop.stim.scheduler.PulseOutcome`, so they
+their records here, from the same :class:`~closedloop.stim.requests.PulseOutcome`, so they
 have the same fields. :func:`mep_time` says when the unit's MEP follows (after a paired
 pulse's test pulse, a burst's last pulse) or that it has none to measure.
 """
@@ -19,7 +19,7 @@ from closedloop.control.core import Update
 from closedloop.control.trigger_policy import Decision
 from closedloop.mep.tracker import MepRecord
 from closedloop.stim.patterns import Unit
-from closedloop.stim.scheduler import PulseOutcome
+from closedloop.stim.requests import PulseOutcome
 
 __all__ = ["PulseLedger", "PulseRecord", "decision_fields", "fire_context", "mep_fields",
            "mep_time", "refusal_fields"]

@@ -12,8 +12,6 @@ targeting, it says so plainly.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from closedloop.phase.report import load_recording
 from closedloop.phase.wiener import MIN_SNR_DB, train_wiener
 
 __all__ = ["LIVE_ESTIMATORS", "MIN_SNR_DB", "VARIANTS", "calibrate_signal", "candidates",
-           "record_live", "write_config"]
+           "write_config"]
 
 LIVE_ESTIMATORS = ("ar", "echt", "etp", "resonator", "wiener")
 # estimator -> the parameter whose values are tried besides the configured one
@@ -103,39 +101,6 @@ def signal_from_file(cfg: Config, path: Path) -> tuple[npt.NDArray[np.float64], 
     dec = Decimator(rec.fs, Decimator.factor_for(rec.fs, cfg.phase.processing_rate_hz))
     x, _ = dec.process(spatial.apply(rec.data), np.arange(len(rec.data)) / rec.fs)
     return x, dec.fs_out
-
-
-def record_live(cfg: Config, seconds: float,
-                progress: Callable[[float], None] | None = None
-                ) -> tuple[npt.NDArray[np.float64], float]:
-    """Record ``seconds`` of the configured EEG stream, spatially filtered, decimated."""
-    from closedloop.streams.reader import StreamReader  # noqa: PLC0415
-
-    reader = StreamReader(role="eeg", selector=cfg.streams.eeg, acquisition=cfg.acquisition,
-                          required_labels={"phase.channel": [cfg.phase.channel],
-                                           "phase.reference": list(cfg.phase.reference)},
-                          on_data=lambda: None, on_event=lambda _e: None)
-    buffer_s = max(cfg.acquisition.buffer_s, seconds + 5.0)
-    reader.acq = replace(cfg.acquisition, buffer_s=buffer_s)
-    reader.start()
-    try:
-        summary = reader.wait_connected(cfg.acquisition.resolve_timeout_s)
-        spatial = hjorth(summary.labels, cfg.phase.channel, cfg.phase.reference)
-        dec = Decimator(summary.rate_hz, Decimator.factor_for(summary.rate_hz,
-                                                              cfg.phase.processing_rate_hz))
-        start = time.monotonic()
-        while (elapsed := time.monotonic() - start) < seconds:
-            if reader.error is not None:
-                raise reader.error
-            if progress is not None:
-                progress(elapsed)
-            time.sleep(min(1.0, seconds - elapsed))
-        assert reader.ring is not None
-        got = reader.ring.latest(int(seconds * summary.rate_hz))
-        x, _ = dec.process(spatial.apply(got.data), got.timestamps)
-        return x, dec.fs_out
-    finally:
-        reader.stop()
 
 
 def write_config(cfg: Config, result: dict[str, Any], path: Path,

@@ -79,8 +79,9 @@ from typing import Any, Literal
 
 from closedloop.errors import StimulatorError
 from closedloop.stim.base import Commanded, DeviceState
-from closedloop.stim.serial_link import SerialDriver, SerialLink, wire_time_s
-from closedloop.stim.ttl import TtlLine
+from closedloop.stim.serial_driver import SerialDriver
+from closedloop.stim.serial_link import SerialLink, wire_time_s
+from closedloop.stim.trigger_line import TriggerLine
 
 __all__ = ["MagstimStimulator", "crc", "frame"]
 
@@ -118,7 +119,7 @@ class MagstimStimulator(SerialDriver):
 
     def __init__(self, *, port: str, model: Model = "200", keepalive_s: float = 0.5,
                  timeout_s: float = 0.3, unlock_code: str = "",
-                 trigger: TtlLine | None = None, latency_s: float | None = None) -> None:
+                 trigger: TriggerLine | None = None, latency_s: float | None = None) -> None:
         if not 0.05 <= keepalive_s <= _MAX_KEEPALIVE_S:
             raise StimulatorError(f"magstim: keepalive_s must be 0.05..{_MAX_KEEPALIVE_S}")
         self.model = model

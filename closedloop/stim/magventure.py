@@ -57,8 +57,9 @@ from typing import Any
 
 from closedloop.errors import StimulatorError
 from closedloop.stim.base import Commanded, DeviceState
-from closedloop.stim.serial_link import SerialDriver, SerialLink, wire_time_s
-from closedloop.stim.ttl import TtlLine
+from closedloop.stim.serial_driver import SerialDriver
+from closedloop.stim.serial_link import SerialLink, wire_time_s
+from closedloop.stim.trigger_line import TriggerLine
 
 __all__ = ["MagVentureStimulator", "crc8", "device_state", "frame"]
 
@@ -122,7 +123,7 @@ class MagVentureStimulator(SerialDriver):
     watch_name = "poll"
 
     def __init__(self, *, port: str, timeout_s: float = 0.3, poll_s: float = 1.0,
-                 trigger: TtlLine | None = None, latency_s: float | None = None) -> None:
+                 trigger: TriggerLine | None = None, latency_s: float | None = None) -> None:
         self.link = SerialLink(port, baud=BAUD, timeout_s=timeout_s, what=self.name)
         self.trigger = trigger
         self.trigger_route = f"ttl:{trigger.line}" if trigger is not None else "serial"

@@ -25,12 +25,11 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import pylsl
 
 from closedloop.stim.gated import FireResult, GatedStimulator
+from closedloop.stim.requests import PulseOutcome, PulseRequest
 
 __all__ = ["FireScheduler", "PulseOutcome", "PulseRequest", "SimClock", "SimulatedScheduler",
            "run_unit"]
@@ -38,33 +37,6 @@ __all__ = ["FireScheduler", "PulseOutcome", "PulseRequest", "SimClock", "Simulat
 _SPIN_S = 0.002
 _OVERHEAD_ALPHA = 0.1  # running estimate of the check path's duration
 _MAX_OVERHEAD_S = 0.0005
-
-
-@dataclass(frozen=True, slots=True)
-class PulseRequest:
-    """A pulse to land at LSL time ``fire_time``; ``context`` is carried to the outcome."""
-
-    id: int
-    fire_time: float
-    context: dict[str, Any] = field(default_factory=dict)
-    offsets: tuple[float, ...] = (0.0,)  # trigger times after fire_time
-
-
-@dataclass(frozen=True, slots=True)
-class PulseOutcome:
-    """The end of one request."""
-
-    request: PulseRequest
-    fired: bool
-    reason: str
-    lsl_time: float | None
-    command_time: float
-    handed_over: float  # when the thread received the request (LSL clock)
-    times: tuple[float, ...] = ()  # every trigger delivered (all of them when fired)
-    command_times: tuple[float, ...] = ()
-    # per trigger delivered: (LSL time, % of maximum output) of each of its pulses, as the
-    # device's read-back said it would deliver them (conditioning pulses included)
-    pulses: tuple[tuple[tuple[float, float], ...], ...] = ()
 
 
 def run_unit(stim: GatedStimulator, req: PulseRequest, handed: float, *,

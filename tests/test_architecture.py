@@ -1,0 +1,93 @@
+"""The package's shape: no import cycles, the pure core imports no I/O layer, and the
+control planes depend on the control API (the contracts are in pyproject.toml)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "closedloop"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the closedloop modules it imports, lazy imports in functions included."""
+    mods = {}
+    for f in PACKAGE.rglob("*.py"):
+        name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = f
+
+    def resolve(dotted: str) -> str | None:
+        while dotted and dotted not in mods:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for t in targets:
+                if t.startswith("closedloop"):
+                    r = resolve(t)
+                    if r is not None and r != m:
+                        graph[m].add(r)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    assert "closedloop.control.service" in graph
+    assert "closedloop.control.api" in graph["closedloop.mqtt.plane"]
+    assert cycles(graph) == []
+
+
+def test_the_import_contracts_hold() -> None:
+    cli = pytest.importorskip("importlinter.cli", reason="import-linter (the test extra)")
+    assert cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True,
+                            no_logo=True) == 0
