@@ -47,13 +47,12 @@ from closedloop.control.bus import EventBus
 from closedloop.control.core import DecisionCore
 from closedloop.control.ledger import (
     PulseLedger,
-    decision_fields,
-    fire_context,
     mep_fields,
     mep_time,
     refusal_fields,
 )
 from closedloop.control.memory import trim_heap
+from closedloop.control.pipeline import EegPipeline
 from closedloop.control.protocols import PROTOCOLS, ProtocolRun, ProtocolRunner
 from closedloop.control.runtime import (
     LIVE_KEYS,
@@ -74,7 +73,7 @@ from closedloop.stim.factory import make_driver
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.patterns import Unit, unit_for
 from closedloop.stim.safety import SafetyGate, SafetyLimits
-from closedloop.stim.scheduler import FireScheduler, PulseOutcome, PulseRequest
+from closedloop.stim.scheduler import FireScheduler, PulseOutcome
 from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
 __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
@@ -86,8 +85,6 @@ _STATUS_FILE_S = 1.0
 _TRIM_HEAP_S = 60.0  # freed C heap is given back to the system this often
 _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
-_MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
-_CLOCK_GRACE_S = 2.0  # EEG stamped too old for this long is a clock problem, not a backlog
 _GIL_SWITCH_S = 0.0005
 _QUIET_BEFORE_S = 0.0015  # no pipeline update starts this close before a fire command
 _QUIET_AFTER_S = 0.0002
@@ -135,7 +132,6 @@ class ClosedLoopService:
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rng = np.random.default_rng(cfg.trigger.seed)
-        self._decision_id = 0  # every decision has one; a unit fired carries it on
         self.log: EventLog | None = None
         self.eeg: StreamReader | None = None
         self.emg: StreamReader | None = None
@@ -439,25 +435,15 @@ class ClosedLoopService:
     async def _eeg_pipeline(self) -> None:
         cfg = self.cfg
         assert self.eeg is not None and self.eeg.ring is not None and self.tracker is not None
-        assert self.stim is not None
-        ring, tracker = self.eeg.ring, self.tracker
-        offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
-        core = DecisionCore(cfg, tracker, latency_s=self.stim.latency_s, rng=self._rng)
-        self.core = core
-        # from the oldest sample received (as the session recording does): the filters warm
-        # up on it, and a replay of the recording meets the same first sample
-        pos = max(0, ring.count - ring.capacity)
-        calibrated = tracker.band is not None
-        training_state = tracker.training_state
-        if training_state == "ready":  # a calibrated model file
+        assert self.stim is not None and self.scheduler is not None
+        tracker, stim, scheduler = self.tracker, self.stim, self.scheduler
+        self.core = DecisionCore(cfg, tracker, latency_s=stim.latency_s, rng=self._rng)
+        if tracker.training_state == "ready":  # a calibrated model file
             self._record_estimator(tracker)
-        perf = time.perf_counter_ns
-        clock_bad = False
-        nonfinite_said, nonfinite_next = 0, 0.0
-        behind_since: float | None = None
-        last_reopen = -math.inf
-        scheduler = self.scheduler
-        assert scheduler is not None
+        pipeline = EegPipeline(lambda: self.cfg, tracker, self.core, self.eeg.ring,
+                               host=_PipelineHost(self), scheduler=scheduler,
+                               armed=lambda: stim.armed, unit=self.unit, stats=self.stats,
+                               clock=pylsl.local_clock)
         while True:
             await self._eeg_wake.wait()
             self._eeg_wake.clear()
@@ -469,108 +455,7 @@ class ClosedLoopService:
                 wait = due - pylsl.local_clock() + _QUIET_AFTER_S
                 if wait < _QUIET_BEFORE_S:
                     await asyncio.sleep(max(wait, 0.0))
-            t_a = perf()
-            rd = ring.read_from(pos)
-            pos = rd.start + len(rd.timestamps)
-            if rd.lost:
-                self.stats.samples_lost += rd.lost
-                self._event("samples_lost", count=rd.lost)
-                tracker.reset()
-            if not len(rd.timestamps):
-                continue
-            core.begin(float(rd.timestamps[0]) + offset_s)
-            chunk_newest = float(rd.timestamps[-1]) + offset_s  # when the chunk was stamped
-            if tracker.nonfinite != nonfinite_said and time.monotonic() >= nonfinite_next:
-                # said at most once a second: a flat-lined electrode sends NaN for minutes
-                self._event("stream_error", role="eeg", fatal=False,
-                            reason="non_finite_samples", count=tracker.nonfinite - nonfinite_said,
-                            total=tracker.nonfinite, action=(
-                                "the phase chain restarts after them; no estimate, and so no "
-                                "pulse, is made from a window that holds one"))
-                nonfinite_said, nonfinite_next = tracker.nonfinite, time.monotonic() + 1.0
-            if self.cfg is not cfg:  # settings changed while running
-                cfg = self.cfg
-                core.set_config(cfg)
-            for seg_start, seg_end, update_here in core.segments(rd.timestamps, offset_s):
-                tracker.push(rd.data[seg_start:seg_end], rd.timestamps[seg_start:seg_end])
-                if not calibrated and tracker.band is not None:
-                    calibrated = True
-                    self._record_calibration(tracker)
-                if not update_here:
-                    continue
-                t_b = perf()
-                # LSL time of the newest sample used
-                newest = float(rd.timestamps[seg_end - 1]) + offset_s
-                update = core.estimate()
-                t_c = perf()
-                if tracker.training_state != training_state:
-                    training_state = tracker.training_state
-                    self._record_estimator(tracker)
-                if update is None:
-                    continue
-                self.stats.estimates += 1
-                clock_now = pylsl.local_clock()
-                now = core.decision_time(newest, clock_now)
-                if self.protocols is not None and self.protocols.holds(clock_now):
-                    continue  # an MEP protocol waits for its last MEP before the next pulse
-                skew = clock_now - newest  # how old the newest sample's timestamp claims
-                if not -_MAX_FUTURE_S <= skew <= cfg.safety.max_eeg_age_ms / 1000.0:
-                    # no decision on data stamped in the future (a clock jump, a wrong
-                    # time_offset_ms) or too old (a backlog, a clock that went back): a phase
-                    # at such a time cannot be trusted. A backlog passes; a lasting mismatch
-                    # is a fault, said once per episode.
-                    self.stats.refused["eeg_timestamps"] += 1
-                    behind_since = clock_now if behind_since is None else behind_since
-                    if not clock_bad and (skew < 0 or clock_now - behind_since
-                                          > _CLOCK_GRACE_S):
-                        clock_bad = True
-                        self._event("fault", error="eeg_clock_mismatch", message=(
-                            f"newest EEG timestamp is {-skew * 1000:+.1f} ms from now; no "
-                            "decisions until it is consistent again; reopening the EEG inlet"),
-                            skew_ms=round(skew * 1e3, 2))
-                    if clock_bad and clock_now - last_reopen > _CLOCK_GRACE_S:
-                        # LSL's dejitter and monotonize would take minutes to forget a jump
-                        last_reopen = clock_now
-                        self.eeg.request_reopen()
-                        tracker.reset()
-                    continue
-                behind_since = None
-                if clock_bad:
-                    clock_bad = False
-                    self._event("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
-                decision = core.decide(update, now=now, armed=self.stim.armed,
-                                       busy=scheduler.busy)
-                t_d = perf()
-                t_decided = pylsl.local_clock()
-                self.stats.chunk_to_decision_ms.add((t_decided - chunk_newest) * 1000.0)
-                self.stats.update_cost_us.add((t_d - t_a) / 1000.0)
-                if decision is None:
-                    continue
-                self.stats.decisions += 1
-                self._decision_id += 1
-                stages = {"read_dsp_us": round((t_b - t_a) / 1000, 1),
-                          "estimate_us": round((t_c - t_b) / 1000, 1),
-                          "decide_us": round((t_d - t_c) / 1000, 1)}
-                reason = decision.reason
-                if decision.fire:
-                    context = fire_context(decision, update,
-                                           target_phase_deg=cfg.trigger.target_phase_deg,
-                                           decided=t_decided, chunk=chunk_newest,
-                                           stages_us=stages)
-                    req = PulseRequest(self._decision_id, decision.fire_time, context,
-                                       self.unit.offsets)
-                    if scheduler.submit(req):
-                        self.stats.chunk_to_handoff_ms.add(
-                            (pylsl.local_clock() - chunk_newest) * 1000)
-                        core.scheduled(decision)
-                    else:
-                        reason = "scheduler_busy"
-                fired = reason in ("target_phase", "open_loop")
-                if not fired:
-                    self.stats.refused[reason] += 1
-                self._event("decision", **decision_fields(
-                    self._decision_id, decision, update, fired=fired, reason=reason,
-                    stages_us=stages))
+            pipeline.step()
 
     def _record_estimator(self, tracker: PhaseTracker) -> None:
         """A trained estimator started training, took over, or could not be trained."""
@@ -1058,6 +943,29 @@ class ClosedLoopService:
             "eeg_buffer_fill": fill, "samples_lost": s.samples_lost,
             "pulses": s.fired, "refused": dict(s.refused),
         }
+
+
+class _PipelineHost:
+    """The service as the EEG pipeline sees it."""
+
+    def __init__(self, service: ClosedLoopService) -> None:
+        self._s = service
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._s.record(kind, **fields)
+
+    def holds(self, now: float) -> bool:
+        return self._s.protocols is not None and self._s.protocols.holds(now)
+
+    def reopen_eeg(self) -> None:
+        assert self._s.eeg is not None
+        self._s.eeg.request_reopen()
+
+    def estimator_changed(self, tracker: PhaseTracker) -> None:
+        self._s._record_estimator(tracker)
+
+    def calibrated(self, tracker: PhaseTracker) -> None:
+        self._s._record_calibration(tracker)
 
 
 class _RunnerHost:
