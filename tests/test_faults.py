@@ -10,6 +10,7 @@ import pylsl
 import pytest
 
 from closedloop.control.service import ClosedLoopService
+from closedloop.control.supervisor import Supervisor
 from closedloop.errors import ClosedLoopError
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import read_events
@@ -215,10 +216,10 @@ async def test_a_watchdog_that_fails_disarms_and_stops_the_service(
     pushers.append(Pusher(eeg, LABELS, 1000.0, mu))
     cfg = fast(tmp_path, eeg)
 
-    def broken(self: ClosedLoopService) -> None:
+    def broken(self: Supervisor) -> None:
         raise RuntimeError("a bug in the watchdog")
 
-    monkeypatch.setattr(ClosedLoopService, "_watch_loop", broken)
+    monkeypatch.setattr(Supervisor, "watch", broken)
     with pytest.raises(ClosedLoopError, match="watchdog thread failed"):
         await run_service(cfg, 3.0)
     events = read_events(tmp_path / "events.jsonl")

@@ -20,13 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import math
 import os
 import platform
 import socket
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -51,7 +49,6 @@ from closedloop.control.ledger import (
     mep_time,
     refusal_fields,
 )
-from closedloop.control.memory import trim_heap
 from closedloop.control.pipeline import EegPipeline
 from closedloop.control.protocols import PROTOCOLS, ProtocolRun, ProtocolRunner
 from closedloop.control.runtime import (
@@ -61,11 +58,12 @@ from closedloop.control.runtime import (
     restart_keys,
 )
 from closedloop.control.stats import LatencyRing, circular_stats_deg
+from closedloop.control.supervisor import Supervisor, write_status
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.etp import ETP
 from closedloop.phase.tracker import PhaseTracker
-from closedloop.recording.events import EventLog, clean_json
+from closedloop.recording.events import EventLog
 from closedloop.recording.markers import PulseMarkerOutlet
 from closedloop.recording.session import SessionRecorder
 from closedloop.stim.day_counter import DayCounter, default_state_dir
@@ -79,10 +77,6 @@ from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
 
 
-_HOUSEKEEPING_S = 0.01
-_RECONNECT_S = 5.0  # a faulted stimulator is reopened this often (it stays disarmed)
-_STATUS_FILE_S = 1.0
-_TRIM_HEAP_S = 60.0  # freed C heap is given back to the system this often
 _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
 _GIL_SWITCH_S = 0.0005
@@ -152,11 +146,7 @@ class ClosedLoopService:
         self.units_fired = 0
         self.core: DecisionCore | None = None
         self.day_counter: DayCounter | None = None
-        self._stim_fault: str | None = None
-        self._next_reconnect = math.inf
-        self._heartbeat = time.monotonic()
-        self._watchdog_trip: float | None = None  # how long the loop had stalled
-        self._watchdog_stop = threading.Event()
+        self.supervisor = Supervisor(self)
         self._result_tasks: set[asyncio.Task[None]] = set()
         self._topping_up = False
 
@@ -185,7 +175,6 @@ class ClosedLoopService:
                        python=platform.python_version(), liblsl=pylsl.library_version(),
                        host=socket.gethostname(), pid=os.getpid(),
                        config_source=self.config_source, config=redacted_config(cfg))
-        watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
         try:
             try:
                 await self._start()
@@ -193,11 +182,10 @@ class ClosedLoopService:
                 self._fail(exc)
                 raise
             self.ready.set()
-            self._heartbeat = time.monotonic()
-            watchdog.start()
+            self.supervisor.start_watchdog(self._loop)
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
-                         tg.create_task(self._housekeeping(), name="housekeeping")]
+                         tg.create_task(self.supervisor.run(), name="housekeeping")]
                 for attachment in attachments:
                     self._attachments += (attachment,)
                     await attachment.start(self)
@@ -213,34 +201,10 @@ class ClosedLoopService:
             raise ClosedLoopError(f"internal error in the service ({type(first).__name__}: "
                                   f"{first}); disarmed and stopped") from first
         finally:
-            self._watchdog_stop.set()
+            self.supervisor.stop_watchdog()
             await self._shutdown()
             sys.setswitchinterval(old_switch)
         return self.stats
-
-    def _watchdog(self) -> None:
-        """Disarm, from its own thread, when the event loop stops running; if the watchdog
-        itself fails, disarm and stop the service (it must not die silently)."""
-        try:
-            self._watch_loop()
-        except Exception as exc:
-            if self.stim is not None:
-                with contextlib.suppress(Exception):
-                    self.stim.disarm()
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._fail, ClosedLoopError(
-                    f"the watchdog thread failed ({type(exc).__name__}: {exc}); disarmed"))
-
-    def _watch_loop(self) -> None:
-        limit = self.cfg.safety.watchdog_ms / 1000.0
-        while not self._watchdog_stop.wait(min(0.05, limit / 4)):
-            stalled = time.monotonic() - self._heartbeat
-            stim = self.stim
-            if stalled > limit and stim is not None and stim.armed:
-                stim.disarm()
-                if self.scheduler is not None:
-                    self.scheduler.cancel("watchdog")
-                self._watchdog_trip = stalled
 
     def fail(self, exc: BaseException) -> None:
         """A fault that stops the service: disarm at once, record, stop (on the loop)."""
@@ -316,7 +280,7 @@ class ClosedLoopService:
             driver, SafetyGate(SafetyLimits.from_config(cfg.safety), day=self.day_counter,
                                max_units=self.unit.max_units),
             eeg_age_s=self._eeg_age,
-            on_fault=lambda reason: self._call_soon(self._on_driver_fault, reason),
+            on_fault=lambda reason: self._call_soon(self.supervisor.driver_fault, reason),
             credit_target=self.unit.pulses + 20,  # reserved ahead: see _top_up_day
             unit_offsets=self.unit.offsets)
         if self.unit.paired:
@@ -385,7 +349,7 @@ class ClosedLoopService:
             # give MEP windows still open a moment to complete, then record the rest
             deadline = time.monotonic() + self.cfg.mep.window_ms[1] / 1000.0 + 0.1
             while self.meps.pending and time.monotonic() < deadline:
-                self._poll_meps()
+                self.poll_meps()
                 await asyncio.sleep(0.01)
             for rec in self.meps.flush():
                 self._record_mep(rec)
@@ -398,7 +362,7 @@ class ClosedLoopService:
             with contextlib.suppress(StimulatorError):
                 await asyncio.to_thread(self.stim.driver.close)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(_write_status, self.cfg.recording.status_path(),
+            await asyncio.to_thread(write_status, self.cfg.recording.status_path(),
                                     {**self.status(), "state": "stopped"})
         if self.log is not None:
             s = self.stats
@@ -560,41 +524,6 @@ class ClosedLoopService:
             self.meps.add_pulse(t_mep, "closedloop", pylsl.local_clock(),
                                 decision_id=o.request.id)
 
-    def _on_driver_fault(self, reason: str) -> None:
-        """The driver found a fault on its own (keep-alive, port, device error): disarm."""
-        self._stim_fault = reason
-        if self.scheduler is not None:
-            self.scheduler.cancel("stimulator_fault")
-        self._event("fault", error="stimulator", message=reason,
-                    action="disarmed; reconnecting every "
-                    f"{_RECONNECT_S:g} s, arm again when it is back")
-        self.stats.refused["stimulator_fault"] += 1
-        self._next_reconnect = time.monotonic() + _RECONNECT_S
-        if self.protocol is not None:
-            self.stop_protocol(by="stimulator_fault")
-
-    async def _reconnect_stimulator(self) -> None:
-        """Close and reopen a faulted driver; the operator must arm again."""
-        assert self.stim is not None
-        driver = self.stim.driver
-        self._next_reconnect = time.monotonic() + _RECONNECT_S
-        try:
-            await asyncio.to_thread(driver.close)
-            await asyncio.to_thread(driver.open)
-            if self.stim.paired is not None:
-                cond, isi = self.stim.paired
-                await asyncio.to_thread(self.stim.set_paired, cond, self.stim.intensity_pct,
-                                        isi)
-            else:
-                await asyncio.to_thread(self.stim.set_intensity, self.stim.intensity_pct)
-            self.stim.reconnected()  # only now may it be armed again
-        except StimulatorError as exc:
-            self._event("stimulator_reconnect_failed", message=str(exc))
-            return
-        self._stim_fault = None
-        self._next_reconnect = math.inf
-        self._event("stimulator_reconnected", **driver.status())
-
     def _on_external_pulse(self, text: str, t: float) -> None:
         now = pylsl.local_clock()
         reason = None
@@ -637,47 +566,37 @@ class ClosedLoopService:
         # the recording; a reset here raced with the pipeline and dropped the first
         # samples after a stall (or after a stream that connected before it started)
 
-    # -- housekeeping ------------------------------------------------------------------
-    async def _housekeeping(self) -> None:
-        next_status = 0.0
-        next_trim = time.monotonic() + _TRIM_HEAP_S
-        status_error_said = False
-        while True:
-            await asyncio.sleep(_HOUSEKEEPING_S)
-            self._heartbeat = time.monotonic()
-            if self._watchdog_trip is not None:
-                self._event("fault", error="watchdog", message=(
-                    f"the event loop did not run for at least {self._watchdog_trip * 1e3:.0f} "
-                    f"ms (safety.watchdog_ms = {self.cfg.safety.watchdog_ms:g}); disarmed"),
-                    action="arm again when the cause is known")
-                self._watchdog_trip = None
-                self.stats.refused["watchdog"] += 1
-                if self.protocol is not None:
-                    self.stop_protocol(by="watchdog")
-            self._poll_meps()
-            if time.monotonic() >= self._next_reconnect and self.stim is not None:
-                await self._reconnect_stimulator()
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + _STATUS_FILE_S
-                status = self.status()
-                error = await asyncio.to_thread(_write_status, self.cfg.recording.status_path(),
-                                                status)
-                if error is not None and not status_error_said:
-                    status_error_said = True  # once: it would repeat every second
-                    self._event("status_file_error", message=error)
-            if time.monotonic() >= next_trim:
-                next_trim = time.monotonic() + _TRIM_HEAP_S
-                t0 = time.perf_counter()
-                await asyncio.to_thread(trim_heap)
-                self.stats.heap_trim_ms.add((time.perf_counter() - t0) * 1000.0)
-            if self.recorder is not None and self.recorder.error is not None:
-                self._fail(ClosedLoopError(f"recording.xdf: cannot write "
-                                           f"{self.recorder.path}: {self.recorder.error}"))
-            if self.log is not None and self.log.error is not None:
-                self._fail(ClosedLoopError(f"recording.events: cannot write "
-                                           f"{self.log.path}: {self.log.error}"))
+    # -- what the supervisor asks (closedloop.control.supervisor.Host) ----------------
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Record an event (the same as :meth:`record`)."""
+        self._event(kind, **fields)
 
-    def _poll_meps(self) -> None:
+    def cancel_pending(self, reason: str) -> None:
+        """Cancel the pulse the scheduler holds, if any."""
+        if self.scheduler is not None:
+            self.scheduler.cancel(reason)
+
+    def count_refusal(self, reason: str) -> None:
+        self.stats.refused[reason] += 1
+
+    def stop_protocol_if_running(self, by: str) -> None:
+        if self.protocol is not None:
+            self.stop_protocol(by=by)
+
+    def heap_trimmed(self, ms: float) -> None:
+        self.stats.heap_trim_ms.add(ms)
+
+    def write_error(self) -> ClosedLoopError | None:
+        """A recording that cannot be written (the service stops on it)."""
+        if self.recorder is not None and self.recorder.error is not None:
+            return ClosedLoopError(f"recording.xdf: cannot write {self.recorder.path}: "
+                                   f"{self.recorder.error}")
+        if self.log is not None and self.log.error is not None:
+            return ClosedLoopError(f"recording.events: cannot write {self.log.path}: "
+                                   f"{self.log.error}")
+        return None
+
+    def poll_meps(self) -> None:
         if self.meps is None:
             return
         ring = self.emg.ring if self.emg is not None else None
@@ -990,20 +909,3 @@ class _RunnerHost:
         s = self._s
         s.apply_config(apply_live_settings(s.cfg, {"target_phase_deg": deg},
                                            source="protocol"), by="protocol")
-
-
-def _write_status(path: str, status: dict[str, Any]) -> str | None:
-    """Replace the health summary atomically (a reader never sees half a file).
-
-    Returns:
-        None, or the error (the caller records it once).
-    """
-    status = {**status, "written_wall_time": time.time()}
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(clean_json(status), fh, indent=1)
-        os.replace(tmp, path)
-    except OSError as exc:
-        return f"{path}: {exc}"
-    return None
