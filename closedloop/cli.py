@@ -164,9 +164,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config-reference", help="print the configuration reference, generated "
                        "from the schema: markdown, or a JSON Schema")
-    p.add_argument("--format", default="markdown", choices=("markdown", "json", "set-json"),
+    p.add_argument("--format", default="markdown",
+                   choices=("markdown", "json", "set-json", "refusals"),
                    help="markdown: the reference table (docs/configuration.md); json: JSON "
-                   "Schema of a configuration; set-json: JSON Schema of the MQTT set payload")
+                   "Schema of a configuration; set-json: JSON Schema of the MQTT set payload; "
+                   "refusals: every refusal reason (docs/refusals.md)")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="write it here (default: standard output)")
     return ap

@@ -91,3 +91,41 @@ def test_the_import_contracts_hold() -> None:
     cli = pytest.importorskip("importlinter.cli", reason="import-linter (the test extra)")
     assert cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True,
                             no_logo=True) == 0
+
+
+def test_every_refusal_reason_is_an_enumerated_and_documented_one() -> None:
+    """The layers name their reasons in enumerations (no free strings in the gate, the
+    gated stimulator, the policy or the pipeline), and each has its explanation."""
+    from closedloop.control.refusals import LAYERS  # noqa: PLC0415
+
+    for _, _, _, docs in LAYERS:
+        assert docs and all(text.strip() for text in docs.values())
+        assert set(docs) == set(type(next(iter(docs))))  # every member is explained
+    for name in ("stim/rules.py", "stim/safety.py", "stim/gated.py",
+                 "control/trigger_policy.py", "control/pipeline.py"):
+        source = (PACKAGE / name).read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        enums = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+                 and any(ast.unparse(b) == "StrEnum" for b in c.bases)]
+        inside = {id(n) for c in enums for n in ast.walk(c)}
+        literals = {n.value for n in ast.walk(tree)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                    and id(n) not in inside and not _is_docs_key(n, tree)}
+        free = {s for s in literals if s.startswith("safety:")}
+        if name.startswith("control/"):
+            free |= literals & {"disarmed", "min_interval", "amplitude_unknown",
+                                "amplitude_below_gate", "low_confidence", "target_phase",
+                                "open_loop", "scheduler_busy", "eeg_timestamps"}
+        else:
+            free |= literals & {"late", "device_fault", "device_not_ready", "fire_failed"}
+        assert not free, (name, free)
+
+
+def _is_docs_key(node: ast.AST, tree: ast.Module) -> bool:
+    """A string in a ``*_DOCS`` table (the explanations, not reasons)."""
+    for stmt in tree.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) \
+                and stmt.target.id.endswith("_DOCS") \
+                and any(n is node for n in ast.walk(stmt)):
+            return True
+    return False

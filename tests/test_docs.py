@@ -19,6 +19,7 @@ GENERATED = {
     "markdown": "configuration.md",
     "json": "closedloop-config.schema.json",
     "set-json": "closedloop-set.schema.json",
+    "refusals": "refusals.md",
 }
 
 

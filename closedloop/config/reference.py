@@ -26,7 +26,7 @@ from closedloop.config.schema import Config, FieldDoc, field_doc, live_keys, tab
 
 __all__ = ["FORMATS", "config_json_schema", "markdown_reference", "render", "set_json_schema"]
 
-FORMATS = ("markdown", "json", "set-json")
+FORMATS = ("markdown", "json", "set-json", "refusals")
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
@@ -324,4 +324,8 @@ def render(fmt: str) -> str:
         return json.dumps(config_json_schema(), indent=2, ensure_ascii=False) + "\n"
     if fmt == "set-json":
         return json.dumps(set_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if fmt == "refusals":  # the refusal reasons of every layer (docs/refusals.md)
+        from closedloop.control.refusals import markdown  # noqa: PLC0415
+
+        return markdown()
     raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")

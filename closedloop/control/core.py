@@ -18,6 +18,7 @@ from closedloop.config.schema import Config
 from closedloop.control.trigger_policy import (
     Decision,
     PolicyParams,
+    PolicyReason,
     TriggerState,
     decide,
     decide_open_loop,
@@ -190,7 +191,7 @@ class DecisionCore:
         if not self.conditions:
             return None
         if t < self._warm_at:
-            return "power_condition_unknown"
+            return PolicyReason.POWER_CONDITION_UNKNOWN
         for k, (cond, hist, amp) in enumerate(zip(self.conditions, self.cond_hist, amps,
                                                   strict=True)):
             threshold = hist.threshold()
@@ -219,7 +220,8 @@ class DecisionCore:
         state = self.tracker.training_state
         if not self.wait_for_training or state in ("off", "ready"):
             return None
-        return "estimator_untrained" if state.startswith("failed") else "estimator_training"
+        return (PolicyReason.ESTIMATOR_UNTRAINED if state.startswith("failed")
+                else PolicyReason.ESTIMATOR_TRAINING)
 
     def scheduled(self, decision: Decision) -> None:
         """A unit was scheduled for ``decision``: the next may start after it, its pause

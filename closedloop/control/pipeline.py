@@ -31,8 +31,17 @@ from closedloop.stim.patterns import Unit
 from closedloop.stim.requests import PulseRequest
 from closedloop.streams.ring import RingBuffer
 
-__all__ = ["CLOCK_GRACE_S", "MAX_FUTURE_S", "ClockGuard", "DecisionTrace", "EegPipeline",
-           "TraceStatus", "guard_clock"]
+__all__ = [
+    "CLOCK_GRACE_S",
+    "MAX_FUTURE_S",
+    "PIPELINE_DOCS",
+    "ClockGuard",
+    "DecisionTrace",
+    "EegPipeline",
+    "PipelineReason",
+    "TraceStatus",
+    "guard_clock",
+]
 
 MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
 CLOCK_GRACE_S = 2.0  # EEG stamped too old for this long is a clock problem, not a backlog
@@ -71,6 +80,19 @@ def guard_clock(g: ClockGuard, *, skew: float, now: float, max_age_s: float
 
 
 # -- decision traces ---------------------------------------------------------------------
+class PipelineReason(StrEnum):
+    """The pipeline's own refusals."""
+
+    SCHEDULER_BUSY = "scheduler_busy"
+    EEG_TIMESTAMPS = "eeg_timestamps"
+
+
+PIPELINE_DOCS: dict[PipelineReason, str] = {
+    PipelineReason.SCHEDULER_BUSY: 'a unit is still being delivered',
+    PipelineReason.EEG_TIMESTAMPS: 'the clock guard: no decision on this EEG',
+}
+
+
 class TraceStatus(StrEnum):
     """How a decision ended in the pipeline."""
 
@@ -224,7 +246,7 @@ class EegPipeline:
                 self.core.scheduled(decision)
                 status = TraceStatus.REQUESTED
             else:
-                reason = "scheduler_busy"
+                reason = PipelineReason.SCHEDULER_BUSY
         return DecisionTrace(self.decision_id, status, reason, decision, update, stages)
 
     def _clock_ok(self, skew: float, now: float, cfg: Config) -> bool:
@@ -241,7 +263,7 @@ class EegPipeline:
         if verdict.recovered:
             self.host.emit("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
         if not verdict.ok:
-            self.stats.refused["eeg_timestamps"] += 1
+            self.stats.refused[PipelineReason.EEG_TIMESTAMPS] += 1
         return verdict.ok
 
     def _say_nonfinite(self) -> None:

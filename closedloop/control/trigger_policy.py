@@ -21,15 +21,49 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from enum import StrEnum
 
 from closedloop.phase.estimate import PhaseEstimate, wrap_rad
 
-__all__ = ["Decision", "PolicyParams", "TriggerState", "decide", "decide_open_loop"]
+__all__ = ["POLICY_DOCS", "Decision", "PolicyParams", "PolicyReason", "TriggerState", "decide",
+           "decide_open_loop"]
 
 _OPEN_LOOP_SLACK_S = 0.02  # open loop: scheduled this far ahead, never late
 
-RefusalReason = Literal["disarmed", "min_interval", "amplitude_below_gate", "amplitude_unknown"]
+
+
+class PolicyReason(StrEnum):
+    """What the trigger policy decided, and why (a decision's ``reason``). The power
+    conditions add ``power_condition_<k>_below`` / ``_above`` for condition ``k``."""
+
+    TARGET_PHASE = "target_phase"
+    OPEN_LOOP = "open_loop"
+    DISARMED = "disarmed"
+    MIN_INTERVAL = "min_interval"
+    ESTIMATOR_TRAINING = "estimator_training"
+    ESTIMATOR_UNTRAINED = "estimator_untrained"
+    AMPLITUDE_UNKNOWN = "amplitude_unknown"
+    AMPLITUDE_BELOW_GATE = "amplitude_below_gate"
+    POWER_CONDITION_UNKNOWN = "power_condition_unknown"
+    LOW_CONFIDENCE = "low_confidence"
+
+
+POLICY_DOCS: dict[PolicyReason, str] = {
+    PolicyReason.TARGET_PHASE: 'fire: the target phase is predicted at the landing time',
+    PolicyReason.OPEN_LOOP: 'fire: open-loop timing',
+    PolicyReason.DISARMED: 'the stimulator is not armed',
+    PolicyReason.MIN_INTERVAL: 'trigger.min_interval_s (and its jitter) has not passed',
+    PolicyReason.ESTIMATOR_TRAINING: ('the trained estimator is still training and '
+                                      'trigger.wait_for_training is set'),
+    PolicyReason.ESTIMATOR_UNTRAINED: 'the trained estimator could not be trained',
+    PolicyReason.AMPLITUDE_UNKNOWN: 'the amplitude gate has no history yet',
+    PolicyReason.AMPLITUDE_BELOW_GATE: ('the band amplitude is below its '
+                                        'trigger.amplitude_percentile of the last '
+                                        'trigger.amplitude_window_s'),
+    PolicyReason.POWER_CONDITION_UNKNOWN: 'a trigger.power_conditions entry has no history yet',
+    PolicyReason.LOW_CONFIDENCE: ("the estimate's expected error is above "
+                                  "trigger.max_expected_error_deg"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,21 +147,21 @@ def decide(est: PhaseEstimate, *, now: float, params: PolicyParams, state: Trigg
         return Decision(False, reason, fire_time, crossing, predicted), new_state
 
     if not armed:
-        return refuse("disarmed")
+        return refuse(PolicyReason.DISARMED)
     if fire_time < state.next_allowed:
-        return refuse("min_interval")
+        return refuse(PolicyReason.MIN_INTERVAL)
     if not_ready is not None:
         return refuse(not_ready)
     if math.isnan(amplitude_threshold) or amplitude_threshold == math.inf:
-        return refuse("amplitude_unknown")  # the gate has no history yet
+        return refuse(PolicyReason.AMPLITUDE_UNKNOWN)  # the gate has no history yet
     if amplitude < amplitude_threshold:
-        return refuse("amplitude_below_gate")
+        return refuse(PolicyReason.AMPLITUDE_BELOW_GATE)
     if condition_failure is not None:
         return refuse(condition_failure)
     if (params.max_expected_error_deg > 0.0 and est.expected_error_deg is not None
             and est.expected_error_deg > params.max_expected_error_deg):
-        return refuse("low_confidence")
-    return Decision(True, "target_phase", fire_time, crossing, predicted), new_state
+        return refuse(PolicyReason.LOW_CONFIDENCE)
+    return Decision(True, PolicyReason.TARGET_PHASE, fire_time, crossing, predicted), new_state
 
 
 def decide_open_loop(est: PhaseEstimate, *, now: float, params: PolicyParams,
@@ -143,5 +177,5 @@ def decide_open_loop(est: PhaseEstimate, *, now: float, params: PolicyParams,
     if not armed or busy or t_min < state.next_allowed:
         return None, state
     fire_time = max(t_min, state.next_allowed)
-    return (Decision(True, "open_loop", fire_time, fire_time, est.phase_at(fire_time)),
+    return (Decision(True, PolicyReason.OPEN_LOOP, fire_time, fire_time, est.phase_at(fire_time)),
             replace(state, last_crossing=fire_time))

@@ -37,12 +37,12 @@ from closedloop.config.schema import Config
 from closedloop.control.core import DecisionCore
 from closedloop.control.ledger import (
     PulseLedger,
-    decision_fields,
     fire_context,
     mep_fields,
     mep_time,
     refusal_fields,
 )
+from closedloop.control.pipeline import DecisionTrace, PipelineReason, TraceStatus
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
@@ -160,19 +160,18 @@ class _Rig:
         if decision is None:
             return
         self.decision_id += 1
-        reason = decision.reason
+        status, reason = TraceStatus.REFUSED, decision.reason
         if decision.fire:
             req = PulseRequest(self.decision_id, decision.fire_time, fire_context(
                 decision, update, target_phase_deg=cfg.trigger.target_phase_deg,
                 decided=now, chunk=newest, stages_us=None), self.unit.offsets)
             if self.scheduler.submit(req):
                 core.scheduled(decision)
+                status = TraceStatus.REQUESTED
             else:
-                reason = "scheduler_busy"
-        fired = reason in ("target_phase", "open_loop")
-        self.out.decisions.append({**decision_fields(self.decision_id, decision, update,
-                                                     fired=fired, reason=reason,
-                                                     stages_us=None), "lsl_time": now})
+                reason = PipelineReason.SCHEDULER_BUSY
+        trace = DecisionTrace(self.decision_id, status, reason, decision, update, None)
+        self.out.decisions.append({**trace.fields(), "lsl_time": now})
 
 
 def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,

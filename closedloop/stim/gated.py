@@ -38,6 +38,7 @@ import pylsl
 
 from closedloop.errors import StimulatorError
 from closedloop.stim.base import DeviceState, Stimulator
+from closedloop.stim.reasons import DeviceReason, GateReason
 from closedloop.stim.safety import SafetyGate, Trigger
 
 __all__ = ["FireResult", "GatedStimulator", "trigger_of"]
@@ -290,12 +291,12 @@ class GatedStimulator:
     def _device_reason(self) -> str | None:
         drv = self.driver
         if drv.fault is not None:
-            return "device_fault"
+            return DeviceReason.DEVICE_FAULT
         temp = drv.coil_temperature_c
         if temp is not None and temp > self.gate.limits.max_coil_temp_c:
-            return "safety:coil_temperature"
+            return DeviceReason.COIL_TEMPERATURE
         if not drv.ready:
-            return "device_not_ready"
+            return DeviceReason.DEVICE_NOT_READY
         return None
 
     def fire_now(self, *, offsets: Sequence[float] = (0.0,), index: int = 0,
@@ -312,10 +313,10 @@ class GatedStimulator:
         with self._lock, self.driver.fire_lock:
             t_cmd = self._clock()
             if not self._armed:
-                return FireResult(False, "disarmed", None, t_cmd)
+                return FireResult(False, DeviceReason.DISARMED, None, t_cmd)
             if index == 0 and planned is not None and (
                     t_cmd + self.driver.latency_s > planned + max_lateness_s):
-                return FireResult(False, "late", None, t_cmd)
+                return FireResult(False, DeviceReason.LATE, None, t_cmd)
             reason = self._device_reason()
             if reason is not None:
                 return FireResult(False, reason, None, t_cmd)
@@ -323,12 +324,12 @@ class GatedStimulator:
                 self.driver.take_pending()
             except StimulatorError as exc:
                 self._fault(f"reading the device: {exc}")
-                return FireResult(False, "device_fault", None, t_cmd)
+                return FireResult(False, DeviceReason.DEVICE_FAULT, None, t_cmd)
             dev = self.driver.device
             why = self._mismatch(dev)
             if why is not None:
                 self._fault(why)
-                return FireResult(False, "safety:device_mismatch", None, t_cmd)
+                return FireResult(False, DeviceReason.DEVICE_MISMATCH, None, t_cmd)
             assert dev is not None
             t_est = t_cmd + self.driver.latency_s
             trig = trigger_of(dev, t_est)
@@ -343,7 +344,7 @@ class GatedStimulator:
                     trig, planned=t_est if planned is None else planned,
                     max_lateness_s=max_lateness_s, eeg_age_s=self._eeg_age_s(),
                     index=index)
-                if reason is not None and reason != "safety:no_unit":
+                if reason is not None and reason != GateReason.NO_UNIT:
                     self.gate.end_unit()  # a unit refused part-way is over: it never resumes
             if reason is not None:
                 return FireResult(False, reason, None, t_cmd)
@@ -355,7 +356,7 @@ class GatedStimulator:
                 self.gate.commit(trig, start=index == 0, triggers=len(offsets),
                                  plan=self._plan(planned, offsets, index))
                 self._fault(f"fire: {exc}")
-                return FireResult(False, "fire_failed", None, t_cmd)
+                return FireResult(False, DeviceReason.FIRE_FAILED, None, t_cmd)
             except Exception as exc:
                 self._armed = False
                 self.gate.commit(trig, start=index == 0, triggers=len(offsets),
@@ -367,7 +368,7 @@ class GatedStimulator:
             done = Trigger(t_pulse, trig.pcts, trig.offsets, trig.paired)
             self.gate.commit(done, start=index == 0, triggers=len(offsets),
                              plan=self._plan(planned, offsets, index))
-            return FireResult(True, "fired", t_pulse, t_cmd,
+            return FireResult(True, DeviceReason.FIRED, t_pulse, t_cmd,
                               tuple((t_pulse + o, p)
                                     for o, p in zip(trig.offsets, trig.pcts, strict=True)))
 

@@ -51,6 +51,7 @@ import math
 from dataclasses import dataclass
 
 from closedloop.config.schema import HARD_MIN_TRAIN_IPI_S, HARD_RTMS_GAP_S
+from closedloop.stim.reasons import GateReason
 
 __all__ = ["RuleLimits", "RunState", "Trigger", "advance", "judge", "max_train_duration_s"]
 
@@ -223,45 +224,45 @@ def judge(s: RunState, trig: Trigger, lim: RuleLimits,
     """
     tol = tolerance_s
     if not math.isfinite(trig.t) or not trig.pcts or len(trig.pcts) != len(trig.offsets):
-        return "safety:invalid_trigger", s
+        return GateReason.INVALID_TRIGGER, s
     if trig.t < s.last_pulse:
-        return "safety:invalid_time", s  # the clock went back, or overlapping triggers
+        return GateReason.INVALID_TIME, s  # the clock went back, or overlapping triggers
     if trig.t - s.last_pulse + tol < HARD_MIN_TRAIN_IPI_S - _EPS:
-        return "safety:train_ipi", s
+        return GateReason.TRAIN_IPI, s
     if trig.burst and any(b - a + tol < HARD_MIN_TRAIN_IPI_S - _EPS
                           for a, b in itertools.pairwise(trig.offsets)):
-        return "safety:train_ipi", s
+        return GateReason.TRAIN_IPI, s
     if not continues(trig.t - s.last_pulse, tol) and s.run_repetitive:
         pause = trig.t - s.last_pulse
         if not (pause > HARD_RTMS_GAP_S + _EPS and pause >= lim.min_inter_train_s - _EPS):
-            return "safety:inter_train", s
+            return GateReason.INTER_TRAIN, s
     new = advance(s, trig, tol)
     if not new.run_repetitive:
         return None, new
     mt = lim.motor_threshold_pct
     if mt is None:
-        return "safety:rtms_needs_motor_threshold", s
+        return GateReason.RTMS_NEEDS_MOTOR_THRESHOLD, s
     rel = new.run_max_pct / mt * 100.0
     if new.run_patterned:
         if rel > lim.max_burst_intensity_mt + _EPS:
-            return "safety:burst_intensity", s
+            return GateReason.BURST_INTENSITY, s
         if new.run_max_group > MAX_BURST_PULSES:
-            return "safety:burst_length", s
+            return GateReason.BURST_LENGTH, s
         if new.run_min_onset_gap + tol < MIN_BURST_ONSET_S - _EPS:
-            return "safety:burst_rate", s
+            return GateReason.BURST_RATE, s
         if new.run_pulses > MAX_PATTERNED_PULSES:
-            return "safety:train_pulses", s
+            return GateReason.TRAIN_PULSES, s
         # a pattern is made of bursts: single pulses in it would escape Table 4 (a burst,
         # then pulses at 5 Hz for minutes). A group is judged once the next one starts.
         if new.run_min_group == 1:
-            return "safety:burst_mixed", s
+            return GateReason.BURST_MIXED, s
         return None, new
     if not math.isfinite(new.run_min_gap):  # one trigger whose pulses are one pair
         return None, new
     limit = max_train_duration_s(1.0 / (new.run_min_gap + tol), rel)
     if limit is None:
-        return "safety:train_outside_table", s
+        return GateReason.TRAIN_OUTSIDE_TABLE, s
     duration = new.last_pulse - new.run_first + new.run_min_gap
     if duration > limit * lim.train_duration_factor + _EPS:
-        return "safety:train_duration", s
+        return GateReason.TRAIN_DURATION, s
     return None, new

@@ -52,6 +52,7 @@ from closedloop.config.schema import (
     HARD_MIN_INTERVAL_S,
     SafetyConfig,
 )
+from closedloop.stim.reasons import GateReason
 from closedloop.stim.rules import (
     RuleLimits,
     RunState,
@@ -244,14 +245,14 @@ class SafetyGate:
     def _intensity_reason(self, trig: Trigger) -> str | None:
         for pct in trig.pcts:
             if not math.isfinite(pct) or pct < 0:
-                return "safety:invalid_intensity"
+                return GateReason.INVALID_INTENSITY
             if pct > self.limits.max_intensity_pct:
-                return "safety:max_intensity"
+                return GateReason.MAX_INTENSITY
         return None
 
     def _eeg_reason(self, eeg_age_s: float | None) -> str | None:
         if eeg_age_s is None or not eeg_age_s <= self.limits.max_eeg_age_s:
-            return "safety:eeg_stale"
+            return GateReason.EEG_STALE
         return None
 
     def _recent(self, t: float, window: float) -> int:
@@ -312,43 +313,43 @@ class SafetyGate:
         if reason is not None:
             return reason
         if not math.isfinite(trig.t):
-            return "safety:invalid_time"
+            return GateReason.INVALID_TIME
         if (not offsets or offsets[0] != 0.0
                 or any(not b > a for a, b in itertools.pairwise(offsets))):
-            return "safety:invalid_train"
+            return GateReason.INVALID_TRAIN
         if self._unit is not None:
-            return "safety:unit_in_progress"
+            return GateReason.UNIT_IN_PROGRESS
         if trig.t - self.run.last_start < lim.min_interval_s - 1e-9:  # (float round-off)
-            return "safety:min_interval"
+            return GateReason.MIN_INTERVAL
         if self.max_units is not None and self.units >= self.max_units:
-            return "safety:max_units"
+            return GateReason.MAX_UNITS
         n = len(offsets) * len(trig.pcts)
         if self.fired + n > lim.max_pulses:
-            return "safety:max_pulses"
+            return GateReason.MAX_PULSES
         if self.budget is not None and n > self.budget:
-            return "safety:protocol_pulses"
+            return GateReason.PROTOCOL_PULSES
         if self.day is None:
             if self.fired + n > lim.max_pulses_per_day:
-                return "safety:max_pulses_per_day"
+                return GateReason.MAX_PULSES_PER_DAY
         elif n > self._credit or self.day.day() != self._credit_day:
             # (after midnight the credit reserved yesterday is not today's)
-            return ("safety:max_pulses_per_day"
+            return (GateReason.MAX_PULSES_PER_DAY
                     if self.day_exhausted and self.day.day() == self._credit_day
-                    else "safety:day_count_pending")
+                    else GateReason.DAY_COUNT_PENDING)
         if self._recent(trig.t, lim.rate_window_s) + n > lim.max_pulses_per_window:
-            return "safety:max_rate"
+            return GateReason.MAX_RATE
         if not continues(trig.t - self.run.last_pulse, 0.0):  # a new run
             reason = self._judge(trig)
             if reason is None:
                 reason, most = self._shape(trig, offsets)
                 if reason is None and self._recent(trig.t, 1.0) + most > HARD_MAX_PULSES_PER_S:
-                    reason = "safety:hard_rate"
+                    reason = GateReason.HARD_RATE
             return reason
         reason = self._judge(trig)
         if reason is None:  # the plan as written (the later triggers are judged again)
             reason, _ = self._simulate(self.run, trig, offsets, trig.t, tolerance_s=0.0)
         if reason is None and self._recent(trig.t, 1.0) + n > HARD_MAX_PULSES_PER_S:
-            reason = "safety:hard_rate"
+            reason = GateReason.HARD_RATE
         return reason
 
     def check_next(self, trig: Trigger, *, planned: float, max_lateness_s: float,
@@ -357,10 +358,10 @@ class SafetyGate:
         its triggers the caller means; it must be the next one, at its planned time)."""
         unit = self._unit
         if unit is None:
-            return "safety:no_unit"
+            return GateReason.NO_UNIT
         if index is not None and (index != unit.delivered or (
                 unit.plan and abs(planned - unit.plan[index]) > _EARLY_S)):
-            return "safety:not_the_unit"  # another unit's trigger, or out of order
+            return GateReason.NOT_THE_UNIT  # another unit's trigger, or out of order
         reason = self._eeg_reason(eeg_age_s) or self._intensity_reason(trig)
         if reason is not None:
             return reason
@@ -368,14 +369,14 @@ class SafetyGate:
                 or any(abs(a - b) > 1e-9 for a, b in zip(trig.pcts, unit.pcts, strict=True))
                 or any(abs(a - b) > 1e-9
                        for a, b in zip(trig.offsets, unit.offsets, strict=True))):
-            return "safety:unit_intensity_changed"
+            return GateReason.UNIT_INTENSITY_CHANGED
         if not planned - _EARLY_S <= trig.t <= planned + max_lateness_s:
-            return "late"
+            return GateReason.LATE
         if self._recent(trig.t, 1.0) + len(trig.pcts) > HARD_MAX_PULSES_PER_S:
-            return "safety:hard_rate"
+            return GateReason.HARD_RATE
         if (self._recent(trig.t, self.limits.rate_window_s) + len(trig.pcts)
                 > self.limits.max_pulses_per_window):
-            return "safety:max_rate"
+            return GateReason.MAX_RATE
         return self._judge(trig)
 
     # -- records -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import pylsl
 
 from closedloop.stim.gated import FireResult, GatedStimulator
+from closedloop.stim.reasons import DeviceReason
 from closedloop.stim.requests import PulseOutcome, PulseRequest
 
 __all__ = ["FireScheduler", "PulseOutcome", "PulseRequest", "SimClock", "SimulatedScheduler",
@@ -69,7 +70,7 @@ def run_unit(stim: GatedStimulator, req: PulseRequest, handed: float, *,
         if result.fired and on_fired is not None:
             on_fired(result, now)
         if not result.fired:
-            if k > 0 or result.reason == "fire_failed":
+            if k > 0 or result.reason == DeviceReason.FIRE_FAILED:
                 stim.end_unit(times[-1] if times else None)
             if times:  # a unit stopped part-way: say so, keep its pulses
                 result = FireResult(False, f"unit_aborted:{result.reason}", times[0],
