@@ -112,8 +112,11 @@ async def test_session_recording_disk_full_stops_visibly(tmp_path: Path,
     stop = asyncio.Event()
     with pytest.raises(ClosedLoopError, match=r"recording\.xdf: cannot write /dev/full"):
         await asyncio.wait_for(service.run(stop), 15)
-    assert service.stim is not None and not service.stim.armed
+    # the rig was closed again (the stimulator opened, never armed, closed)
+    assert service.rig is None and service.stim is None
     events = read_events(tmp_path / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert "stimulator_ready" in kinds and "armed" not in kinds
     assert events[-1]["event"] == "session_end"
     assert "recording.xdf" in (events[-1]["error"] or "")
 

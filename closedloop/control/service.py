@@ -28,7 +28,6 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,7 @@ from closedloop.control.ledger import (
 )
 from closedloop.control.pipeline import EegPipeline
 from closedloop.control.protocols import PROTOCOLS, ProtocolRun, ProtocolRunner
+from closedloop.control.rig import Rig, open_rig
 from closedloop.control.runtime import (
     LIVE_KEYS,
     apply_live_settings,
@@ -59,18 +59,14 @@ from closedloop.control.runtime import (
 )
 from closedloop.control.stats import LatencyRing, circular_stats_deg
 from closedloop.control.supervisor import Supervisor, write_status
-from closedloop.errors import ClosedLoopError, ControlError, StimulatorError, StreamNotFoundError
+from closedloop.errors import ClosedLoopError, ControlError, StimulatorError
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.etp import ETP
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog
-from closedloop.recording.markers import PulseMarkerOutlet
 from closedloop.recording.session import SessionRecorder
-from closedloop.stim.day_counter import DayCounter, default_state_dir
-from closedloop.stim.factory import make_driver
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.patterns import Unit, unit_for
-from closedloop.stim.safety import SafetyGate, SafetyLimits
 from closedloop.stim.scheduler import FireScheduler, PulseOutcome
 from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
@@ -115,7 +111,6 @@ class ClosedLoopService:
                  config_overrides: tuple[str, ...] = ()) -> None:
         single_threaded_blas()
         self.cfg = cfg
-        self._trainer: ThreadPoolExecutor | None = None
         self.config_source = config_source
         self.config_overrides = config_overrides
         self.stats = ServiceStats()
@@ -127,17 +122,9 @@ class ClosedLoopService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rng = np.random.default_rng(cfg.trigger.seed)
         self.log: EventLog | None = None
-        self.eeg: StreamReader | None = None
-        self.emg: StreamReader | None = None
-        self.pulse_markers: MarkerReader | None = None
-        self.stim: GatedStimulator | None = None
-        self.scheduler: FireScheduler | None = None
-        self.tracker: PhaseTracker | None = None
-        self.meps: MepTracker | None = None
-        self._markers: PulseMarkerOutlet | None = None
         self.bus = EventBus(self._write_event, pylsl.local_clock)
+        self.rig: Rig | None = None  # everything the session opened (open_rig)
         self._attachments: tuple[Attachment, ...] = ()
-        self.recorder: SessionRecorder | None = None
         self._last_external = -math.inf
         self.protocols: ProtocolRunner | None = None
         self.ledger: PulseLedger | None = None
@@ -145,7 +132,6 @@ class ClosedLoopService:
         self.unit: Unit = unit_for(cfg.stimulation)
         self.units_fired = 0
         self.core: DecisionCore | None = None
-        self.day_counter: DayCounter | None = None
         self.supervisor = Supervisor(self)
         self._result_tasks: set[asyncio.Task[None]] = set()
         self._topping_up = False
@@ -226,103 +212,14 @@ class ClosedLoopService:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        loop = self._loop
-        assert loop is not None and self.log is not None
-
-        def on_event(ev: StreamEvent) -> None:
-            self._call_soon(self._on_stream_event, ev)
-
-        self.eeg = StreamReader(
-            role="eeg", selector=cfg.streams.eeg, acquisition=cfg.acquisition,
-            required_labels={"phase.channel": [cfg.phase.channel],
-                             "phase.reference": list(cfg.phase.reference),
-                             **{f"trigger.power_conditions[{k}]":
-                                [c for c in (cond.channel, *(cond.reference or ())) if c]
-                                for k, cond in enumerate(cfg.trigger.power_conditions)}},
-            on_data=self._wake_from_thread, on_event=on_event)
-        self.eeg.start()
-        if cfg.streams.emg is not None:
-            self.emg = StreamReader(
-                role="emg", selector=cfg.streams.emg, acquisition=cfg.acquisition,
-                required_labels={"mep.channels": list(cfg.mep.channels)},
-                on_data=lambda: None, on_event=on_event)
-            self.emg.start()
-        if cfg.streams.pulses is not None:
-            self.pulse_markers = MarkerReader(
-                role="pulses", selector=cfg.streams.pulses, acquisition=cfg.acquisition,
-                on_marker=lambda text, t: self._call_soon(self._on_external_pulse, text, t),
-                on_event=on_event)
-            self.pulse_markers.start()
-        timeout = cfg.acquisition.resolve_timeout_s
-        eeg = await asyncio.to_thread(self.eeg.wait_connected, timeout)
-        self._trainer = ThreadPoolExecutor(1, thread_name_prefix="closedloop-train")
-        self.tracker = PhaseTracker(fs_in=eeg.rate_hz, labels=eeg.labels, cfg=cfg.phase,
-                                    trainer=self._trainer.submit,
-                                    conditions=cfg.trigger.power_conditions)
-        emg_labels = None
-        if self.emg is not None:
-            try:
-                emg_labels = (await asyncio.to_thread(self.emg.wait_connected, timeout)).labels
-            except StreamNotFoundError as exc:
-                # EMG is not needed to stimulate: carry on, MEPs are marked unavailable
-                self._event("stream_missing", role="emg",
-                               message=str(exc))
-                self.emg.stop()
-                self.emg = None
-        self.meps = MepTracker(cfg.mep, channels=cfg.mep.channels, labels=emg_labels)
-        self.day_counter = DayCounter(cfg.safety.day_counter_dir or default_state_dir(),
-                                      cfg.session.participant,
-                                      limit=SafetyLimits.from_config(cfg.safety)
-                                      .max_pulses_per_day)
-        driver = make_driver(cfg.stimulator)
-        await asyncio.to_thread(driver.open)
-        self.stim = GatedStimulator(
-            driver, SafetyGate(SafetyLimits.from_config(cfg.safety), day=self.day_counter,
-                               max_units=self.unit.max_units),
-            eeg_age_s=self._eeg_age,
-            on_fault=lambda reason: self._call_soon(self.supervisor.driver_fault, reason),
-            credit_target=self.unit.pulses + 20,  # reserved ahead: see _top_up_day
-            unit_offsets=self.unit.offsets)
-        if self.unit.paired:
-            self.stim.set_paired(cfg.stimulation.conditioning_pct,
-                                 cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
-        else:
-            self.stim.set_intensity(cfg.stimulator.intensity_pct)
-        self.ledger = PulseLedger(driver=driver.name, unit=self.unit)
+        self.rig = rig = await open_rig(cfg, self.unit, _RigHooks(self))
+        self.ledger = PulseLedger(driver=rig.stim.driver.name, unit=self.unit)
         self.protocols = ProtocolRunner(
-            _RunnerHost(self), stim=self.stim, unit=self.unit,
+            _RunnerHost(self), stim=rig.stim, unit=self.unit,
             settle_s=lambda: self.cfg.stimulator.settle_ms / 1000.0, spawn=self._spawn,
             results=self.stats.protocol_results)
-        self._event("stimulator_ready", **driver.status(), pattern=self.unit.kind,
-                    pulses_per_unit=self.unit.pulses, timing=cfg.stimulation.timing)
-        self.scheduler = FireScheduler(
-            self.stim, max_lateness_s=cfg.trigger.max_lateness_ms / 1000.0,
-            on_outcome=lambda o: self._call_soon(self._on_outcome, o),
-            on_error=lambda e: self._call_soon(self._fail, e))
-        self.scheduler.start()
-        if cfg.recording.marker_stream:
-            self._markers = PulseMarkerOutlet(cfg.recording.marker_stream,
-                                              f"closedloop-{socket.gethostname()}-{os.getpid()}")
-        self._event("ready", eeg=eeg.name,
-                       eeg_rate_hz=eeg.rate_hz, eeg_channels=eeg.n_channels,
-                       processing_rate_hz=self.tracker.fs,
-                       band_hz=list(self.tracker.band) if self.tracker.band else "auto")
-        if cfg.recording.xdf:
-            try:
-                self.recorder = SessionRecorder(cfg.recording.xdf)
-                assert self.eeg.ring is not None
-                self.recorder.add_stream(1, self.eeg.ring, eeg, "EEG")
-                if self.emg is not None and self.emg.ring is not None and self.emg.summary:
-                    self.recorder.add_stream(2, self.emg.ring, self.emg.summary, "EMG")
-            except OSError as exc:
-                raise ClosedLoopError(f"recording.xdf: cannot write {cfg.recording.xdf}: "
-                                      f"{exc}") from exc
-            self.subscribe(self.recorder.event)
-            self.recorder.event("session_start", {"lsl_time": pylsl.local_clock(),
-                                                  "version": __version__,
-                                                  "config": redacted_config(cfg)})
         if cfg.stimulator.arm_on_start:
-            self.stim.arm()
+            rig.stim.arm()
             self._event("armed", by="arm_on_start")
 
     async def _shutdown(self) -> None:
@@ -353,14 +250,8 @@ class ClosedLoopService:
                 await asyncio.sleep(0.01)
             for rec in self.meps.flush():
                 self._record_mep(rec)
-        for reader in (self.eeg, self.emg, self.pulse_markers):
-            if reader is not None:
-                await asyncio.to_thread(reader.stop)
-        if self._trainer is not None:
-            self._trainer.shutdown(wait=False, cancel_futures=True)
-        if self.stim is not None:
-            with contextlib.suppress(StimulatorError):
-                await asyncio.to_thread(self.stim.driver.close)
+        if self.rig is not None:
+            await self.rig.close()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(write_status, self.cfg.recording.status_path(),
                                     {**self.status(), "state": "stopped"})
@@ -370,21 +261,14 @@ class ClosedLoopService:
                            refused=dict(s.refused), decisions=s.decisions,
                            error=str(self._fatal) if self._fatal else None)
             await asyncio.to_thread(self.log.close)
-        if self.recorder is not None:
-            with contextlib.suppress(OSError):  # already reported (recording.xdf fault)
-                await asyncio.to_thread(self.recorder.close)
+        if self.rig is not None:
+            await self.rig.close_recording()
 
     # -- thread hand-offs --------------------------------------------------------------
     def _wake_from_thread(self) -> None:
         if not self._wake_pending and self._loop is not None:
             self._wake_pending = True
             self._loop.call_soon_threadsafe(self._eeg_wake.set)
-
-    def _eeg_age(self) -> float | None:
-        eeg = self.eeg
-        if eeg is None or eeg.lost or eeg.last_arrival is None:
-            return None
-        return float(pylsl.local_clock()) - eeg.last_arrival
 
     # -- the EEG pipeline --------------------------------------------------------------
     async def _eeg_loop(self) -> None:
@@ -514,8 +398,8 @@ class ClosedLoopService:
             fields = rec.fields()
             self.stats.pulses.append(fields)
             self._event("pulse", **fields)
-            if self._markers is not None:
-                self._markers.push(rec.lsl_time, {
+            if self.rig is not None and self.rig.markers is not None:
+                self.rig.markers.push(rec.lsl_time, {
                     "event": "pulse", "n": rec.pulse_number, "intensity_pct": rec.intensity_pct,
                     "target_phase_deg": rec.context.get("target_phase_deg")})
         self.stats.fired = self.ledger.fired
@@ -557,8 +441,8 @@ class ClosedLoopService:
                 # them (MEPs become 'emg_unavailable'), and say so
                 self._event("fault", error=type(err).__name__, message=str(err),
                             role=ev.role, action="continuing without this stream")
-                if ev.role == "emg":
-                    self.emg = None
+                if ev.role == "emg" and self.rig is not None:
+                    self.rig.emg = None
         elif ev.role == "eeg" and ev.kind == "lost" and self.scheduler is not None:
             self.scheduler.cancel("eeg_lost")
         # no reset on "recovered": the tracker resets on the data's own evidence (a gap in
@@ -624,6 +508,39 @@ class ClosedLoopService:
     def add_listener(self, fn: Listener) -> None:
         """Subscribe ``fn`` for the whole session."""
         self.bus.subscribe(fn)
+
+    # the rig's parts (None before it is opened)
+    @property
+    def eeg(self) -> StreamReader | None:
+        return self.rig.eeg if self.rig is not None else None
+
+    @property
+    def emg(self) -> StreamReader | None:
+        return self.rig.emg if self.rig is not None else None
+
+    @property
+    def pulse_markers(self) -> MarkerReader | None:
+        return self.rig.pulse_markers if self.rig is not None else None
+
+    @property
+    def tracker(self) -> PhaseTracker | None:
+        return self.rig.tracker if self.rig is not None else None
+
+    @property
+    def meps(self) -> MepTracker | None:
+        return self.rig.meps if self.rig is not None else None
+
+    @property
+    def stim(self) -> GatedStimulator | None:
+        return self.rig.stim if self.rig is not None else None
+
+    @property
+    def scheduler(self) -> FireScheduler | None:
+        return self.rig.scheduler if self.rig is not None else None
+
+    @property
+    def recorder(self) -> SessionRecorder | None:
+        return self.rig.recorder if self.rig is not None else None
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -862,6 +779,37 @@ class ClosedLoopService:
             "eeg_buffer_fill": fill, "samples_lost": s.samples_lost,
             "pulses": s.fired, "refused": dict(s.refused),
         }
+
+
+class _RigHooks:
+    """The rig's threads, handed over to the service's loop."""
+
+    def __init__(self, service: ClosedLoopService) -> None:
+        self._s = service
+
+    def wake_eeg(self) -> None:
+        self._s._wake_from_thread()
+
+    def stream_event(self, ev: StreamEvent) -> None:
+        self._s._call_soon(self._s._on_stream_event, ev)
+
+    def external_pulse(self, text: str, t: float) -> None:
+        self._s._call_soon(self._s._on_external_pulse, text, t)
+
+    def driver_fault(self, reason: str) -> None:
+        self._s._call_soon(self._s.supervisor.driver_fault, reason)
+
+    def pulse_outcome(self, o: PulseOutcome) -> None:
+        self._s._call_soon(self._s._on_outcome, o)
+
+    def pulse_path_error(self, exc: BaseException) -> None:
+        self._s._call_soon(self._s._fail, exc)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._s.record(kind, **fields)
+
+    def subscribe(self, fn: Listener) -> Unsubscribe:
+        return self._s.subscribe(fn)
 
 
 class _PipelineHost:
