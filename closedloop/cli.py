@@ -176,13 +176,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from closedloop.control.logs import log_event, setup_logging  # noqa: PLC0415
-    from closedloop.control.service import ClosedLoopService  # noqa: PLC0415 - heavy import
+    from closedloop.control.service import (  # noqa: PLC0415 - heavy import
+        ClosedLoopService,
+        ServiceStats,
+    )
     from closedloop.mqtt.plane import planes_for  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
-    setup_logging(args.log_format)
+    logs = setup_logging(args.log_format)
 
-    async def main() -> None:
+    async def main() -> ServiceStats:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -191,12 +194,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                     config_overrides=tuple(args.overrides))
         service.subscribe(log_event)
         loop.add_signal_handler(signal.SIGHUP, _sighup_reload, service)
-        stats = await service.run(stop, attachments=planes_for(cfg))
-        print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
-                          "decisions": stats.decisions,
-                          "events": cfg.recording.events}), flush=True)
+        return await service.run(stop, attachments=planes_for(cfg))
 
-    asyncio.run(main())
+    try:
+        stats = asyncio.run(main())
+    finally:
+        logs.stop()  # the last lines are written before the summary (or the error)
+    print(json.dumps({"fired": stats.fired, "refused": dict(stats.refused),
+                      "decisions": stats.decisions, "events": cfg.recording.events}),
+          flush=True)
     return 0
 
 

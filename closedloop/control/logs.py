@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -50,8 +52,18 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(clean_json(out), separators=(",", ":"), default=str)
 
 
-def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
-    """Send closedloop's logs to stdout as ``text`` or ``json``."""
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hand the record to the writer thread as it is (formatting, JSON and the write to
+    stdout happen there, never on the event loop that logs)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def setup_logging(fmt: str = "text", level: int = logging.INFO
+                  ) -> logging.handlers.QueueListener:
+    """Send closedloop's logs to stdout as ``text`` or ``json``, from a thread of their
+    own; returns the listener (``stop()`` it at exit: it writes what is left)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stdout)
@@ -59,9 +71,13 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    logger.addHandler(_Enqueue(records))
     logger.setLevel(level)
     logger.propagate = False
+    listener.start()
+    return listener
 
 
 def log_event(kind: str, fields: dict[str, Any]) -> None:

@@ -37,7 +37,10 @@ class SessionRecorder:
         self._writer.add_stream(_EVENTS_ID, name="closedloop-events", stype="Markers",
                                 labels=["event"], rate_hz=0.0, fmt="string")
         self._sources: list[tuple[int, RingBuffer, int]] = []
-        self._events: queue.SimpleQueue[tuple[float, str]] = queue.SimpleQueue()
+        # (LSL time, kind, fields): turned into JSON in the recorder's thread, not on the
+        # event loop that records them
+        self._events: queue.SimpleQueue[tuple[float, str, dict[str, Any]]] = \
+            queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._period = period_s
@@ -59,8 +62,7 @@ class SessionRecorder:
         """A service listener: queue one event (never blocks)."""
         t = fields.get("lsl_time")
         if isinstance(t, int | float):
-            self._events.put((float(t), json.dumps(clean_json({"event": kind, **fields}),
-                                                   separators=(",", ":"), default=str)))
+            self._events.put((float(t), kind, fields))
 
     def close(self) -> None:
         """Write what is left and the footers."""
@@ -87,8 +89,10 @@ class SessionRecorder:
                 except queue.Empty:
                     break
             if events:
-                self._writer.write_markers(_EVENTS_ID, [e[1] for e in events],
-                                           [e[0] for e in events])
+                self._writer.write_markers(
+                    _EVENTS_ID, [json.dumps(clean_json({"event": kind, **fields}),
+                                            separators=(",", ":"), default=str)
+                                 for _, kind, fields in events], [e[0] for e in events])
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
