@@ -41,6 +41,7 @@ __all__ = [
     "PipelineReason",
     "TraceStatus",
     "guard_clock",
+    "request",
 ]
 
 MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
@@ -118,6 +119,34 @@ class DecisionTrace:
                                reason=self.reason, stages_us=self.stages_us)
 
 
+class Scheduler(Protocol):
+    """The fire thread (:class:`~closedloop.stim.scheduler.FireScheduler`) or its
+    simulated stand-in."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    def submit(self, request: PulseRequest) -> bool: ...
+
+
+def request(decision_id: int, decision: Decision, update: Update, *, core: DecisionCore,
+            scheduler: Scheduler, unit: Unit, target_phase_deg: float, decided: float,
+            chunk: float, stages_us: dict[str, float] | None) -> DecisionTrace:
+    """Hand a decision to fire to the scheduler (live and offline alike); the trace of
+    how it ended. A decision not to fire is traced with the policy's reason."""
+    status, reason = TraceStatus.REFUSED, decision.reason
+    if decision.fire:
+        req = PulseRequest(decision_id, decision.fire_time, fire_context(
+            decision, update, target_phase_deg=target_phase_deg, decided=decided,
+            chunk=chunk, stages_us=stages_us), unit.offsets)
+        if scheduler.submit(req):
+            core.scheduled(decision)
+            status = TraceStatus.REQUESTED
+        else:
+            reason = PipelineReason.SCHEDULER_BUSY
+    return DecisionTrace(decision_id, status, reason, decision, update, stages_us)
+
+
 class Host(Protocol):
     """What the pipeline needs of the service."""
 
@@ -132,16 +161,6 @@ class Host(Protocol):
     def estimator_changed(self, tracker: PhaseTracker) -> None: ...
 
     def calibrated(self, tracker: PhaseTracker) -> None: ...
-
-
-class Scheduler(Protocol):
-    """The fire thread (:class:`~closedloop.stim.scheduler.FireScheduler`) or its
-    simulated stand-in."""
-
-    @property
-    def busy(self) -> bool: ...
-
-    def submit(self, request: PulseRequest) -> bool: ...
 
 
 class EegPipeline:
@@ -235,19 +254,13 @@ class EegPipeline:
 
     def _request(self, decision: Decision, update: Update, stages: dict[str, float],
                  cfg: Config, decided: float, chunk: float) -> DecisionTrace:
-        """Hand a decision to fire to the scheduler; the trace of how it ended."""
-        status, reason = TraceStatus.REFUSED, decision.reason
-        if decision.fire:
-            req = PulseRequest(self.decision_id, decision.fire_time, fire_context(
-                decision, update, target_phase_deg=cfg.trigger.target_phase_deg,
-                decided=decided, chunk=chunk, stages_us=stages), self.unit.offsets)
-            if self.scheduler.submit(req):
-                self.stats.chunk_to_handoff_ms.add((self.clock() - chunk) * 1000)
-                self.core.scheduled(decision)
-                status = TraceStatus.REQUESTED
-            else:
-                reason = PipelineReason.SCHEDULER_BUSY
-        return DecisionTrace(self.decision_id, status, reason, decision, update, stages)
+        trace = request(self.decision_id, decision, update, core=self.core,
+                        scheduler=self.scheduler, unit=self.unit,
+                        target_phase_deg=cfg.trigger.target_phase_deg, decided=decided,
+                        chunk=chunk, stages_us=stages)
+        if trace.status is TraceStatus.REQUESTED:
+            self.stats.chunk_to_handoff_ms.add((self.clock() - chunk) * 1000)
+        return trace
 
     def _clock_ok(self, skew: float, now: float, cfg: Config) -> bool:
         self.guard, verdict = guard_clock(self.guard, skew=skew, now=now,

@@ -37,19 +37,18 @@ from closedloop.config.schema import Config
 from closedloop.control.core import DecisionCore
 from closedloop.control.ledger import (
     PulseLedger,
-    fire_context,
     mep_fields,
     mep_time,
     refusal_fields,
 )
-from closedloop.control.pipeline import DecisionTrace, PipelineReason, TraceStatus
+from closedloop.control.pipeline import request
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
 from closedloop.stim.fake import FakeStimulator
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.safety import SafetyGate, SafetyLimits
-from closedloop.stim.scheduler import PulseOutcome, PulseRequest, SimClock, SimulatedScheduler
+from closedloop.stim.scheduler import PulseOutcome, SimClock, SimulatedScheduler
 from closedloop.streams.ring import RingBuffer
 
 __all__ = ["OfflineResult", "fingerprint", "run_offline"]
@@ -160,17 +159,10 @@ class _Rig:
         if decision is None:
             return
         self.decision_id += 1
-        status, reason = TraceStatus.REFUSED, decision.reason
-        if decision.fire:
-            req = PulseRequest(self.decision_id, decision.fire_time, fire_context(
-                decision, update, target_phase_deg=cfg.trigger.target_phase_deg,
-                decided=now, chunk=newest, stages_us=None), self.unit.offsets)
-            if self.scheduler.submit(req):
-                core.scheduled(decision)
-                status = TraceStatus.REQUESTED
-            else:
-                reason = PipelineReason.SCHEDULER_BUSY
-        trace = DecisionTrace(self.decision_id, status, reason, decision, update, None)
+        trace = request(self.decision_id, decision, update, core=core,
+                        scheduler=self.scheduler, unit=self.unit,
+                        target_phase_deg=cfg.trigger.target_phase_deg, decided=now,
+                        chunk=newest, stages_us=None)
         self.out.decisions.append({**trace.fields(), "lsl_time": now})
 
 
