@@ -26,7 +26,7 @@ import numpy as np
 from closedloop.config.load import load_config
 from closedloop.config.schema import Config, StreamSelector
 from closedloop.control.service import ClosedLoopService, ServiceStats
-from closedloop.control.stats import circular_stats_deg
+from closedloop.dsp.circular import circular_stats_deg
 from closedloop.extras import require_matplotlib
 from closedloop.mqtt.local_broker import local_broker
 from closedloop.mqtt.plane import planes_for

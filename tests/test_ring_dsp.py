@@ -77,3 +77,27 @@ def test_decimator_is_chunking_invariant_and_reports_its_delay() -> None:
     assert Decimator.factor_for(5000, 500) == 10
     assert Decimator.factor_for(500, 500) == 1
     assert Decimator.factor_for(1200, 500) == 2
+
+
+def test_circular_statistics_against_their_definitions() -> None:
+    from closedloop.dsp.circular import (  # noqa: PLC0415
+        circular_mean,
+        circular_sd,
+        circular_stats_deg,
+        resultant,
+        wrap,
+    )
+
+    rng = np.random.default_rng(3)
+    kappa_sd = 0.3
+    x = 2.0 + rng.normal(0.0, kappa_sd, 20_000)  # wrapped normal: SD = sqrt(-2 ln R)
+    assert abs(circular_mean(x) - 2.0) < 0.01
+    assert abs(circular_sd(x) - kappa_sd) < 0.01
+    assert abs(resultant(x) - np.exp(-kappa_sd**2 / 2)) < 0.005
+    assert circular_mean([np.pi - 0.1, -np.pi + 0.1]) == pytest.approx(np.pi, abs=1e-9) \
+        or circular_mean([np.pi - 0.1, -np.pi + 0.1]) == pytest.approx(-np.pi, abs=1e-9)
+    assert np.allclose(wrap([3 * np.pi / 2, -3 * np.pi / 2]), [-np.pi / 2, np.pi / 2])
+    assert circular_sd([0.0, np.pi]) > 6.0  # no mean direction: a large, finite SD
+    s = circular_stats_deg([10.0, 20.0, float("nan")])
+    assert s["n"] == 2 and s["mean_deg"] == pytest.approx(15.0)
+    assert circular_stats_deg([])["sd_deg"] is None

@@ -57,8 +57,9 @@ from closedloop.control.runtime import (
     live_value,
     restart_keys,
 )
-from closedloop.control.stats import LatencyRing, circular_stats_deg
+from closedloop.control.stats import LatencyRing
 from closedloop.control.supervisor import Supervisor, write_status
+from closedloop.dsp.circular import circular_stats_deg
 from closedloop.errors import ClosedLoopError, ControlError, StimulatorError
 from closedloop.mep.tracker import MepRecord, MepTracker
 from closedloop.phase.etp import ETP

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from closedloop.dsp.circular import circular_stats_deg  # (its home is dsp.circular)
 
 __all__ = ["LatencyRing", "circular_stats_deg"]
 
@@ -40,16 +40,3 @@ class LatencyRing:
         p50, p99 = np.percentile(v, [50, 99])
         return {"count": int(self.total), "p50": round(float(p50), 4),
                 "p99": round(float(p99), 4), "max": round(float(v.max()), 4)}
-
-
-def circular_stats_deg(errors_deg: list[float] | np.ndarray) -> dict[str, float | int | None]:
-    """Circular mean and circular SD (degrees) of angles, as in phase-targeting papers."""
-    e = np.radians(np.asarray(errors_deg, dtype=float))
-    e = e[np.isfinite(e)]
-    if not len(e):
-        return {"n": 0, "mean_deg": None, "sd_deg": None, "resultant": None}
-    z = np.mean(np.exp(1j * e))
-    r = float(abs(z))
-    sd = math.degrees(math.sqrt(-2.0 * math.log(r))) if r > 0 else math.inf
-    return {"n": len(e), "mean_deg": round(math.degrees(float(np.angle(z))), 2),
-            "sd_deg": round(sd, 2), "resultant": round(r, 4)}

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import signal
 
+from closedloop.dsp.circular import circular_mean
 from closedloop.phase.estimate import PhaseEstimate, wrap_rad
 from closedloop.phase.truth import ground_truth
 
@@ -59,7 +60,7 @@ class ETP:
             if est is not None:
                 errs.append(est.phase_rad - truth.phase[i - 1])
         if errs:
-            self.offset = float(np.angle(np.mean(np.exp(1j * np.array(errs)))))
+            self.offset = circular_mean(errs)
 
     def estimate(self, x: Array, t_last: float) -> PhaseEstimate | None:
         """Phase at the last sample of ``x``."""

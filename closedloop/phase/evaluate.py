@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from closedloop.config.schema import PhaseConfig
+from closedloop.dsp.circular import circular_mean, circular_sd, wrap
 from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.peak import find_peak
@@ -52,12 +53,9 @@ def score(errors: Array) -> dict[str, float | int | None]:
     e = errors[np.isfinite(errors)]
     if not len(e):
         return {"n": 0, "bias_deg": None, "circ_sd_deg": None, "mae_deg": None}
-    z = np.mean(np.exp(1j * e))
-    r = max(float(abs(z)), 1e-12)
-    return {"n": len(e), "bias_deg": round(math.degrees(float(np.angle(z))), 2),
-            "circ_sd_deg": round(math.degrees(math.sqrt(-2 * math.log(r))), 2),
-            "mae_deg": round(math.degrees(float(np.mean(np.abs(np.angle(np.exp(1j * e)))))),
-                             2)}
+    return {"n": len(e), "bias_deg": round(math.degrees(circular_mean(e)), 2),
+            "circ_sd_deg": round(math.degrees(circular_sd(e)), 2),
+            "mae_deg": round(math.degrees(float(np.mean(np.abs(wrap(e))))), 2)}
 
 
 Runner = Callable[[Array, int], PhaseEstimate | None]

@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
+from closedloop.dsp.circular import circular_sd
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.peak import find_peak
 from closedloop.phase.truth import ground_truth
@@ -204,8 +205,7 @@ def train_wiener(x: Array, fs: float, *, taps_ms: float = 500.0,
 def _circ_sd_deg(err: Array) -> float:
     if not len(err):
         return 180.0
-    r = max(float(abs(np.mean(np.exp(1j * err)))), 1e-12)
-    return math.degrees(math.sqrt(-2.0 * math.log(r)))
+    return math.degrees(circular_sd(err))
 
 
 class WienerPhase:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from closedloop.dsp.circular import circular_mean, circular_sd, wrap
 from closedloop.errors import ClosedLoopError
 from closedloop.extras import require_matplotlib
 from closedloop.recording.events import read_events
@@ -143,10 +144,9 @@ def _figures(d: SessionData) -> dict[str, tuple[str, bytes]]:
         if len(v):
             counts, _ = np.histogram(np.angle(np.exp(1j * v)), bins=bins)
             ax.bar(bins[:-1], counts, width=np.diff(bins), align="edge", alpha=0.8)
-            err = np.angle(np.exp(1j * (v - math.radians(target))))
-            r = abs(np.mean(np.exp(1j * err)))
-            sd = math.degrees(math.sqrt(-2 * math.log(max(r, 1e-12))))
-            bias = math.degrees(np.angle(np.mean(np.exp(1j * err))))
+            phase_err = wrap(v - math.radians(target))
+            sd = math.degrees(circular_sd(phase_err))
+            bias = math.degrees(circular_mean(phase_err))
             title += f"\nn={len(v)}, bias {bias:+.1f}°, circular SD {sd:.1f}°"
         else:
             title += "\n(not available)"
