@@ -24,10 +24,9 @@ import numpy.typing as npt
 
 from closedloop.config.schema import PhaseConfig
 from closedloop.dsp.circular import circular_mean, circular_sd, wrap
-from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.peak import find_peak
-from closedloop.phase.tracker import make_ar, make_resonator, train_etp
+from closedloop.phase.registry import make_ar, make_echt, make_resonator, train_etp
 from closedloop.phase.truth import ground_truth
 from closedloop.phase.wiener import WienerPhase, train_wiener
 
@@ -77,8 +76,7 @@ def _make(name: str, fs: float, band: tuple[float, float], peak_hz: float,
     if name == "ar":
         return _window_runner(make_ar(c, fs, band))
     if name == "echt":
-        return _window_runner(EcHT(fs=fs, centre_hz=peak_hz,
-                                   window=round(c.echt_window_ms * fs / 1000.0)))
+        return _window_runner(make_echt(c, fs, peak_hz))
     if name == "etp":
         return _window_runner(train_etp(c, train, fs, band, step))
     if name == "resonator":

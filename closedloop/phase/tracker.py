@@ -32,16 +32,16 @@ from closedloop.config.schema import PhaseConfig, PowerCondition
 from closedloop.dsp.filters import Decimator
 from closedloop.dsp.spatial import SpatialFilter, hjorth
 from closedloop.phase.amplitude import BandAmplitude
-from closedloop.phase.ar_forecast import ARForecaster, ARParams
+from closedloop.phase.ar_forecast import ARForecaster
 from closedloop.phase.echt import EcHT
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.etp import ETP
 from closedloop.phase.peak import PeakFit, find_peak
+from closedloop.phase.registry import centre_of, make_ar, make_echt, make_resonator, train_etp
 from closedloop.phase.resonator import Resonator
 from closedloop.phase.wiener import WienerModel, WienerPhase, train_wiener
 
-__all__ = ["TRAINED", "PhaseTracker", "TrackerStatus", "make_ar", "make_resonator",
-           "train_etp"]
+__all__ = ["TRAINED", "PhaseTracker", "TrackerStatus"]
 
 Array = npt.NDArray[np.float64]
 
@@ -60,32 +60,6 @@ TRAINED = ("wiener", "etp")
 Trained = WienerModel | ETP
 Trainer = Callable[[Callable[[], Trained]], "Future[Trained]"]
 WindowEstimator = ARForecaster | EcHT | WienerPhase | ETP
-
-
-def make_ar(c: PhaseConfig, fs: float, band: tuple[float, float]) -> ARForecaster:
-    """AR forward prediction with the configured parameters (live and in evaluations)."""
-    return ARForecaster(ARParams.from_ms(fs=fs, band_hz=band, window_ms=c.window_ms,
-                                         fir_ms=c.fir_ms, edge_ms=c.edge_ms,
-                                         order=c.ar_order,
-                                         hilbert_window_ms=c.hilbert_window_ms))
-
-
-def make_resonator(c: PhaseConfig, fs: float, centre_hz: float,
-                   band: tuple[float, float]) -> Resonator:
-    """The configured resonator (its bandwidth at most the band's width)."""
-    return Resonator(fs=fs, centre_hz=centre_hz, rhythm=c.rhythm,
-                     bandwidth_hz=min(c.resonator_bandwidth_hz, band[1] - band[0]),
-                     retune_every_s=c.resonator_retune_s)
-
-
-def train_etp(c: PhaseConfig, x: Array, fs: float, band: tuple[float, float],
-              step: int | None = None) -> ETP:
-    """ETP with the configured window and edge, trained on ``x`` (estimates every
-    ``step`` samples, 10 ms by default, for its phase offset)."""
-    etp = ETP(fs=fs, band_hz=band, window=round(c.window_ms * fs / 1000.0),
-              edge=round(c.edge_ms * fs / 1000.0))
-    etp.train(x, step or max(1, round(0.01 * fs)))
-    return etp
 
 
 def _run_now(fn: Callable[[], Trained]) -> Future[Trained]:
@@ -222,14 +196,10 @@ class PhaseTracker:
         self.resonator = None
         if self._trained is not None:  # keeps the band it was trained for
             self.estimator = self._trained
-        elif c.estimator == "echt":  # centred on the band's middle (the peak), same width
-            self.estimator = EcHT(fs=self.fs, centre_hz=(band[0] + band[1]) / 2.0,
-                                  width_hz=band[1] - band[0],
-                                  window=round(c.echt_window_ms * self.fs / 1000.0))
-        elif c.estimator == "resonator":  # on the individual peak, else the band's middle
-            centre = (self.peak.peak_hz if self.peak is not None and self.peak.band_hz == band
-                      else math.sqrt(band[0] * band[1]))
-            self.resonator = make_resonator(c, self.fs, centre, band)
+        elif c.estimator == "echt":  # (closedloop.phase.registry: as it is evaluated)
+            self.estimator = make_echt(c, self.fs, centre_of(band, self.peak))
+        elif c.estimator == "resonator":
+            self.resonator = make_resonator(c, self.fs, centre_of(band, self.peak), band)
             self.estimator = self.resonator
         else:
             self.estimator = make_ar(c, self.fs, band)
