@@ -261,9 +261,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_offline(args: argparse.Namespace) -> int:
-    from closedloop.phase.report import load_recording  # noqa: PLC0415
     from closedloop.replay.offline import run_offline  # noqa: PLC0415
-    from closedloop.replay.recording import load_xdf  # noqa: PLC0415
+    from closedloop.replay.recording import load_recording, load_xdf  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.file)

@@ -12,9 +12,8 @@ import numpy as np
 import pylsl
 import pytest
 
-from closedloop.phase.report import load_recording
 from closedloop.recording.xdf import XdfWriter
-from closedloop.replay.recording import load_xdf
+from closedloop.replay.recording import load_recording, load_xdf
 from closedloop.streams.lsl_info import read_labels
 from tests.conftest import unique
 

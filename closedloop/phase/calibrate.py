@@ -26,8 +26,8 @@ from closedloop.dsp.filters import Decimator
 from closedloop.dsp.spatial import hjorth
 from closedloop.errors import ClosedLoopError
 from closedloop.phase.evaluate import evaluate_signal
-from closedloop.phase.report import load_recording
 from closedloop.phase.wiener import MIN_SNR_DB, train_wiener
+from closedloop.replay.recording import load_recording
 
 __all__ = ["LIVE_ESTIMATORS", "MIN_SNR_DB", "VARIANTS", "calibrate_signal", "candidates",
            "write_config"]

@@ -14,36 +14,9 @@ import numpy.typing as npt
 from closedloop.errors import ClosedLoopError
 from closedloop.extras import require_matplotlib
 from closedloop.phase.evaluate import ESTIMATORS, EvaluationResult, evaluate_signal
-from closedloop.replay.recording import Recording, load_edf, load_xdf
+from closedloop.replay.recording import load_recording
 
 __all__ = ["evaluate_file", "load_signal", "polar_png"]
-
-
-def load_recording(path: Path) -> Recording:
-    """EDF/BDF, XDF (its first EEG stream), or NumPy ``.npz`` (``data`` samples x channels,
-    ``labels``, ``fs``).
-
-    Raises:
-        ClosedLoopError: unknown format or missing fields.
-    """
-    suffix = path.suffix.lower()
-    if suffix in (".edf", ".bdf"):
-        return load_edf(path)
-    if suffix == ".xdf":
-        return load_xdf(path).first("EEG")
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = np.asarray(z["data"], dtype=np.float64)
-                labels = tuple(str(x) for x in z["labels"])
-                fs = float(z["fs"])
-        except (KeyError, ValueError, OSError) as exc:
-            raise ClosedLoopError(f"{path}: a .npz needs 'data' (samples x channels), "
-                                  f"'labels' and 'fs': {exc}") from exc
-        if data.ndim != 2 or data.shape[1] != len(labels):
-            raise ClosedLoopError(f"{path}: 'data' must be samples x {len(labels)} channels")
-        return Recording(data=data, labels=labels, fs=fs, unit="uV", source=str(path))
-    raise ClosedLoopError(f"{path}: unknown format (EDF, BDF, XDF or .npz)")
 
 
 def load_signal(path: Path, channel: str, reference: Sequence[str]

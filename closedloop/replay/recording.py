@@ -16,7 +16,7 @@ import numpy.typing as npt
 from closedloop.errors import ClosedLoopError
 from closedloop.extras import require_edf
 
-__all__ = ["MarkerTrack", "Recording", "XdfContent", "load_edf", "load_xdf",
+__all__ = ["MarkerTrack", "Recording", "XdfContent", "load_edf", "load_recording", "load_xdf",
            "normalise_label"]
 
 _TYPE_PREFIXES = ("EEG ", "ECG ", "EMG ", "EOG ")
@@ -148,3 +148,31 @@ def load_xdf(path: str | Path) -> XdfContent:
                                  source=str(path), name=name, stype=stype,
                                  first_timestamp=float(ts[0]) if len(ts) else 0.0))
     return XdfContent(tuple(regular), tuple(markers))
+
+
+def load_recording(path: str | Path) -> Recording:
+    """EDF/BDF, XDF (its first EEG stream), or NumPy ``.npz`` (``data`` samples x channels,
+    ``labels``, ``fs``).
+
+    Raises:
+        ClosedLoopError: unknown format or missing fields.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".edf", ".bdf"):
+        return load_edf(path)
+    if suffix == ".xdf":
+        return load_xdf(path).first("EEG")
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = np.asarray(z["data"], dtype=np.float64)
+                labels = tuple(str(x) for x in z["labels"])
+                fs = float(z["fs"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise ClosedLoopError(f"{path}: a .npz needs 'data' (samples x channels), "
+                                  f"'labels' and 'fs': {exc}") from exc
+        if data.ndim != 2 or data.shape[1] != len(labels):
+            raise ClosedLoopError(f"{path}: 'data' must be samples x {len(labels)} channels")
+        return Recording(data=data, labels=labels, fs=fs, unit="uV", source=str(path))
+    raise ClosedLoopError(f"{path}: unknown format (EDF, BDF, XDF or .npz)")
