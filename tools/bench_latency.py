@@ -21,8 +21,10 @@ A last configuration is the latency budget of a lab daemon: 5000 Hz x 64 EEG cha
 plus 4 EMG channels, with MQTT telemetry on (targets: chunk to decision p99 < 1 ms, to
 fire call p99 < 2 ms, CPU < 30% of one core).
 
-Right before each configuration, the *floor* is measured: a fresh pusher of the same
-rate, channels and chunking, and in this process a bare ``pylsl.StreamInlet`` opened with
+Around each service run, the *floor* is measured, half of it right before and half right
+after (pooled; ``floor_p99_before_after`` shows how far the load of a shared machine moved
+it): a fresh pusher of the same rate, channels and chunking (and EMG outlet), and in this
+process a bare ``pylsl.StreamInlet`` opened with
 the processing flags of the service's EEG reader (``closedloop/streams/reader.py``, with
 dejitter off) and pulled the way that reader pulls (``min_samples=1`` into a preallocated
 buffer), in a thread and a tight loop; per chunk, ``local_clock()`` minus the stamp of its
@@ -38,15 +40,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +122,19 @@ def spawn_pusher(name: str, rate: float, chunk_ms: float, seconds: float,
                              "--emg-channels", str(emg_channels)])
 
 
+def wait_for_stream(name: str, child: subprocess.Popen[bytes], timeout_s: float = 30.0
+                    ) -> pylsl.StreamInfo:
+    """The pusher's EEG stream, once visible (a loaded machine can take seconds to start it)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        found = pylsl.resolve_byprop("name", name, 1, 0.5)
+        if found:
+            return found[0]
+        if child.poll() is not None:
+            raise RuntimeError(f"the pusher of {name!r} exited with code {child.returncode}")
+    raise RuntimeError(f"the pusher's stream {name!r} did not appear within {timeout_s:g} s")
+
+
 def late_fractions(ms: np.ndarray) -> dict[str, float | None]:
     """The share of values over 1 and 2 ms: the tail's size, where a p99 only gives its edge."""
     if not len(ms):
@@ -149,8 +167,14 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
     service = ClosedLoopService(cfg)
     stop = asyncio.Event()
     try:
+        await asyncio.to_thread(wait_for_stream, name, child)  # so that start-up is not timed
         task = asyncio.create_task(service.run(stop, attachments=planes_for(cfg)))
-        await service.ready.wait()
+        ready = asyncio.create_task(service.ready.wait())
+        await asyncio.wait((task, ready), return_when=asyncio.FIRST_COMPLETED)
+        if not service.ready.is_set():  # it stopped on the way up: say why, do not hang
+            ready.cancel()
+            await task
+            raise RuntimeError(f"the service for {name!r} stopped before it was ready")
         await asyncio.sleep(warmup_s)  # LSL connection, filters, amplitude history, training
         for ring in (service.stats.chunk_to_decision_ms, service.stats.chunk_to_handoff_ms,
                      service.stats.fire_error_ms, service.stats.update_cost_us):
@@ -183,7 +207,7 @@ async def measure(rate: float, seconds: float, chunk_ms: float, extra: tuple[str
         child.terminate()
         child.wait(5)
         events.unlink(missing_ok=True)
-        events.with_suffix(".day.json").unlink(missing_ok=True)
+        shutil.rmtree(events.with_suffix(".days"), ignore_errors=True)
     cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (w1 - w0) * 100
     return {
         "rate_hz": rate, "channels": 64, "chunk_ms": chunk_ms, "seconds": seconds,
@@ -209,8 +233,17 @@ def floor_summary(ring: LatencyRing) -> dict[str, float | int | None]:
             "max": s["max"]}
 
 
+@dataclass(frozen=True, slots=True)
+class FloorPart:
+    """One floor measurement: the latency of each pull (ms), and how many were short."""
+
+    ms: np.ndarray
+    pulls: int
+    short: int
+
+
 def measure_floor(rate: float, seconds: float, chunk_ms: float, emg_channels: int = 0,
-                  warmup_s: float = 1.0) -> dict[str, object]:
+                  warmup_s: float = 1.0) -> FloorPart:
     """A bare pylsl inlet on a fresh pusher: chunk push to its arrival, with no service.
 
     Blocking (run it in a thread); the pusher is the one :func:`measure` uses, with the
@@ -223,10 +256,8 @@ def measure_floor(rate: float, seconds: float, chunk_ms: float, emg_channels: in
     child = spawn_pusher(name, rate, chunk_ms, seconds + 6 + warmup_s, emg_channels)
     inlet: pylsl.StreamInlet | None = None
     try:
-        found = pylsl.resolve_byprop("name", name, 1, 15.0)
-        if not found:
-            raise RuntimeError(f"floor: the pusher's stream {name!r} did not appear in 15 s")
-        inlet = pylsl.StreamInlet(found[0], max_buflen=10, recover=False,
+        info = wait_for_stream(name, child)
+        inlet = pylsl.StreamInlet(info, max_buflen=10, recover=False,
                                   processing_flags=FLOOR_FLAGS)
         inlet.open_stream(timeout=2.0)
         max_chunk = max(64, int(rate * 0.25))
@@ -254,8 +285,23 @@ def measure_floor(rate: float, seconds: float, chunk_ms: float, emg_channels: in
             inlet.close_stream()
         child.terminate()
         child.wait(5)
-    return {"floor_ms": floor_summary(ring), "floor_late": late_fractions(ring.values()),
-            "floor_short_pulls": round(short / pulls, 5) if pulls else None}
+    return FloorPart(ring.values(), pulls, short)
+
+
+def floor_result(parts: list[FloorPart]) -> dict[str, object]:
+    """The floor of a configuration, its parts pooled; with two, each one's p99 too."""
+    ring = LatencyRing()
+    for part in parts:
+        for v in part.ms:
+            ring.add(float(v))
+    pulls = sum(p.pulls for p in parts)
+    out: dict[str, object] = {
+        "floor_ms": floor_summary(ring), "floor_late": late_fractions(ring.values()),
+        "floor_short_pulls": round(sum(p.short for p in parts) / pulls, 5) if pulls else None}
+    if len(parts) > 1:  # the load of a shared machine moves between them
+        out["floor_p99_before_after"] = [
+            round(float(np.percentile(p.ms, 99)), 4) if len(p.ms) else None for p in parts]
+    return out
 
 
 def excess(service: Mapping[str, object], floor: Mapping[str, object]
@@ -322,9 +368,21 @@ def main() -> None:
         est = (*est, "phase.calibration_s=15")
         warmup += 15.0 + TRAINED_SWITCH_DELAY_S
 
-    async def floor(rate: float, emg_channels: int = 0) -> dict[str, object]:
-        return await asyncio.to_thread(measure_floor, rate, args.seconds, args.chunk_ms,
+    async def floor_part(rate: float, emg_channels: int, seconds: float) -> FloorPart:
+        return await asyncio.to_thread(measure_floor, rate, seconds, args.chunk_ms,
                                        emg_channels)
+
+    async def floor(rate: float, emg_channels: int = 0) -> dict[str, object]:
+        return floor_result([await floor_part(rate, emg_channels, args.seconds)])
+
+    async def bracketed(rate: float, emg_channels: int,
+                        service: Callable[[], Awaitable[dict[str, object]]]
+                        ) -> tuple[dict[str, object], dict[str, object]]:
+        """Half the floor right before the service run and half right after, pooled."""
+        before = await floor_part(rate, emg_channels, args.seconds / 2)
+        res = await service()
+        after = await floor_part(rate, emg_channels, args.seconds / 2)
+        return res, floor_result([before, after])
 
     async def floor_only() -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
@@ -340,22 +398,22 @@ def main() -> None:
     async def run_all() -> list[dict[str, object]]:
         out = []
         for r in args.rates:
-            fl = await floor(r)
-            res = await measure(r, args.seconds, args.chunk_ms, est, warmup_s=warmup)
+            res, fl = await bracketed(r, 0, functools.partial(
+                measure, r, args.seconds, args.chunk_ms, est, warmup_s=warmup))
             out.append(with_floor({"configuration": f"{r:g} Hz x 64 EEG", **res}, fl))
         if not args.no_budget:  # the issue's latency budget: EMG and MQTT telemetry too
             async with local_broker(kinds=("existing", "mosquitto")) as broker:
                 mqtt = ("mqtt.enabled=true", f'mqtt.instance="bench-{uuid.uuid4().hex[:6]}"',
                         f"mqtt.port={broker.port}", "mqtt.metrics_interval_s=1")
-                fl = await floor(5000.0, 4)
-                res = await measure(5000.0, args.seconds, args.chunk_ms, (*est, *mqtt),
-                                    emg_channels=4, warmup_s=warmup)
+                res, fl = await bracketed(5000.0, 4, functools.partial(
+                    measure, 5000.0, args.seconds, args.chunk_ms, (*est, *mqtt),
+                    emg_channels=4, warmup_s=warmup))
                 out.append(with_floor({"configuration": BUDGET, **res}, fl))
                 if args.grid_ms > 0:
                     grid = ("phase.deterministic=true", f"phase.update_interval_ms={args.grid_ms}")
-                    fl = await floor(5000.0, 4)
-                    res = await measure(5000.0, args.seconds, args.chunk_ms,
-                                        (*est, *mqtt, *grid), emg_channels=4, warmup_s=warmup)
+                    res, fl = await bracketed(5000.0, 4, functools.partial(
+                        measure, 5000.0, args.seconds, args.chunk_ms, (*est, *mqtt, *grid),
+                        emg_channels=4, warmup_s=warmup))
                     out.append(with_floor({"configuration": f"{BUDGET}, deterministic "
                                            f"{args.grid_ms:g} ms update grid", **res}, fl))
         return out

@@ -134,7 +134,8 @@ class ClosedLoopService:
         self.units_fired = 0
         self.core: DecisionCore | None = None
         self.supervisor = Supervisor(self)
-        self._result_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: asyncio.TaskGroup | None = None  # while running
+        self._result_tasks: set[asyncio.Task[None]] = set()  # started while stopping
         self._topping_up = False
 
     # -- life cycle --------------------------------------------------------------------
@@ -171,12 +172,14 @@ class ClosedLoopService:
             self.ready.set()
             self.supervisor.start_watchdog(self._loop)
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg  # background work (day top-ups, protocol results) too
                 tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
                          tg.create_task(self.supervisor.run(), name="housekeeping")]
                 for attachment in attachments:
                     self._attachments += (attachment,)
                     await attachment.start(self)
                 await stop.wait()
+                self._tasks = None  # what starts now is awaited by the shutdown
                 for task in tasks:
                     task.cancel()
             if self._fatal is not None:
@@ -665,7 +668,11 @@ class ClosedLoopService:
             self.protocols.stop(by=by)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` on the loop; the service waits for it on the way out."""
+        """Run ``coro`` in the service's task group (an error in it stops the service,
+        visibly); while stopping, on the loop, and the shutdown waits for it."""
+        if self._tasks is not None:
+            self._tasks.create_task(coro)
+            return
         assert self._loop is not None
         task = self._loop.create_task(coro)
         self._result_tasks.add(task)
