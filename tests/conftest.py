@@ -104,6 +104,15 @@ class Pusher:
         self.outlet = None
 
 
+@pytest.fixture(autouse=True)
+def own_pulse_counters(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test counts its participants' pulses of the day from zero (the services and
+    commands it starts inherit the folder): a suite that fires more than a day's pulses
+    for one participant must not refuse the later tests' pulses."""
+    monkeypatch.setenv("CLOSEDLOOP_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def pushers() -> Iterator[list[Pusher]]:
     """Collects pushers and stops them after the test."""
