@@ -1,4 +1,6 @@
-"""Shared helpers: real LSL outlets with unique names, paths to the shared real data."""
+"""Shared helpers: real LSL outlets with unique names, paths to the shared real data; the
+hooks that order the tests and share the machine under pytest-xdist (tests/xdist_lanes.py
+says how and why)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ os.environ.setdefault("LSLAPICFG", str(os.path.join(os.path.dirname(__file__), o
 import tempfile
 
 # the lab-wide pulse counters of the tests (every test process and the services they start)
-# live in a folder of their own, never in the user's state folder
+# live in a folder of their own, never in the user's state folder; one per process, so one
+# per xdist worker
 os.environ["CLOSEDLOOP_STATE_DIR"] = tempfile.mkdtemp(prefix="closedloop-test-state-")
 
 import threading
@@ -24,6 +27,7 @@ import pylsl
 import pytest
 
 from closedloop.sim.simulator import make_outlet
+from tests.xdist_lanes import TimingLane, lane, lower_priority_for_good, ordered
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CLOSEDLOOP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -120,3 +124,44 @@ def pushers() -> Iterator[list[Pusher]]:
     yield made
     for p in made:
         p.stop()
+
+
+# -- the order and CPU priority of the tests under pytest-xdist (tests/xdist_lanes.py) -----
+_TIMING_LANE = pytest.StashKey[TimingLane]()
+
+
+def _xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _xdist_worker(config):
+        items[:] = ordered(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    if _xdist_worker(config):  # each worker's basetemp is a folder of the run's
+        folder = Path(config.option.basetemp).parent / "timing-lane"
+        config.stash[_TIMING_LANE] = TimingLane(
+            folder, sum(1 for item in session.items if lane(item) == 0))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    timing = item.config.stash.get(_TIMING_LANE, None)
+    if timing is None:
+        return
+    if lane(item) == 0:
+        timing.acquire()
+    else:
+        timing.wait_until_ended()
+    if lane(item) == 3:
+        lower_priority_for_good()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    timing = item.config.stash.get(_TIMING_LANE, None)
+    if timing is not None and lane(item) == 0:
+        timing.release(item.nodeid)

@@ -142,6 +142,7 @@ def test_front_panel_isi_change_is_a_fault() -> None:
     assert not r.fired
 
 
+@pytest.mark.timing
 def test_serial_fire_delayed_by_the_keepalive_lock_is_recorded_when_it_left() -> None:
 
     lim = limits(motor_threshold_pct=None, min_interval_s=1.0)

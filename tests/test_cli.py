@@ -21,6 +21,26 @@ from tests.conftest import unique
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_side_by_side(*commands: list[str], timeout: float
+                     ) -> list[subprocess.CompletedProcess[str]]:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)`` of each
+    command, all started at once; the timeout is for each."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    try:
+        done = []
+        for cmd, proc in zip(commands, procs, strict=True):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+        return done
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 @pytest.mark.lsl
 @pytest.mark.slow
 def test_demo_summary_is_safe_complete_and_bounded(tmp_path: Path) -> None:
@@ -48,6 +68,7 @@ def test_demo_summary_is_safe_complete_and_bounded(tmp_path: Path) -> None:
     assert kinds.count("pulse") == s["pulses_fired"]
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 @pytest.mark.lsl
 @pytest.mark.slow
 def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -107,6 +128,7 @@ def test_every_public_name_exists() -> None:
             assert hasattr(module, name), f"{mod.name}.__all__ names missing {name}"
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 @pytest.mark.lsl
 @pytest.mark.slow
 def test_daemon_sighup_reload_json_logs_and_status(tmp_path: Path) -> None:
@@ -160,6 +182,7 @@ def test_daemon_sighup_reload_json_logs_and_status(tmp_path: Path) -> None:
     assert "stopped" in stopped.stderr
 
 
+@pytest.mark.compute
 def test_evaluate_phase_on_an_npz_recording(tmp_path: Path) -> None:
     fs = 250.0
     t = np.arange(int(90 * fs)) / fs
@@ -190,16 +213,18 @@ def test_evaluate_phase_on_an_npz_recording(tmp_path: Path) -> None:
     assert "it has C3, Cz" in bad.stderr
 
 
+@pytest.mark.compute
 @pytest.mark.slow
 def test_calibrate_from_a_file_writes_a_usable_config(tmp_path: Path) -> None:
     data = REPO.parent / "shared" / "data" / "eeg" / "eegmat"
     if not (data / "Subject19_1.edf").exists():
         pytest.skip("real data not found")
     out = tmp_path / "cal.toml"
-    good = subprocess.run([sys.executable, "-m", "closedloop", "calibrate", "-c",
-                           str(REPO / "configs" / "eegmat-replay.toml"), "--file",
-                           str(data / "Subject19_1.edf"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    calibrate = [sys.executable, "-m", "closedloop", "calibrate", "-c",
+                 str(REPO / "configs" / "eegmat-replay.toml"), "--file"]
+    # two independent calibrations (each one CPU-bound for ~15 s): side by side
+    good, weak = run_side_by_side([*calibrate, str(data / "Subject19_1.edf"), "--out", str(out)],
+                                  [*calibrate, str(data / "Subject01_1.edf")], timeout=120)
     assert good.returncode == 0, good.stderr
     result = json.loads(good.stdout.strip().splitlines()[-1])
     assert result["useful"]
@@ -216,10 +241,6 @@ def test_calibrate_from_a_file_writes_a_usable_config(tmp_path: Path) -> None:
     tracker = PhaseTracker(fs_in=500.0, labels=["C3", "F3", "T3", "Cz", "P3"], cfg=cfg.phase)
     assert tracker.training_state == "ready"
     assert tracker.band == tracker.wiener.band_hz  # type: ignore[union-attr]
-    weak = subprocess.run([sys.executable, "-m", "closedloop", "calibrate", "-c",
-                           str(REPO / "configs" / "eegmat-replay.toml"), "--file",
-                           str(data / "Subject01_1.edf")],
-                          capture_output=True, text=True, timeout=120, check=False)
     assert weak.returncode == 3  # says plainly that phase targeting is not useful
     assert "NOT usable for phase targeting" in weak.stdout
 
@@ -240,6 +261,7 @@ def test_calibrate_records_the_live_stream(pushers: list) -> None:  # type: igno
     assert np.std(x) > 0.5
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 @pytest.mark.lsl
 @pytest.mark.slow
 def test_a_killed_session_leaves_readable_recordings(tmp_path: Path) -> None:

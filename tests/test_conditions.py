@@ -11,6 +11,8 @@ from closedloop.errors import ConfigError
 from closedloop.replay.offline import run_offline
 from closedloop.replay.recording import Recording
 
+pytestmark = pytest.mark.compute  # CPU-bound, no real-time deadline (conftest.py)
+
 FS = 1000.0
 LABELS = ["C3", "FC1", "FC5", "CP1", "CP5", "C4"]
 

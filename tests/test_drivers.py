@@ -75,6 +75,7 @@ def test_magventure_crc8_is_dallas_maxim() -> None:
 
 
 # -- Magstim ------------------------------------------------------------------------------
+@pytest.mark.timing
 def test_magstim_session(ms: tuple[MagstimEmulator, MagstimStimulator]) -> None:
     emu, drv = ms
     drv.open()
@@ -200,6 +201,7 @@ def test_rapid_unlock_code_and_train(faults: list[str]) -> None:
         emu.stop()
 
 
+@pytest.mark.timing
 def test_magstim_ttl_trigger_route(faults: list[str]) -> None:
     box = TriggerBoxEmulator().start()
     emu = MagstimEmulator("200").start()
@@ -309,6 +311,7 @@ def test_magventure_cable_pulled(mv: tuple[MagVentureEmulator, MagVentureStimula
 
 
 # -- TTL ----------------------------------------------------------------------------------
+@pytest.mark.timing
 def test_ttl_trigger_box_pulse_width_and_code() -> None:
     box = TriggerBoxEmulator().start()
     drv = TtlStimulator(port=box.port, line="byte", pulse_width_ms=5.0, code=7)

@@ -18,6 +18,8 @@ from closedloop.phase.ar_forecast import ARForecaster
 from closedloop.phase.tracker import TRAINED, TRAINED_SWITCH_DELAY_S, PhaseTracker
 from tests.test_wiener import FS, drifting_rhythm
 
+pytestmark = pytest.mark.compute  # CPU-bound, no real-time deadline (conftest.py)
+
 ESTIMATORS = typing.get_args(typing.get_type_hints(PhaseConfig)["estimator"])
 # circular SD of error (degrees) each must reach on a steady rhythm in noise (measured
 # 2026-11-26: AR 8.9, ecHT 6.4, ETP 7.9, resonator 10.5, wiener 5.0)

@@ -41,6 +41,8 @@ from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.safety import SafetyGate, SafetyLimits
 from tests.safety_oracle import Limits, Pulse, violations
 
+pytestmark = pytest.mark.compute  # CPU-bound, no real-time deadline (conftest.py)
+
 # hypothesis's pytest plugin imports this (through libcst) to print a patch when a test
 # fails; under ``filterwarnings = error`` libcst's DeprecationWarning would then replace
 # the falsifying example with an INTERNALERROR. Imported once here, quietly.

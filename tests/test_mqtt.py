@@ -459,6 +459,7 @@ def test_local_brokers_for_the_demo(tmp_path: Path, eeg: str, kind: str) -> None
     asyncio.run(scenario())
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 def test_demo_with_mqtt(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "closedloop", "demo", "--duration", "8", "--eeg-rate", "1000",

@@ -42,6 +42,7 @@ def cfg_for(name: str, tmp: Path, *extra: str) -> Config:
         f'stimulator.coil_stream="{unique("coil")}"', *extra])
 
 
+@pytest.mark.compute
 def test_offline_is_deterministic_and_independent_of_chunking(tmp_path: Path) -> None:
     rec = eegmat(50.0)
     cfg = cfg_for("x", tmp_path)
@@ -165,6 +166,7 @@ async def test_live_replay_and_offline_make_the_same_decisions(tmp_path: Path) -
     _same_decisions(live_a, live_b)
 
 
+@pytest.mark.compute
 def test_offline_cli_on_a_recording(tmp_path: Path) -> None:
     import contextlib  # noqa: PLC0415
     import io  # noqa: PLC0415
@@ -235,6 +237,7 @@ async def test_pulses_fired_live_land_as_accurately_as_offline(tmp_path: Path) -
     assert got["sd_deg"] < 30.0, got
 
 
+@pytest.mark.compute
 @pytest.mark.parametrize("estimator", ["etp", "resonator"])
 def test_baseline_estimators_fire_on_real_eeg_deterministically(tmp_path: Path,
                                                                 estimator: str) -> None:
@@ -262,6 +265,7 @@ def test_baseline_estimators_fire_on_real_eeg_deterministically(tmp_path: Path,
     assert got["sd_deg"] < 50.0 and abs(got["mean_deg"]) < 30.0, got  # type: ignore[operator]
 
 
+@pytest.mark.compute
 def test_no_pulse_until_the_trained_estimator_takes_over(tmp_path: Path) -> None:
     """``trigger.wait_for_training`` (default): refused as estimator_training while the
     filter trains, estimator_untrained for good when its training failed (here: 6 s of

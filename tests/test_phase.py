@@ -20,6 +20,8 @@ from closedloop.phase.ar_forecast import (
 from closedloop.phase.peak import find_peak
 from closedloop.phase.tracker import PhaseTracker
 
+pytestmark = pytest.mark.compute  # CPU-bound, no real-time deadline (conftest.py)
+
 FS = 500.0
 
 

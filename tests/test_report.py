@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.lsl, pytest.mark.slow]
 FIGURES = ("phase", "mep", "timing", "refusals")
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 def test_demo_report_has_every_figure_and_renders(tmp_path: Path) -> None:
     out = tmp_path / "report"
     proc = subprocess.run(

@@ -79,6 +79,7 @@ def end(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 async def test_simulated_session_is_safe_complete_and_on_target(tmp_path: Path) -> None:
     prefix = unique("sim")
     cfg = config(tmp_path, f'streams.eeg.name="{prefix}-EEG"', f'streams.emg.name="{prefix}-EMG"',
@@ -321,6 +322,7 @@ async def test_start_up_errors_are_clear(tmp_path: Path, pushers: list[Pusher]) 
     assert "C3" in events[-1]["error"] or events[-1]["error"] is None
 
 
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
 async def test_mep_protocols_run_live_on_the_simulator(tmp_path: Path) -> None:
     """ML-PEST, an I/O curve and phase mapping, each pulse chosen from the last MEP."""
     prefix = unique("proto")

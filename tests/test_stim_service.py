@@ -28,6 +28,7 @@ from tools.stim_emulator import MagstimEmulator, TriggerBoxEmulator
 pytestmark = [pytest.mark.lsl, pytest.mark.slow]
 
 
+@pytest.mark.timing
 @pytest.mark.asyncio
 async def test_open_loop_bursts_record_every_pulse(tmp_path: Path,
                                                    pushers: list[Pusher]) -> None:
@@ -133,6 +134,7 @@ async def test_serial_stimulator_unplugged_mid_session(tmp_path: Path,
     assert stats.refused["stimulator_fault"] == 1
 
 
+@pytest.mark.timing
 @pytest.mark.asyncio
 async def test_ttl_trigger_box_session(tmp_path: Path, pushers: list[Pusher]) -> None:
     eeg = unique("eeg")
@@ -269,6 +271,7 @@ async def test_a_knob_turned_after_arming_disarms_and_blocks_arming(
     assert {d.power_a for d in emu.delivered} == {40}  # nothing left at 75 %
 
 
+@pytest.mark.timing
 @pytest.mark.asyncio
 async def test_a_theta_burst_unit_under_way_cannot_be_raised(tmp_path: Path,
                                                              pushers: list[Pusher]) -> None:

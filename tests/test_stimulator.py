@@ -61,6 +61,7 @@ def test_simulated_driver_satisfies_the_protocol() -> None:
     assert isinstance(driver, Stimulator)
 
 
+@pytest.mark.timing
 def test_pulses_land_on_time_and_appear_on_the_coil_stream() -> None:
     driver, gated, sched, outcomes = make(latency_s=0.002)
     inlet = pylsl.StreamInlet(pylsl.resolve_byprop("name", driver.coil_stream, 1, 5.0)[0])
@@ -91,6 +92,7 @@ def test_pulses_land_on_time_and_appear_on_the_coil_stream() -> None:
         driver.close()
 
 
+@pytest.mark.timing
 def test_refusals_disarmed_late_busy_cancelled_and_gate() -> None:
     driver, gated, sched, outcomes = make()
     try:

@@ -16,6 +16,8 @@ from closedloop.phase.tracker import TRAINED_SWITCH_DELAY_S, PhaseTracker
 from closedloop.phase.truth import ground_truth
 from closedloop.phase.wiener import WienerModel, WienerPhase, train_wiener
 
+pytestmark = pytest.mark.compute  # CPU-bound, no real-time deadline (conftest.py)
+
 FS = 500.0
 
 

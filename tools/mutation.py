@@ -97,7 +97,7 @@ def _select_tests(work: Path, extra: str, extra_timeout_s: float,
         if not (work / t).exists():
             log.append(f"{t}: absent, left out")
             continue
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", t]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0", t]
         try:
             done = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
                                   timeout=extra_timeout_s, check=False)
