@@ -181,15 +181,18 @@ async def test_non_finite_eeg_is_reported_never_fired_on_and_recovered(
     """One NaN sample used to stop phase estimation for good, without a word."""
     eeg = unique("eeg")
     window: dict[str, float] = {}
+    nan_at: list[float] = []  # the time of every NaN sample, as the pusher stamps it
 
     def signal(t: np.ndarray) -> np.ndarray:
         x = mu(t)
         if window and window["from"] <= t[0] < window["to"]:
             x[:, 1] = np.nan  # a reference electrode flat-lines to NaN
+            nan_at.extend(t)
         return x
 
     pushers.append(Pusher(eeg, LABELS, 1000.0, signal))
-    cfg = fast(tmp_path, eeg)
+    # no dejitter: the service sees the pusher's own stamps, the ones the oracle knows
+    cfg = fast(tmp_path, eeg, "streams.eeg.dejitter=false")
 
     async def scenario(service: ClosedLoopService) -> None:
         await asyncio.sleep(2.0)
@@ -205,9 +208,16 @@ async def test_non_finite_eeg_is_reported_never_fired_on_and_recovered(
     # no pulse from a decision whose estimate window held a NaN sample (the window of the
     # estimate: phase.window_ms before it), and pulses again afterwards
     pulses = [e for e in events if e["event"] == "pulse"]
-    span = cfg.phase.window_ms / 1000.0
-    assert not [p for p in pulses
-                if window["from"] <= p["estimate_lsl_time"] < window["to"] + span]
+    # the estimate's window: the newest phase.window_ms of samples at the processing rate,
+    # its oldest (window - 1) periods before its newest, which is the estimate's time plus
+    # the decimator's phase delay (estimates are stamped for the delay the filter adds)
+    reach = cfg.phase.window_ms / 1000.0 - 1.0 / service.tracker.fs
+    delay = service.tracker._delay_s
+    first, last = min(nan_at), max(nan_at)
+    held_nan = [(p["estimate_lsl_time"] - last, reach, delay) for p in pulses
+                if p["estimate_lsl_time"] + delay >= first
+                and p["estimate_lsl_time"] + delay - reach <= last]
+    assert not held_nan
     assert [p for p in pulses if p["lsl_time"] > window["to"] + 1.0]
     assert stats.fired >= 3 and not [e for e in events if e["event"] == "fault"]
 
