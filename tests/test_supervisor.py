@@ -28,7 +28,7 @@ class Host:
     def cancel_pending(self, reason: str) -> None:
         self.cancelled.append(reason)
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def record(self, kind: str, **fields: Any) -> None:
         self.events.append((kind, fields))
 
     def count_refusal(self, reason: str) -> None:

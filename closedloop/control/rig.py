@@ -41,7 +41,7 @@ from closedloop.stim.scheduler import FireScheduler
 from closedloop.streams.lsl_info import StreamSummary
 from closedloop.streams.reader import MarkerReader, StreamEvent, StreamReader
 
-__all__ = ["Rig", "RigHooks", "open_rig"]
+__all__ = ["Rig", "RigHooks", "open_rig", "set_unit_intensities"]
 
 
 class RigHooks(Protocol):
@@ -93,13 +93,21 @@ class Rig:
             if reader is not None:
                 await asyncio.to_thread(reader.stop)
         self.trainer.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(StimulatorError):
-            await asyncio.to_thread(self.stim.driver.close)
+        await _close_driver(self.stim.driver)
 
     async def close_recording(self) -> None:
         if self.recorder is not None:
             with contextlib.suppress(OSError):  # already reported (recording.xdf fault)
                 await asyncio.to_thread(self.recorder.close)
+
+
+def set_unit_intensities(stim: GatedStimulator, cfg: Config, unit: Unit) -> None:
+    """Set the configured intensities of the session's unit (a pair's two, or one)."""
+    if unit.paired:
+        stim.set_paired(cfg.stimulation.conditioning_pct, cfg.stimulator.intensity_pct,
+                        cfg.stimulation.isi_ms)
+    else:
+        stim.set_intensity(cfg.stimulator.intensity_pct)
 
 
 def eeg_age(eeg: StreamReader, clock: Callable[[], float] = pylsl.local_clock
@@ -180,11 +188,7 @@ async def _open(cfg: Config, unit: Unit, hooks: RigHooks,
                            eeg_age_s=lambda: eeg_age(eeg), on_fault=hooks.driver_fault,
                            credit_target=unit.pulses + 20,  # reserved ahead (top-ups)
                            unit_offsets=unit.offsets)
-    if unit.paired:
-        stim.set_paired(cfg.stimulation.conditioning_pct, cfg.stimulator.intensity_pct,
-                        cfg.stimulation.isi_ms)
-    else:
-        stim.set_intensity(cfg.stimulator.intensity_pct)
+    set_unit_intensities(stim, cfg, unit)
     hooks.emit("stimulator_ready", **driver.status(), pattern=unit.kind,
                pulses_per_unit=unit.pulses, timing=cfg.stimulation.timing)
     scheduler = FireScheduler(stim, max_lateness_s=cfg.trigger.max_lateness_ms / 1000.0,

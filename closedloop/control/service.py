@@ -134,6 +134,7 @@ class ClosedLoopService:
         self.units_fired = 0
         self.core: DecisionCore | None = None
         self.supervisor = Supervisor(self)
+        self._hooks = _Hooks(self)
         self._tasks: asyncio.TaskGroup | None = None  # while running
         self._result_tasks: set[asyncio.Task[None]] = set()  # started while stopping
         self._topping_up = False
@@ -216,10 +217,10 @@ class ClosedLoopService:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        self.rig = rig = await open_rig(cfg, self.unit, _RigHooks(self))
+        self.rig = rig = await open_rig(cfg, self.unit, self._hooks)
         self.ledger = PulseLedger(driver=rig.stim.driver.name, unit=self.unit)
         self.protocols = ProtocolRunner(
-            _RunnerHost(self), stim=rig.stim, unit=self.unit,
+            self._hooks, stim=rig.stim, unit=self.unit,
             settle_s=lambda: self.cfg.stimulator.settle_ms / 1000.0, spawn=self._spawn,
             results=self.stats.protocol_results)
         if cfg.stimulator.arm_on_start:
@@ -293,7 +294,7 @@ class ClosedLoopService:
         if tracker.training_state == "ready":  # a calibrated model file
             self._record_estimator(tracker)
         pipeline = EegPipeline(lambda: self.cfg, tracker, self.core, self.eeg.ring,
-                               host=_PipelineHost(self), scheduler=scheduler,
+                               host=self._hooks, scheduler=scheduler,
                                armed=lambda: stim.armed, unit=self.unit, stats=self.stats,
                                clock=pylsl.local_clock)
         while True:
@@ -455,10 +456,6 @@ class ClosedLoopService:
         # samples after a stall (or after a stream that connected before it started)
 
     # -- what the supervisor asks (closedloop.control.supervisor.Host) ----------------
-    def emit(self, kind: str, **fields: Any) -> None:
-        """Record an event (the same as :meth:`record`)."""
-        self._event(kind, **fields)
-
     def cancel_pending(self, reason: str) -> None:
         """Cancel the pulse the scheduler holds, if any."""
         if self.scheduler is not None:
@@ -789,12 +786,21 @@ class ClosedLoopService:
         }
 
 
-class _RigHooks:
-    """The rig's threads, handed over to the service's loop."""
+class _Hooks:
+    """The service as its rooms see it: the rig's threads (handed over to the loop), the
+    EEG pipeline and the protocol runner (closedloop.control.rig.RigHooks,
+    .pipeline.Host, .protocols.Host)."""
 
     def __init__(self, service: ClosedLoopService) -> None:
         self._s = service
 
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._s.record(kind, **fields)
+
+    def subscribe(self, fn: Listener) -> Unsubscribe:
+        return self._s.subscribe(fn)
+
+    # -- the rig's threads ------------------------------------------------------------
     def wake_eeg(self) -> None:
         self._s._wake_from_thread()
 
@@ -813,22 +819,7 @@ class _RigHooks:
     def pulse_path_error(self, exc: BaseException) -> None:
         self._s._call_soon(self._s._fail, exc)
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        self._s.record(kind, **fields)
-
-    def subscribe(self, fn: Listener) -> Unsubscribe:
-        return self._s.subscribe(fn)
-
-
-class _PipelineHost:
-    """The service as the EEG pipeline sees it."""
-
-    def __init__(self, service: ClosedLoopService) -> None:
-        self._s = service
-
-    def emit(self, kind: str, **fields: Any) -> None:
-        self._s.record(kind, **fields)
-
+    # -- the EEG pipeline -------------------------------------------------------------
     def holds(self, now: float) -> bool:
         return self._s.protocols is not None and self._s.protocols.holds(now)
 
@@ -842,16 +833,7 @@ class _PipelineHost:
     def calibrated(self, tracker: PhaseTracker) -> None:
         self._s._record_calibration(tracker)
 
-
-class _RunnerHost:
-    """The service as the protocol runner sees it."""
-
-    def __init__(self, service: ClosedLoopService) -> None:
-        self._s = service
-
-    def emit(self, kind: str, **fields: Any) -> None:
-        self._s.record(kind, **fields)
-
+    # -- the protocol runner ----------------------------------------------------------
     def clock(self) -> float:
         return float(pylsl.local_clock())
 

@@ -50,7 +50,7 @@ class Host(Protocol):
 
     def cancel_pending(self, reason: str) -> None: ...
 
-    def emit(self, kind: str, **fields: Any) -> None: ...
+    def record(self, kind: str, **fields: Any) -> None: ...
 
     def count_refusal(self, reason: str) -> None: ...
 
@@ -127,7 +127,7 @@ class Supervisor:
         """The driver found a fault on its own (on the loop): it is disarmed already."""
         self.stim_fault = reason
         self.host.cancel_pending("stimulator_fault")
-        self.host.emit("fault", error="stimulator", message=reason,
+        self.host.record("fault", error="stimulator", message=reason,
                        action=f"disarmed; reconnecting every {RECONNECT_S:g} s, arm again "
                               "when it is back")
         self.host.count_refusal("stimulator_fault")
@@ -150,11 +150,11 @@ class Supervisor:
                 await asyncio.to_thread(stim.set_intensity, stim.intensity_pct)
             stim.reconnected()  # only now may it be armed again
         except StimulatorError as exc:
-            self.host.emit("stimulator_reconnect_failed", message=str(exc))
+            self.host.record("stimulator_reconnect_failed", message=str(exc))
             return
         self.stim_fault = None
         self.next_reconnect = math.inf
-        self.host.emit("stimulator_reconnected", **driver.status())
+        self.host.record("stimulator_reconnected", **driver.status())
 
     # -- housekeeping (on the loop) ------------------------------------------------------
     async def run(self) -> None:
@@ -166,7 +166,7 @@ class Supervisor:
             await asyncio.sleep(HOUSEKEEPING_S)
             self.heartbeat = self.clock()
             if self.watchdog_trip is not None:
-                host.emit("fault", error="watchdog", message=(
+                host.record("fault", error="watchdog", message=(
                     f"the event loop did not run for at least {self.watchdog_trip * 1e3:.0f} "
                     f"ms (safety.watchdog_ms = {host.cfg.safety.watchdog_ms:g}); disarmed"),
                     action="arm again when the cause is known")
@@ -182,7 +182,7 @@ class Supervisor:
                                                 host.status())
                 if error is not None and not status_error_said:
                     status_error_said = True  # once: it would repeat every second
-                    host.emit("status_file_error", message=error)
+                    host.record("status_file_error", message=error)
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + TRIM_HEAP_S
                 t0 = time.perf_counter()

@@ -42,6 +42,7 @@ from closedloop.control.ledger import (
     refusal_fields,
 )
 from closedloop.control.pipeline import request
+from closedloop.control.rig import set_unit_intensities
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
@@ -112,11 +113,7 @@ class _Rig:
         self.stim = GatedStimulator(
             drv, SafetyGate(SafetyLimits.from_config(cfg.safety), max_units=self.unit.max_units),
             eeg_age_s=lambda: 0.0, clock=self.clock, unit_offsets=self.unit.offsets)
-        if self.unit.paired:
-            self.stim.set_paired(cfg.stimulation.conditioning_pct,
-                                 cfg.stimulator.intensity_pct, cfg.stimulation.isi_ms)
-        else:
-            self.stim.set_intensity(cfg.stimulator.intensity_pct)
+        set_unit_intensities(self.stim, cfg, self.unit)
         if armed:
             self.stim.arm()
         self.scheduler = SimulatedScheduler(
