@@ -215,12 +215,12 @@ def _sighup_reload(service: ClosedLoopService) -> None:
     as the MQTT plane treats one: the stimulator is disarmed and a ``fault`` recorded.
     """
     try:
-        settings = service.reload(by="SIGHUP")
+        settings = service.api.reload(by="SIGHUP")
     except ClosedLoopError:
         return  # recorded by reload as reload_refused
     except Exception as exc:  # recorded by reload as reload_refused; and a fault
         try:
-            service.disarm(by="internal_error")
+            service.api.disarm(by="internal_error")
         except Exception as disarm_exc:
             service.fail(disarm_exc)
         service.record("fault", error=type(exc).__name__, message=str(exc)[:500],

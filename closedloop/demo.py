@@ -138,7 +138,7 @@ async def _run_service(cfg: Config, duration_s: float, truth: list[dict[str, Any
         if task in done:
             return task.result()
         if protocol is not None:
-            service.start_protocol(protocol, pulses=None, by="demo")
+            service.api.start_protocol(protocol, pulses=None, by="demo")
         if operator is not None:
             helper = asyncio.create_task(operator)
         await asyncio.wait({task}, timeout=duration_s)

@@ -99,8 +99,8 @@ async def test_event_log_disk_full_stops_visibly(tmp_path: Path, pushers: list[P
     stop = asyncio.Event()
     with pytest.raises(ClosedLoopError, match=r"recording\.events: cannot write /dev/full"):
         await asyncio.wait_for(service.run(stop), 15)
-    assert service.stim is not None
-    assert not service.stim.armed
+    assert service.rig.stim is not None
+    assert not service.rig.stim.armed
 
 
 async def test_session_recording_disk_full_stops_visibly(tmp_path: Path,
@@ -113,7 +113,7 @@ async def test_session_recording_disk_full_stops_visibly(tmp_path: Path,
     with pytest.raises(ClosedLoopError, match=r"recording\.xdf: cannot write /dev/full"):
         await asyncio.wait_for(service.run(stop), 15)
     # the rig was closed again (the stimulator opened, never armed, closed)
-    assert service.rig is None and service.stim is None
+    assert service.rig is None
     events = read_events(tmp_path / "events.jsonl")
     kinds = [e["event"] for e in events]
     assert "stimulator_ready" in kinds and "armed" not in kinds
@@ -138,8 +138,8 @@ async def test_an_exception_in_the_estimator_disarms_and_stops(
     service = ClosedLoopService(fast(tmp_path, eeg))
     with pytest.raises(ClosedLoopError, match=r"internal error.*injected"):
         await asyncio.wait_for(service.run(asyncio.Event()), 20)
-    assert service.stim is not None
-    assert not service.stim.armed
+    assert service.rig.stim is not None
+    assert not service.rig.stim.armed
     events = read_events(tmp_path / "events.jsonl")
     fault = [e for e in events if e["event"] == "fault"]
     assert fault
@@ -204,15 +204,15 @@ async def test_non_finite_eeg_is_reported_never_fired_on_and_recovered(
     events = read_events(tmp_path / "events.jsonl")
     said = [e for e in events if e["event"] == "stream_error"]
     assert said and said[0]["reason"] == "non_finite_samples" and said[0]["fatal"] is False
-    assert service.tracker is not None and service.tracker.nonfinite >= 400
+    assert service.rig.tracker is not None and service.rig.tracker.nonfinite >= 400
     # no pulse from a decision whose estimate window held a NaN sample (the window of the
     # estimate: phase.window_ms before it), and pulses again afterwards
     pulses = [e for e in events if e["event"] == "pulse"]
     # the estimate's window: the newest phase.window_ms of samples at the processing rate,
     # its oldest (window - 1) periods before its newest, which is the estimate's time plus
     # the decimator's phase delay (estimates are stamped for the delay the filter adds)
-    reach = cfg.phase.window_ms / 1000.0 - 1.0 / service.tracker.fs
-    delay = service.tracker._delay_s
+    reach = cfg.phase.window_ms / 1000.0 - 1.0 / service.rig.tracker.fs
+    delay = service.rig.tracker._delay_s
     first, last = min(nan_at), max(nan_at)
     held_nan = [(p["estimate_lsl_time"] - last, reach, delay) for p in pulses
                 if p["estimate_lsl_time"] + delay >= first

@@ -94,8 +94,8 @@ def test_every_verb_round_trips(service: tuple[ThreadedService, str], tmp_path: 
     assert reply["ok"], reply
     assert reply["result"]["target_phase_deg"] == 180
     assert svc.service.cfg.trigger.tolerance_deg == 15
-    assert svc.service.stim is not None
-    assert svc.service.stim.intensity_pct == 55
+    assert svc.service.rig.stim is not None
+    assert svc.service.rig.stim.intensity_pct == 55
     assert command(prefix, "set", band_hz=[8.5, 12.5])["result"]["band_hz"] == [8.5, 12.5]
     time.sleep(1.0)
     assert svc.service.stats.fired >= 1
@@ -132,7 +132,7 @@ def test_set_is_revalidated_when_the_config_changed_meanwhile(
         go.wait(2.0)
         new = apply_live_settings(svc.service.cfg, {"target_phase_deg": base_target + 90},
                                   source="test")
-        svc.service.apply_config(new, by="test")
+        svc.service.api.apply_config(new, by="test")
 
     svc.loop.call_soon_threadsafe(other_change_first)
     replies: list[dict[str, Any]] = []
@@ -178,7 +178,7 @@ def test_reload_applies_live_keys_and_refuses_the_rest(tmp_path: Path, eeg: str)
 
 def test_bad_commands_change_nothing(service: tuple[ThreadedService, str]) -> None:
     svc, prefix = service
-    before = svc.call(svc.service.status)
+    before = svc.call(svc.service.api.status)
     bad = [
         ("arm", b"{not json"), ("arm", b"[1, 2]"), ("arm", b"{}"),  # no ts
         ("arm", json.dumps({"ts": time.time() - 60}).encode()),  # stale
@@ -205,7 +205,7 @@ def test_bad_commands_change_nothing(service: tuple[ThreadedService, str]) -> No
                                     retain=True))
     assert reply["ok"] is False
     assert reply["key"] == "retain"
-    after = svc.call(svc.service.status)
+    after = svc.call(svc.service.api.status)
     assert after["state"] == before["state"] == "idle"
     assert after["settings"] == before["settings"]
     assert svc.service.stats.fired == 0
@@ -226,16 +226,16 @@ def test_bad_commands_change_nothing(service: tuple[ThreadedService, str]) -> No
 def test_fuzzed_payloads_never_crash_or_change_state(
         service: tuple[ThreadedService, str], verb: str, payload: bytes) -> None:
     svc, prefix = service
-    before = svc.call(svc.service.status)
+    before = svc.call(svc.service.api.status)
     reply = asyncio.run(raw_command(prefix, verb, payload))
     assert isinstance(reply["ok"], bool)
     assert svc.service.state != "fault"
     if not reply["ok"]:
-        after = svc.call(svc.service.status)
+        after = svc.call(svc.service.api.status)
         assert after["settings"] == before["settings"]
         assert after["state"] == before["state"]
     else:  # the rare valid one: put the state back
-        svc.call(svc.service.stop_protocol, by="test")
+        svc.call(svc.service.api.stop_protocol, by="test")
 
 
 @given(verb=st.text(max_size=12), raw=st.binary(max_size=300), age=st.floats(-1e6, 1e6))
@@ -310,7 +310,7 @@ def test_a_dead_worker_stops_the_service_with_a_fault(tmp_path: Path, eeg: str) 
         while svc.service.state not in ("fault", "stopped") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert svc.service.state == "fault"
-        assert svc.service.stim is not None and not svc.service.stim.armed
+        assert svc.service.rig.stim is not None and not svc.service.rig.stim.armed
     finally:
         svc.stop()
     assert svc.error is not None and "control plane's process ended" in str(svc.error)

@@ -336,7 +336,7 @@ async def test_mep_protocols_run_live_on_the_simulator(tmp_path: Path) -> None:
         async def scenario(service: ClosedLoopService) -> None:
             await asyncio.sleep(2.0)  # the simulator connects to the new coil stream
             for name, pulses in (("mt-mlpest", None), ("io-curve", 9), ("phase-map", 8)):
-                service.start_protocol(name, pulses=pulses, by="test")
+                service.api.start_protocol(name, pulses=pulses, by="test")
                 for _ in range(600):
                     if service.state != "running":
                         break

@@ -92,8 +92,8 @@ async def test_paired_pulses_through_the_gate(tmp_path: Path, pushers: list[Push
     assert pulses and all(p["paired"] == {"conditioning_pct": 30.0, "isi_ms": 3.0}
                           for p in pulses)
     assert stats.fired == 2 * len(pulses)  # each trigger is two pulses
-    assert service.stim is not None
-    drv = service.stim.driver
+    assert service.rig.stim is not None
+    drv = service.rig.stim.driver
     shots = drv.pulses  # type: ignore[attr-defined]
     assert len(shots) == stats.fired
     assert [round(b[0] - a[0], 4) for a, b in zip(shots[::2], shots[1::2], strict=True)] == \
@@ -117,7 +117,7 @@ async def test_serial_stimulator_unplugged_mid_session(tmp_path: Path,
         await asyncio.sleep(2.5)
         emu.unplug()
         await asyncio.sleep(2.0)
-        assert service.stim is not None and not service.stim.armed
+        assert service.rig.stim is not None and not service.rig.stim.armed
         assert service.state == "idle"  # alive, disarmed
 
     try:
@@ -199,9 +199,9 @@ async def test_watchdog_disarms_a_stalled_service(tmp_path: Path,
 
     async def scenario(service: ClosedLoopService) -> None:
         await asyncio.sleep(1.0)
-        assert service.stim is not None and service.stim.armed
+        assert service.rig.stim is not None and service.rig.stim.armed
         time.sleep(0.6)  # the controller hangs (blocks its own event loop)
-        assert not service.stim.armed  # disarmed from the watchdog's thread meanwhile
+        assert not service.rig.stim.armed  # disarmed from the watchdog's thread meanwhile
         await asyncio.sleep(0.5)
 
     await run_service(cfg, 0, scenario)
@@ -250,13 +250,13 @@ async def test_a_knob_turned_after_arming_disarms_and_blocks_arming(
         await asyncio.sleep(1.5)
         emu.turn_knob(75)  # below the limit, but not what was commanded
         await asyncio.sleep(0.5)
-        assert service.stim is not None and not service.stim.armed
+        assert service.rig.stim is not None and not service.rig.stim.armed
         try:
-            service.arm(by="test")
+            service.api.arm(by="test")
         except ControlError as exc:
             refused.append(str(exc))
         await asyncio.sleep(5.5)  # the reconnect restores 40 % and reads it back
-        service.arm(by="test")
+        service.api.arm(by="test")
         await asyncio.sleep(1.5)
 
     try:
@@ -287,11 +287,11 @@ async def test_a_theta_burst_unit_under_way_cannot_be_raised(tmp_path: Path,
 
     async def scenario(service: ClosedLoopService) -> None:
         for _ in range(300):  # until the unit is under way
-            if service.stim is not None and service.stim.gate.unit_active:
+            if service.rig.stim is not None and service.rig.stim.gate.unit_active:
                 break
             await asyncio.sleep(0.01)
         try:
-            service.apply_settings({"intensity_pct": 62.5}, by="test")
+            service.api.apply_settings({"intensity_pct": 62.5}, by="test")
         except ControlError as exc:
             replies.append(str(exc))
         await asyncio.sleep(5.0)

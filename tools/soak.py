@@ -131,8 +131,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         trimmed = trim_heap()
         rss_after_trim = rss_mb()
         elapsed_lsl = pylsl.local_clock() - first_sample_lsl
-        received = service.eeg.ring.count if service.eeg and service.eeg.ring else 0
-        resets = service.tracker.resets if service.tracker else None
+        received = service.rig.eeg.ring.count if service.rig and service.rig.eeg.ring else 0
+        resets = service.rig.tracker.resets if service.rig else None
         stop.set()
         stats = await task
     replay.terminate()

@@ -1,12 +1,17 @@
-"""Bounded latency statistics: a preallocated ring of the newest values."""
+"""A session's counts and bounded latency statistics (a preallocated ring of the newest
+values), for the summary, status and metrics."""
 
 from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from closedloop.dsp.circular import circular_stats_deg  # (its home is dsp.circular)
 
-__all__ = ["LatencyRing", "circular_stats_deg"]
+__all__ = ["LatencyRing", "ServiceStats", "circular_stats_deg"]
 
 
 class LatencyRing:
@@ -40,3 +45,27 @@ class LatencyRing:
         p50, p99 = np.percentile(v, [50, 99])
         return {"count": int(self.total), "p50": round(float(p50), 4),
                 "p99": round(float(p99), 4), "max": round(float(v.max()), 4)}
+
+
+@dataclass
+class ServiceStats:
+    """What happened in a session, for the demo summary and benchmarks."""
+
+    decisions: int = 0
+    estimates: int = 0
+    fired: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    # bounded: a daemon runs for months (the event log keeps everything; these serve the
+    # summary, metrics and status). A pulse record is about 1.5 kB, an MEP's 0.7 kB.
+    pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
+    meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2_000))
+    stream_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
+    chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
+    chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
+    fire_error_ms: LatencyRing = field(default_factory=LatencyRing)
+    update_cost_us: LatencyRing = field(default_factory=LatencyRing)
+    heap_trim_ms: LatencyRing = field(default_factory=LatencyRing)
+    samples_lost: int = 0
+    calibration: dict[str, Any] | None = None
+    estimator: dict[str, Any] | None = None  # the wiener filter's state, when it is used
+    protocol_results: list[dict[str, Any]] = field(default_factory=list)
