@@ -177,7 +177,8 @@ class ServiceControl:
                 raise ControlError(f"intensity_pct: {exc}") from exc
         if band_changes:
             assert rig is not None and new.phase.band_hz != "auto"
-            rig.tracker.set_band(new.phase.band_hz)
+            with rig.tracker_lock:  # (the pipeline steps it in the acquisition thread)
+                rig.tracker.set_band(new.phase.band_hz)
         self._s.cfg = new
         changed = {k: live_value(new, d) for k, d in LIVE_KEYS.items()
                    if live_value(new, d) != live_value(old, d)}
@@ -202,7 +203,8 @@ class ServiceControl:
         """
         rig = self._operational("calibrate")
         try:
-            peak = rig.tracker.calibrate(seconds)
+            with rig.tracker_lock:  # (the pipeline steps it in the acquisition thread)
+                peak = rig.tracker.calibrate(seconds)
         except ValueError as exc:
             raise ControlError(f"calibrate: {exc}") from exc
         result = {"peak_hz": peak.peak_hz, "snr_db": round(peak.snr_db, 2),

@@ -1,7 +1,7 @@
 """The service as its rooms see it: one adapter for the rig's threads
-(:class:`~closedloop.control.rig.RigHooks`, each handed over to the event loop), the EEG
-pipeline (:class:`~closedloop.control.pipeline.Host`), the protocol runner
-(:class:`~closedloop.control.protocols.Host`), the session records
+(:class:`~closedloop.control.rig.RigHooks`; each but the EEG's data is handed over to
+the event loop), the protocol runner (:class:`~closedloop.control.protocols.Host`), the
+session records
 (:class:`~closedloop.control.records.Host`) and the supervisor
 (:class:`~closedloop.control.supervisor.Host`). Each method forwards to the room that
 does the work; none holds state of its own."""
@@ -23,7 +23,6 @@ from closedloop.control.runtime import apply_live_settings
 from closedloop.control.stats import ServiceStats
 from closedloop.control.supervisor import Supervisor
 from closedloop.errors import ClosedLoopError
-from closedloop.phase.tracker import PhaseTracker
 from closedloop.recording.events import EventLog
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.requests import PulseOutcome
@@ -115,20 +114,6 @@ class Hooks:
         assert records is not None  # (the rig's threads start with the rig)
         return records
 
-    # -- the EEG pipeline -------------------------------------------------------------
-    def holds(self, now: float) -> bool:
-        return self._s.protocols is not None and self._s.protocols.holds(now)
-
-    def reopen_eeg(self) -> None:
-        assert self._s.rig is not None
-        self._s.rig.eeg.request_reopen()
-
-    def estimator_changed(self, tracker: PhaseTracker) -> None:
-        self._records().estimator_changed(tracker)
-
-    def calibrated(self, tracker: PhaseTracker) -> None:
-        self._records().calibrated(tracker)
-
     # -- the protocol runner ----------------------------------------------------------
     def clock(self) -> float:
         return float(pylsl.local_clock())
@@ -149,7 +134,7 @@ class Hooks:
             self._s.rig.scheduler.cancel(reason)
 
     def count_refusal(self, reason: str) -> None:
-        self._s.stats.refused[reason] += 1
+        self._s.stats.unit_refused[reason] += 1
 
     def stop_protocol_if_running(self, by: str) -> None:
         if self._s.api.protocol is not None:

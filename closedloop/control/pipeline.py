@@ -247,7 +247,7 @@ class EegPipeline:
                       "decide_us": round((t_d - t_c) / 1000, 1)}
             trace = self._request(decision, update, stages, cfg, t_decided, chunk_newest)
             if trace.status is not TraceStatus.REQUESTED:
-                stats.refused[trace.reason] += 1
+                stats.decision_refused[trace.reason] += 1
             self.host.emit("decision", **trace.fields())
             traces.append(trace)
         return traces
@@ -276,7 +276,7 @@ class EegPipeline:
         if verdict.recovered:
             self.host.emit("eeg_clock_ok", skew_ms=round(skew * 1e3, 2))
         if not verdict.ok:
-            self.stats.refused[PipelineReason.EEG_TIMESTAMPS] += 1
+            self.stats.decision_refused[PipelineReason.EEG_TIMESTAMPS] += 1
         return verdict.ok
 
     def _say_nonfinite(self) -> None:

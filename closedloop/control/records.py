@@ -33,7 +33,7 @@ from closedloop.stim.patterns import Unit
 from closedloop.stim.requests import PulseOutcome
 from closedloop.streams.reader import StreamEvent
 
-__all__ = ["SessionRecords", "stream_event"]
+__all__ = ["SessionRecords", "calibration_fields", "estimator_fields", "stream_event"]
 
 _MAX_MARKER_CHARS = 1000
 _MAX_MARKER_AGE_S = 60.0
@@ -73,7 +73,7 @@ class SessionRecords:
             self._record_pulses(o)
         self._top_up_day()
         if not o.fired:
-            self.stats.refused[o.reason] += 1
+            self.stats.unit_refused[o.reason] += 1
             self.host.record("pulse_refused", **refusal_fields(o))
             return
         self.units_fired += 1
@@ -163,30 +163,45 @@ class SessionRecords:
         self.host.record("mep", **fields)
         self.protocols.mep(rec, self.host.cfg.mep.channels[0])
 
-    # -- the estimator ------------------------------------------------------------------
-    def estimator_changed(self, tracker: PhaseTracker) -> None:
-        """A trained estimator started training, took over, or could not be trained."""
-        model = tracker.wiener
-        fields: dict[str, Any] = {"estimator": tracker.cfg.estimator,
-                                  "training": tracker.training_state}
-        if model is not None and tracker.training_state == "ready":
-            fields.update(band_hz=list(model.band_hz), peak_hz=model.peak_hz,
-                          snr_db=round(model.snr_db, 2), rhythm=model.rhythm,
-                          expected_sd_deg_above_median=round(
-                              model.holdout_sd_deg_above_median, 1))
-        elif isinstance(tracker.estimator, ETP) and tracker.training_state == "ready":
-            fields.update(band_hz=list(tracker.estimator.band),
-                          inter_peak_interval_ms=round(tracker.estimator.ipi_s * 1000, 1))
-        self.stats.estimator = fields
-        self.host.record("phase_estimator", **fields)
+    # -- what the EEG pipeline said (closedloop.control.realtime) ------------------------
+    def pipeline_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Record the events of one pipeline step (each with the time it happened)."""
+        for kind, fields in events:
+            if kind == "phase_estimator":
+                self.stats.estimator = _untimed(fields)
+            elif kind == "calibrated":
+                self.stats.calibration = _untimed(fields)
+            self.host.record(kind, **fields)
 
-    def calibrated(self, tracker: PhaseTracker) -> None:
-        """The band was found in the first seconds of EEG (``band_hz = "auto"``)."""
-        peak = tracker.peak
-        assert peak is not None
-        self.stats.calibration = {"peak_hz": peak.peak_hz, "snr_db": round(peak.snr_db, 2),
-                                  "band_hz": list(peak.band_hz)}
-        self.host.record("calibrated", **self.stats.calibration)
+
+def _untimed(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k != "lsl_time"}
+
+
+def estimator_fields(tracker: PhaseTracker) -> dict[str, Any]:
+    """A trained estimator started training, took over, or could not be trained: the
+    ``phase_estimator`` event's fields."""
+    model = tracker.wiener
+    fields: dict[str, Any] = {"estimator": tracker.cfg.estimator,
+                              "training": tracker.training_state}
+    if model is not None and tracker.training_state == "ready":
+        fields.update(band_hz=list(model.band_hz), peak_hz=model.peak_hz,
+                      snr_db=round(model.snr_db, 2), rhythm=model.rhythm,
+                      expected_sd_deg_above_median=round(
+                          model.holdout_sd_deg_above_median, 1))
+    elif isinstance(tracker.estimator, ETP) and tracker.training_state == "ready":
+        fields.update(band_hz=list(tracker.estimator.band),
+                      inter_peak_interval_ms=round(tracker.estimator.ipi_s * 1000, 1))
+    return fields
+
+
+def calibration_fields(tracker: PhaseTracker) -> dict[str, Any]:
+    """The band was found in the first seconds of EEG (``band_hz = "auto"``): the
+    ``calibrated`` event's fields."""
+    peak = tracker.peak
+    assert peak is not None
+    return {"peak_hz": peak.peak_hz, "snr_db": round(peak.snr_db, 2),
+            "band_hz": list(peak.band_hz)}
 
 
 def stream_event(host: Host, stats: ServiceStats, rig: Rig | None, ev: StreamEvent) -> None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,7 +51,8 @@ class RigHooks(Protocol):
     and must hand over to the event loop itself)."""
 
     def wake_eeg(self) -> None:
-        """New EEG samples are in the ring (acquisition thread)."""
+        """New EEG samples are in the ring (acquisition thread): the EEG pipeline steps on
+        them there (:mod:`closedloop.control.realtime`)."""
         ...
 
     def stream_event(self, ev: StreamEvent) -> None: ...
@@ -85,6 +88,9 @@ class Rig:
     markers: PulseMarkerOutlet | None
     recorder: SessionRecorder | None
     trainer: ThreadPoolExecutor
+    # the phase tracker is stepped in the EEG acquisition thread (control.realtime) and
+    # calibrated or given a new band by the loop's commands: both hold this lock
+    tracker_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     async def close(self) -> None:
         """Stop the readers and the trainer, close the stimulator (the caller has

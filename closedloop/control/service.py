@@ -4,9 +4,10 @@ housekeeping, attach the control planes, and always disarm and flush on the way 
 Threads and their hand-offs (functional core, imperative shell):
 
 - one acquisition thread per LSL stream (:mod:`closedloop.streams.reader`) writes into a
-  ring buffer and wakes the event loop with ``call_soon_threadsafe``;
-- the event loop runs the EEG pipeline (:class:`~closedloop.control.pipeline.EegPipeline`)
-  on each wake-up, the session's records (:mod:`closedloop.control.records`), the
+  ring buffer; the EEG's steps the EEG pipeline
+  (:class:`~closedloop.control.pipeline.EegPipeline`) on each chunk, where it arrives
+  (:mod:`closedloop.control.realtime`), and hands what it said to the event loop;
+- the event loop runs the session's records (:mod:`closedloop.control.records`), the
   supervisor's housekeeping and the operator's commands
   (:class:`~closedloop.control.commands.ServiceControl`, the ``api`` the planes hold);
 - the fire thread (:mod:`closedloop.stim.scheduler`) lands each pulse at its scheduled
@@ -43,6 +44,7 @@ from closedloop.control.core import DecisionCore
 from closedloop.control.hooks import Hooks
 from closedloop.control.pipeline import EegPipeline
 from closedloop.control.protocols import PROTOCOLS, ProtocolRunner
+from closedloop.control.realtime import RealtimeHost, RealtimeStep
 from closedloop.control.records import SessionRecords
 from closedloop.control.rig import Rig, open_rig
 from closedloop.control.stats import ServiceStats
@@ -54,8 +56,6 @@ from closedloop.stim.patterns import Unit, unit_for
 __all__ = ["PROTOCOLS", "ClosedLoopService", "ServiceStats"]
 
 _GIL_SWITCH_S = 0.0005
-_QUIET_BEFORE_S = 0.0015  # no pipeline update starts this close before a fire command
-_QUIET_AFTER_S = 0.0002
 
 
 class ClosedLoopService:
@@ -82,12 +82,11 @@ class ClosedLoopService:
         self.rig: Rig | None = None
         self.protocols: ProtocolRunner | None = None
         self.records: SessionRecords | None = None
+        self.realtime: RealtimeStep | None = None
         self.attachments: tuple[Attachment, ...] = ()  # the control planes started
         self._stop: asyncio.Event | None = None
         self._fatal: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._eeg_wake = asyncio.Event()
-        self._wake_pending = False
         self._tasks: asyncio.TaskGroup | None = None  # while running
         self._result_tasks: set[asyncio.Task[None]] = set()  # started while stopping
 
@@ -127,8 +126,7 @@ class ClosedLoopService:
             self.supervisor.start_watchdog(self._loop)
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg  # background work (day top-ups, protocol results) too
-                tasks = [tg.create_task(self._eeg_loop(), name="eeg-pipeline"),
-                         tg.create_task(self.supervisor.run(), name="housekeeping")]
+                tasks = [tg.create_task(self.supervisor.run(), name="housekeeping")]
                 for attachment in attachments:
                     self.attachments += (attachment,)
                     await attachment.start(self.api)
@@ -142,8 +140,7 @@ class ClosedLoopService:
             first = group.exceptions[0]
             if isinstance(first, ClosedLoopError):
                 raise first from None
-            raise ClosedLoopError(f"internal error in the service ({type(first).__name__}: "
-                                  f"{first}); disarmed and stopped") from first
+            raise _internal(first) from first
         finally:
             self.supervisor.stop_watchdog()
             await self._shutdown()
@@ -186,14 +183,44 @@ class ClosedLoopService:
             self.hooks, stim=rig.stim, unit=self.unit,
             settle_s=lambda: self.cfg.stimulator.settle_ms / 1000.0, spawn=self.spawn,
             results=self.stats.protocol_results)
-        self.records = SessionRecords(self.hooks, rig, unit=self.unit, stats=self.stats,
-                                      protocols=self.protocols, spawn=self.spawn)
+        self.records = records = SessionRecords(
+            self.hooks, rig, unit=self.unit, stats=self.stats, protocols=self.protocols,
+            spawn=self.spawn)
+        self.realtime = self._realtime(rig, records, self.protocols)
         if self.cfg.stimulator.arm_on_start:
             rig.stim.arm()
             self.record("armed", by="arm_on_start")
 
+    def _realtime(self, rig: Rig, records: SessionRecords, protocols: ProtocolRunner
+                  ) -> RealtimeStep:
+        """The EEG pipeline, stepped in the acquisition thread from now on."""
+        assert rig.eeg.ring is not None
+        tracker, stim, loop = rig.tracker, rig.stim, self._loop
+        assert loop is not None
+        core = DecisionCore(self.cfg, tracker, latency_s=stim.latency_s,
+                            rng=np.random.default_rng(self.cfg.trigger.seed))
+        host = RealtimeHost(clock=pylsl.local_clock, holds=protocols.holds,
+                            reopen=rig.eeg.request_reopen)
+        if tracker.training_state == "ready":  # a calibrated model file
+            host.estimator_changed(tracker)
+            records.pipeline_events(host.pending)
+            host.pending = []
+        pipeline = EegPipeline(lambda: self.cfg, tracker, core, rig.eeg.ring, host=host,
+                               scheduler=rig.scheduler, armed=lambda: stim.armed,
+                               unit=self.unit, stats=self.stats, clock=pylsl.local_clock)
+
+        def deliver(events: list[tuple[str, dict[str, Any]]]) -> None:
+            self.call_soon(lambda: records.pipeline_events(events))
+
+        return RealtimeStep(pipeline, host, lock=rig.tracker_lock,
+                            next_command=rig.scheduler.next_command_time,
+                            clock=pylsl.local_clock, deliver=deliver,
+                            failed=lambda exc: self.call_soon(lambda: self.fail(_internal(exc))))
+
     async def _shutdown(self) -> None:
         rig = self.rig
+        if self.realtime is not None:
+            self.realtime.stop()
         if rig is not None:
             rig.stim.disarm()
         for attachment in reversed(self.attachments):
@@ -270,42 +297,18 @@ class ClosedLoopService:
         self._loop.call_soon_threadsafe(guarded)
 
     def wake_eeg(self) -> None:
-        """From the EEG acquisition thread: new samples are in the ring."""
-        if not self._wake_pending and self._loop is not None:
-            self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._eeg_wake.set)
+        """From the EEG acquisition thread: new samples are in the ring; the pipeline
+        decides on them now, in that thread (:mod:`closedloop.control.realtime`)."""
+        realtime = self.realtime
+        if realtime is not None:
+            realtime.on_data()
 
-    # -- the EEG pipeline --------------------------------------------------------------
-    async def _eeg_loop(self) -> None:
-        try:
-            await self._eeg_pipeline()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # in the pulse path: disarm, record, stop visibly
-            self.fail(exc)
-            raise
 
-    async def _eeg_pipeline(self) -> None:
-        rig, records = self.rig, self.records
-        assert rig is not None and rig.eeg.ring is not None and records is not None
-        tracker, stim, scheduler = rig.tracker, rig.stim, rig.scheduler
-        core = DecisionCore(self.cfg, tracker, latency_s=stim.latency_s,
-                            rng=np.random.default_rng(self.cfg.trigger.seed))
-        if tracker.training_state == "ready":  # a calibrated model file
-            records.estimator_changed(tracker)
-        pipeline = EegPipeline(lambda: self.cfg, tracker, core, rig.eeg.ring,
-                               host=self.hooks, scheduler=scheduler,
-                               armed=lambda: stim.armed, unit=self.unit, stats=self.stats,
-                               clock=pylsl.local_clock)
-        while True:
-            await self._eeg_wake.wait()
-            self._eeg_wake.clear()
-            self._wake_pending = False
-            # quiet window: a pulse due within the next update's duration gets the GIL
-            # to itself (an update holds it for a few hundred microseconds)
-            due = scheduler.next_command_time()
-            if due is not None:
-                wait = due - pylsl.local_clock() + _QUIET_AFTER_S
-                if wait < _QUIET_BEFORE_S:
-                    await asyncio.sleep(max(wait, 0.0))
-            pipeline.step()
+def _internal(exc: BaseException) -> ClosedLoopError:
+    """An error in the pulse path, as the service reports it (a ClosedLoopError as it is)."""
+    if isinstance(exc, ClosedLoopError):
+        return exc
+    err = ClosedLoopError(f"internal error in the service ({type(exc).__name__}: {exc}); "
+                          "disarmed and stopped")
+    err.__cause__ = exc
+    return err

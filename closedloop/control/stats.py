@@ -54,7 +54,10 @@ class ServiceStats:
     decisions: int = 0
     estimates: int = 0
     fired: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
+    # refusals by reason: of decisions, counted in the EEG acquisition thread (the
+    # pipeline); of units and by the supervisor, counted on the event loop
+    decision_refused: Counter[str] = field(default_factory=Counter)
+    unit_refused: Counter[str] = field(default_factory=Counter)
     # bounded: a daemon runs for months (the event log keeps everything; these serve the
     # summary, metrics and status). A pulse record is about 1.5 kB, an MEP's 0.7 kB.
     pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
@@ -69,3 +72,11 @@ class ServiceStats:
     calibration: dict[str, Any] | None = None
     estimator: dict[str, Any] | None = None  # the wiener filter's state, when it is used
     protocol_results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Every refusal by reason (a copy: count into ``decision_refused`` or
+        ``unit_refused``)."""
+        out = Counter(self.unit_refused)  # (C-level copies: safe while the other thread
+        out.update(Counter(self.decision_refused))  # counts)
+        return out
