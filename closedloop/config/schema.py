@@ -313,8 +313,8 @@ class PhaseConfig(Section):
                 f"frequency (phase.processing_rate_hz = {self.processing_rate_hz:g})")
 
     def _window_fits_edges(self, cfg: Config) -> Iterator[Violation]:
-        """``phase.window_ms`` is longer than 2 * ``phase.edge_ms`` + ``phase.fir_ms`` / 2
-        (the edges dropped at both ends and half the FIR)."""
+        """``phase.window_ms`` is longer than 2 * ``phase.edge_ms`` + ``phase.fir_ms`` /
+        2."""
         if 2 * self.edge_ms + self.fir_ms / 2 >= self.window_ms:
             yield "phase.window_ms", ("too short for its edges: needs window_ms > 2 * "
                                       "edge_ms + fir_ms / 2")
@@ -489,7 +489,7 @@ class StimulationConfig(Section):
                             "safety limit)", lo=1, hi=HARD_MAX_PULSES_PER_SESSION)
 
     def _paired_driver(self, cfg: Config) -> Iterator[Violation]:
-        """``stimulation.pattern`` "paired" needs a driver that sets the pair from one
+        """``stimulation.pattern = "paired"`` needs a driver that sets the pair from one
         trigger: simulated, magstim-bistim or magventure."""
         driver = cfg.stimulator.driver
         if self.pattern == "paired" and driver not in PAIRED_DRIVERS:
@@ -498,16 +498,16 @@ class StimulationConfig(Section):
                 f"({', '.join(PAIRED_DRIVERS)}), not {driver!r}")
 
     def _conditioning_within_limit(self, cfg: Config) -> Iterator[Violation]:
-        """With pattern "paired", ``stimulation.conditioning_pct`` is at most
-        ``safety.max_intensity_pct``."""
+        """With ``stimulation.pattern = "paired"``, ``stimulation.conditioning_pct`` is at
+        most ``safety.max_intensity_pct``."""
         limit = cfg.safety.max_intensity_pct
         if self.pattern == "paired" and self.conditioning_pct > limit:
             yield "stimulation.conditioning_pct", f"above safety.max_intensity_pct ({limit:g})"
 
     def _train_driver(self, cfg: Config) -> Iterator[Violation]:
-        """``stimulation.pattern`` "burst", "train", "itbs" or "ctbs" needs a driver that
-        fires trains: simulated, ttl, magstim-rapid or magventure (a Magstim 200² or
-        BiStim² recharges for seconds after a pulse)."""
+        """A ``stimulation.pattern`` of several pulses ("burst", "train", "itbs", "ctbs")
+        needs a driver that fires trains: simulated, ttl, magstim-rapid or magventure (a
+        Magstim 200² or BiStim² recharges for seconds after a pulse)."""
         driver = cfg.stimulator.driver
         if self.pattern in MULTI_PULSE_PATTERNS and driver not in TRAIN_DRIVERS:
             yield "stimulation.pattern", (
@@ -515,8 +515,8 @@ class StimulationConfig(Section):
                 f"{', '.join(TRAIN_DRIVERS)})")
 
     def _tbs_whole_bursts(self, cfg: Config) -> Iterator[Violation]:
-        """``stimulation.tbs_pulses`` is a multiple of 30 for "itbs" (whole 2-s trains of
-        ten bursts) and of 3 for "ctbs" (whole bursts)."""
+        """``stimulation.tbs_pulses`` is a multiple of 30 with pattern "itbs" (whole 2-s
+        trains of ten bursts) and of 3 with "ctbs" (whole bursts)."""
         if self.pattern in ("itbs", "ctbs"):
             step = 30 if self.pattern == "itbs" else 3
             if self.tbs_pulses % step:
@@ -570,8 +570,8 @@ class SafetyConfig(Section):
                              "armed)", lo=50.0, hi=10_000.0)
 
     def _motor_threshold_for_trains(self, cfg: Config) -> Iterator[Violation]:
-        """``stimulation.pattern`` "burst", "train", "itbs" or "ctbs" needs
-        ``safety.motor_threshold_pct``: the train and burst limits are in % of it."""
+        """A ``stimulation.pattern`` of several pulses ("burst", "train", "itbs", "ctbs")
+        needs ``safety.motor_threshold_pct``: the train and burst limits are in % of it."""
         pattern = cfg.stimulation.pattern
         if pattern in MULTI_PULSE_PATTERNS and self.motor_threshold_pct is None:
             yield "safety.motor_threshold_pct", (
