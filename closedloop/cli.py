@@ -13,165 +13,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from closedloop import __version__
 from closedloop.blas import single_threaded_blas
+from closedloop.cli_args import build_parser
 from closedloop.config.load import load_config, parse_overrides
-from closedloop.errors import ClosedLoopError, ConfigError
+from closedloop.errors import ChannelNotFoundError, ClosedLoopError, ConfigError
 
 if TYPE_CHECKING:
     from closedloop.control.service import ClosedLoopService
 
 __all__ = ["main"]
-
-
-def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--config", "-c", required=required, help="TOML configuration file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key, e.g. --set trigger.target_phase_deg=180 (repeatable)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="closedloop", description=(
-        "Brain-state-dependent TMS: phase-locked pulses from EEG over Lab Streaming Layer."))
-    ap.add_argument("--version", action="version", version=f"closedloop {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="run the service until SIGINT/SIGTERM (SIGHUP reloads)")
-    _add_config_args(p, required=True)
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="logs on stdout as text lines or JSON objects")
-
-    p = sub.add_parser("demo", help="simulator + service + simulated stimulator, then a summary")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
-    p.add_argument("--eeg-rate", type=float, default=5000.0, help="simulated EEG rate, Hz")
-    p.add_argument("--seed", type=int, default=None, help="simulator seed")
-    p.add_argument("--events", default=None, help="event log path (default: a temp file)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--protocol", default=None, help="run an MEP protocol (mt-mlpest, "
-                   "mt-ifcn, io-curve, phase-map) instead of phase-triggered single pulses")
-    p.add_argument("--mqtt", action="store_true", help="also run the MQTT control plane, "
-                   "driven by a scripted operator (uses a local broker, or starts one)")
-    p.add_argument("--report", default=None, metavar="DIR", help="record the session (XDF) "
-                   "and write its HTML report into DIR")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a service setting (repeatable)")
-
-    p = sub.add_parser("simulate", help="publish simulated EEG and EMG over LSL")
-    p.add_argument("--prefix", default="closedloop-sim", help="stream name prefix")
-    p.add_argument("--eeg-rate", type=float, default=5000.0)
-    p.add_argument("--emg-rate", type=float, default=5000.0)
-    p.add_argument("--chunk-ms", type=float, default=2.0, help="chunk length, like an amplifier")
-    p.add_argument("--coil-stream", default="closedloop-sim-coil",
-                   help="stream of the simulated stimulator to listen to")
-    p.add_argument("--mu-freq", type=float, default=10.0, help="mu frequency, Hz")
-    p.add_argument("--mu-amplitude", type=float, default=20.0, help="mu amplitude, µV")
-    p.add_argument("--s50", type=float, default=50.0, help="intensity of half-maximal MEP, %%")
-    p.add_argument("--best-phase-deg", type=float, default=180.0,
-                   help="mu phase of the largest MEPs")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--duration", type=float, default=None, help="seconds (default: forever)")
-
-    p = sub.add_parser("replay", help="play an EDF/BDF/XDF recording over LSL in real time")
-    p.add_argument("file", help="EDF, BDF or XDF file")
-    p.add_argument("--name", default=None, help="LSL stream name (default: the file's stem)")
-    p.add_argument("--type", default="EEG", help="LSL stream type")
-    p.add_argument("--chunk-ms", type=float, default=10.0)
-    p.add_argument("--start", type=float, default=0.0, help="start at this second")
-    p.add_argument("--duration", type=float, default=None, help="play this many seconds")
-    p.add_argument("--stop", type=float, default=None, help="stop at this second")
-    p.add_argument("--loop", action="store_true", help="start again at the end")
-    p.add_argument("--streams", nargs="+", default=None,
-                   help="XDF: replay only these streams (by name)")
-    p.add_argument("--progress", action="store_true", help="show progress on stderr")
-    p.add_argument("--speed", type=float, default=1.0, help="push N times faster, keeping "
-                   "the recording's time base (for recorders and offline consumers; the "
-                   "closed-loop service needs 1)")
-
-    p = sub.add_parser("ctl", help="send a command over MQTT and print the reply; or 'watch'")
-    p.add_argument("verb", help="arm, disarm, start, stop, set, calibrate, status, reload, "
-                                "or watch")
-    p.add_argument("args", nargs="*", metavar="KEY=VALUE",
-                   help="command fields, e.g. target_phase_deg=180 (values read as TOML)")
-    p.add_argument("--config", "-c", default=None, help="TOML file with the [mqtt] section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set mqtt.instance=rig1")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--instance", default=None)
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
-    p.add_argument("--count", type=int, default=None, help="watch: stop after N messages")
-
-    p = sub.add_parser("status", help="print the health summary of a running service")
-    p.add_argument("--config", "-c", default=None, help="the service's config (finds the file)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--file", default=None, help="the status file itself")
-
-    p = sub.add_parser("evaluate-phase", help="score the phase estimators on a recording "
-                       "against the Zrenner 2020 ground truth")
-    p.add_argument("file", help="EDF, BDF, or .npz (data, labels, fs)")
-    p.add_argument("--channel", default="C3")
-    p.add_argument("--reference", nargs="*", default=[], help="Hjorth reference channels")
-    p.add_argument("--estimators", nargs="+", default=None)
-    p.add_argument("--train-s", type=float, default=60.0,
-                   help="seconds that train ETP and wiener and give the peak; scored after")
-    p.add_argument("--rhythm", choices=["alpha", "beta", "theta"], default="alpha",
-                   help="where the individual peak is looked for")
-    p.add_argument("--json", dest="json_out", default=None, help="write the report here")
-    p.add_argument("--png", dest="png_out", default=None, help="polar histogram PNG")
-
-    p = sub.add_parser("calibrate", help="find the peak, SNR and best phase estimator from "
-                       "resting EEG (live or a file) and write them into a config")
-    _add_config_args(p, required=True)
-    p.add_argument("--seconds", type=float, default=120.0, help="live recording length")
-    p.add_argument("--file", default=None, help="use a recording (EDF/BDF/npz) instead")
-    p.add_argument("--out", default=None, help="write the calibrated config here")
-
-    p = sub.add_parser("stimulator", help="bench-test a stimulator: 'stimulator check'")
-    ssub = p.add_subparsers(dest="stim_command", required=True, metavar="check")
-    c = ssub.add_parser("check", help="connect, print status, optionally set intensity, arm, "
-                        "fire once and disarm; print a JSON report")
-    c.add_argument("--driver", required=True, choices=["simulated", "ttl", "magstim-200",
-                                                      "magstim-bistim", "magstim-rapid",
-                                                      "magventure"])
-    c.add_argument("--port", default="", help="serial port of the device")
-    c.add_argument("--intensity", type=float, default=None, help="set this output, %%")
-    c.add_argument("--fire", action="store_true", help="arm, fire one pulse, disarm")
-    c.add_argument("--config", default=None, help="take the other settings (safety limits, "
-                   "ttl line, unlock code...) from this file")
-    c.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE")
-
-    p = sub.add_parser("offline", help="run the decision pipeline over a recording without "
-                       "LSL, as fast as the CPU allows; print decisions summary (JSON)")
-    _add_config_args(p, required=False)
-    p.add_argument("file", help="EDF/BDF, XDF (EEG and, when present, EMG) or .npz")
-    p.add_argument("--chunk-ms", type=float, default=10.0, help="the amplifier's chunk size")
-    p.add_argument("--delay-ms", type=float, default=1.0, help="modelled processing delay: "
-                   "decisions are taken at the newest sample + this")
-    p.add_argument("--decisions", default=None, help="write every decision and pulse here "
-                   "(JSONL)")
-
-    p = sub.add_parser("report", help="write a session's HTML report (figures as PNGs too)")
-    p.add_argument("events", help="the session's event log (recording.events)")
-    p.add_argument("--xdf", default=None, help="the session recording (recording.xdf): "
-                   "gives the true phase of every pulse")
-    p.add_argument("--out", default=None, help="output folder (default: beside the log)")
-
-    p = sub.add_parser("check-config", help="validate a configuration file and exit")
-    p.add_argument("file", help="TOML configuration file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--print", action="store_true", help="print the effective configuration")
-
-    p = sub.add_parser("config-reference", help="print the configuration reference, generated "
-                       "from the schema: markdown, or a JSON Schema")
-    p.add_argument("--format", default="markdown",
-                   choices=("markdown", "json", "set-json", "refusals"),
-                   help="markdown: the reference table (docs/configuration.md); json: JSON "
-                   "Schema of a configuration; set-json: JSON Schema of the MQTT set payload; "
-                   "refusals: every refusal reason (docs/refusals.md)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE",
-                   help="write it here (default: standard output)")
-    return ap
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -273,6 +123,16 @@ def _cmd_offline(args: argparse.Namespace) -> int:
         emg = next((r for r in content.regular if r.stype.upper() == "EMG"), None)
     else:
         eeg = load_recording(path)
+    # the labels the live rig requires of the EEG stream (control/rig.py), refused alike
+    required = {"phase.channel": [cfg.phase.channel], "phase.reference": cfg.phase.reference,
+                **{f"trigger.power_conditions[{k}]": [c for c in (cond.channel,
+                                                                  *(cond.reference or ())) if c]
+                   for k, cond in enumerate(cfg.trigger.power_conditions)}}
+    for key, labels in required.items():
+        missing = [label for label in labels if label not in eeg.labels]
+        if missing:
+            raise ChannelNotFoundError(key=key, stream=str(path), missing=missing,
+                                       available=eeg.labels)
     result = run_offline(cfg, eeg, emg=emg, chunk_ms=args.chunk_ms, delay_ms=args.delay_ms)
     if args.decisions:
         with open(args.decisions, "w", encoding="utf-8") as fh:
@@ -296,24 +156,36 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from closedloop.replay.player import play  # noqa: PLC0415
     from closedloop.replay.recording import load_edf  # noqa: PLC0415
 
-    if not args.speed > 0:
-        print("closedloop: --speed must be > 0", file=sys.stderr)
-        return 2
     if args.speed != 1.0:
         print(f"closedloop: replaying at {args.speed:g}x: timestamps keep the recording's "
               "time base and run ahead of the clock (a closed-loop service refuses them; "
               "use `closedloop offline`)", file=sys.stderr)
-    if Path(args.file).suffix.lower() == ".xdf":
+    is_xdf = Path(args.file).suffix.lower() == ".xdf"
+    misplaced = _misplaced_replay_options(args, is_xdf=is_xdf)
+    if misplaced:
+        kind = "EDF/BDF" if is_xdf else "XDF"
+        print(f"closedloop: {', '.join(misplaced)}: only for {kind} files, and "
+              f"{args.file} is not one", file=sys.stderr)
+        return 2
+    if is_xdf:
         return _replay_xdf(args)
+    if args.stop is not None and args.stop <= args.start:
+        print("closedloop: --stop must be after --start", file=sys.stderr)
+        return 2
     rec = load_edf(args.file)
     name = args.name or Path(args.file).stem
     duration = args.duration
     if args.stop is not None:
-        if args.stop <= args.start:
-            print("closedloop: --stop must be after --start", file=sys.stderr)
-            return 2
         duration = args.stop - args.start if duration is None else min(duration,
                                                                          args.stop - args.start)
+    if args.start >= rec.duration_s:
+        print(f"closedloop: --start {args.start:g} is past the end of {args.file} "
+              f"({rec.duration_s:g} s long)", file=sys.stderr)
+        return 2
+    if duration is not None and int(duration * rec.fs) < 1:
+        print(f"closedloop: --duration {duration:g}: shorter than one sample at "
+              f"{rec.fs:g} Hz", file=sys.stderr)
+        return 2
     total = duration if duration is not None else rec.duration_s - args.start
     progress = _progress_printer(total) if args.progress else None
 
@@ -325,6 +197,35 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         play(rec, name=name, stream_type=args.type, chunk_ms=args.chunk_ms,
              start_s=args.start, duration_s=duration, loop=args.loop, on_start=announce,
              on_progress=progress, speed=args.speed)
+    return 0
+
+
+def _misplaced_replay_options(args: argparse.Namespace, *, is_xdf: bool) -> list[str]:
+    """The options given that do not apply to this kind of file (replay would ignore them)."""
+    if not is_xdf:
+        return ["--streams"] if args.streams is not None else []
+    edf_only = {"--name": args.name is not None, "--type": args.type != "EEG",
+                "--start": args.start != 0.0, "--duration": args.duration is not None,
+                "--stop": args.stop is not None, "--loop": args.loop,
+                "--progress": args.progress}
+    return [option for option, given in edf_only.items() if given]
+
+
+def _cmd_streams(args: argparse.Namespace) -> int:
+    from closedloop.streams.listing import describe, list_streams  # noqa: PLC0415
+
+    found = list_streams(wait_s=args.wait, name=args.name, stype=args.type)
+    if args.json:
+        print(json.dumps([s.as_json() for s in found], indent=2))
+    elif found:
+        print(describe(found))
+    if not found:
+        which = " ".join(f"{k} {v!r}" for k, v in (("named", args.name), ("of type", args.type))
+                         if v is not None)
+        print(f"closedloop: no LSL stream{' ' + which if which else ''} seen in "
+              f"{args.wait:g} s: is the amplifier's LSL app streaming, on this network?",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -505,14 +406,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from closedloop.config.redact import redacted_config  # noqa: PLC0415
     from closedloop.mqtt.worker import insecure_connection  # noqa: PLC0415 - imports aiomqtt
 
-    cfg = load_config(args.file, args.overrides)
+    path = args.config or args.file  # the positional FILE: kept for scripts that use it
+    cfg = load_config(path, args.overrides)
     warning = insecure_connection(cfg.mqtt)
     if warning is not None:
         print(f"closedloop: warning: {warning}", file=sys.stderr)
     if args.print:  # secrets redacted: this output gets pasted into issues and lab notes
         print(json.dumps(redacted_config(cfg), indent=2))
     else:
-        print(f"{args.file}: OK")
+        print(f"{path}: OK")
     return 0
 
 
@@ -535,7 +437,7 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``closedloop`` console script."""
-    parser = _parser()
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "ctl":  # KEY=VALUE fields may follow options: ctl set --instance x k=v
         fields = [e for e in extra if "=" in e and not e.startswith("-")]
@@ -551,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "ctl": _cmd_ctl, "status": _cmd_status,
                 "evaluate-phase": _cmd_evaluate_phase, "calibrate": _cmd_calibrate,
                 "stimulator": _cmd_stimulator, "report": _cmd_report,
-                "offline": _cmd_offline, "config-reference": _cmd_config_reference}
+                "offline": _cmd_offline, "config-reference": _cmd_config_reference,
+                "streams": _cmd_streams}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -559,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ClosedLoopError as exc:
         print(f"closedloop: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path the user gave: a folder that is not there, no rights
+        if exc.filename is None:
+            raise
+        print(f"closedloop: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

@@ -58,13 +58,23 @@ async def _operator(cfg: Config, duration_s: float, report: dict[str, Any],
     from closedloop.mqtt.ctl import send_command, watch  # noqa: PLC0415
 
     counts: dict[str, int] = {}
+    online = asyncio.Event()  # the service's status says it takes commands
 
     def count(line: str) -> None:
-        topic = line.split(" ", 1)[0].removeprefix(cfg.mqtt.topic_prefix())
+        topic, _, payload = line.partition(" ")
+        topic = topic.removeprefix(cfg.mqtt.topic_prefix())
         counts[topic] = counts.get(topic, 0) + 1
+        if topic == "status":
+            with contextlib.suppress(ValueError, AttributeError):
+                if json.loads(payload).get("state") not in (None, "offline"):
+                    online.set()
 
     watcher = asyncio.create_task(watch(cfg.mqtt, out=count))
     rtts: list[float] = []
+    # the service publishes its status once subscribed to its commands: a command sent
+    # before then would be lost (its MQTT worker is a process that takes a moment)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(online.wait(), 10.0)
     start = asyncio.get_running_loop().time()
     script: list[tuple[float, str, dict[str, Any]]] = [
         (1.0, "status", {}),

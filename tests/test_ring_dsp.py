@@ -7,6 +7,7 @@ import pytest
 from scipy import signal
 
 from closedloop.dsp.filters import Decimator, StreamingSOS
+from closedloop.dsp.iir import KERNEL, lfilter_step
 from closedloop.dsp.spatial import hjorth
 from closedloop.streams.ring import RingBuffer
 
@@ -101,3 +102,24 @@ def test_circular_statistics_against_their_definitions() -> None:
     s = circular_stats_deg([10.0, 20.0, float("nan")])
     assert s["n"] == 2 and s["mean_deg"] == pytest.approx(15.0)
     assert circular_stats_deg([])["sd_deg"] is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 10, 257])
+@pytest.mark.parametrize("kind", ["real", "complex", "fir-numerator"])
+def test_the_lfilter_step_gives_lfilters_numbers_bit_for_bit(n: int, kind: str) -> None:
+    assert KERNEL is not None  # the fast path is taken on this SciPy
+    rng = np.random.default_rng(n)
+    if kind == "fir-numerator":  # the AR forecast: b = [1], a recursive denominator
+        b, a = np.array([1.0]), np.concatenate(([1.0], 0.3 * rng.standard_normal(4)))
+    else:
+        b, a = signal.butter(2, [8, 12], btype="bandpass", fs=500.0)
+    x = rng.standard_normal(n)
+    if kind == "complex":
+        x = x + 1j * rng.standard_normal(n)
+    zi = rng.standard_normal(max(len(a), len(b)) - 1)
+    want_y, want_z = signal.lfilter(b, a, x, zi=zi)
+    if n == 0:  # (SciPy's own final state is undefined then: the state is kept)
+        want_z = zi.astype(want_y.dtype)
+    got_y, got_z = lfilter_step(b, a, x, zi)
+    assert got_y.dtype == want_y.dtype and got_z.dtype == want_z.dtype
+    assert np.array_equal(got_y, want_y) and np.array_equal(got_z, want_z)

@@ -27,13 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from closedloop.config.schema import (
-    PAIRED_DRIVERS,
-    TRAIN_DRIVERS,
-    Config,
-    FieldDoc,
-    field_doc,
-)
+from closedloop.config.schema import Config, FieldDoc, field_doc
 from closedloop.errors import ConfigError
 
 __all__ = ["MAX_INT_DIGITS", "SECRET_KEYS", "apply_override", "check_cross_fields",
@@ -212,8 +206,10 @@ def config_to_dict(obj: Any) -> Any:
 
 @functools.cache
 def _hints(cls: Any) -> dict[str, Any]:
-    """Resolved annotations of a config class (resolving them is slow; they never change)."""
-    return get_type_hints(cls)
+    """Resolved annotations of a config class's fields (resolving them is slow; they never
+    change). Only fields: a section's ``rules`` is a class variable, not a key."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 @functools.cache
@@ -333,112 +329,10 @@ def _check_bounds(value: Any, doc: FieldDoc, *, key: str, source: str) -> None:
 
 
 def check_cross_fields(cfg: Config, source: str) -> None:
-    """Rules that involve more than one key."""
-    for role in ("eeg", "emg", "pulses"):
-        sel = getattr(cfg.streams, role)
-        if sel is not None and not (sel.name or sel.type or sel.source_id):
-            raise ConfigError(source=source, key=f"streams.{role}",
-                              problem="give at least one of name, type, source_id")
-    for k, cond in enumerate(cfg.trigger.power_conditions):
-        lo, hi = cond.band_hz
-        if not 0 < lo < hi or hi >= cfg.phase.processing_rate_hz / 2.5:
-            raise ConfigError(source=source, key=f"trigger.power_conditions[{k}].band_hz",
-                              problem=f"expected 0 < low < high < processing rate / 2.5 "
-                              f"({cfg.phase.processing_rate_hz / 2.5:g} Hz), got "
-                              f"[{lo:g}, {hi:g}]")
-    band = cfg.phase.band_hz
-    if band != "auto":
-        lo, hi = band
-        if not 0.5 <= lo < hi:
-            raise ConfigError(source=source, key="phase.band_hz",
-                              problem=f"expected 0.5 <= low < high, got [{lo:g}, {hi:g}]")
-        if hi >= cfg.phase.processing_rate_hz / 2.5:
-            raise ConfigError(source=source, key="phase.band_hz", problem=(
-                f"high edge {hi:g} Hz too close to the processing rate's Nyquist frequency "
-                f"(phase.processing_rate_hz = {cfg.phase.processing_rate_hz:g})"))
-    for key, (a, b) in (("mep.window_ms", cfg.mep.window_ms),
-                        ("mep.background_ms", cfg.mep.background_ms)):
-        if not a < b:
-            raise ConfigError(source=source, key=key,
-                              problem=f"expected start < end, got [{a:g}, {b:g}]")
-    if cfg.mep.window_ms[0] < 0:
-        raise ConfigError(source=source, key="mep.window_ms",
-                          problem="the response window must start after the pulse (>= 0)")
-    if cfg.mep.background_ms[1] > 0:
-        raise ConfigError(source=source, key="mep.background_ms",
-                          problem="the background window must end before the pulse (<= 0)")
-    mep = cfg.mep
-    if mep.blank_ms is not None and not (mep.blank_ms[0] < mep.blank_ms[1] < mep.window_ms[0]):
-        raise ConfigError(source=source, key="mep.blank_ms", problem=(
-            "expected start < end < the response window's start (blanking must not erase "
-            "the MEP)"))
-    if mep.bandpass_hz is not None and not 0 < mep.bandpass_hz[0] < mep.bandpass_hz[1]:
-        raise ConfigError(source=source, key="mep.bandpass_hz",
-                          problem="expected 0 < low < high")
-    _check_stimulation(cfg, source)
-    if not cfg.mep.channels and cfg.streams.emg is not None:
-        raise ConfigError(source=source, key="mep.channels",
-                          problem="streams.emg is set but no MEP channel is named")
-    if 2 * cfg.phase.edge_ms + cfg.phase.fir_ms / 2 >= cfg.phase.window_ms:
-        raise ConfigError(source=source, key="phase.window_ms", problem=(
-            "too short for its edges: needs window_ms > 2 * edge_ms + fir_ms / 2"))
-    m = cfg.mqtt
-    for key, value in (("mqtt.instance", m.instance), ("mqtt.prefix", m.prefix or "")):
-        if any(c in value for c in "+#") or (key == "mqtt.instance" and ("/" in value
-                                                                        or not value)):
-            extra = ", '/'" if key == "mqtt.instance" else ""
-            raise ConfigError(source=source, key=key, problem=(
-                f"{value!r} is not usable in a topic (no '+', '#'{extra}; not empty)"))
-    if (m.tls.cert is None) != (m.tls.key is None):
-        raise ConfigError(source=source, key="mqtt.tls",
-                          problem="cert and key go together: give both or neither")
-    if m.username is None and m.password is not None:
-        raise ConfigError(source=source, key="mqtt.password",
-                          problem="a password needs mqtt.username")
-    if cfg.stimulator.intensity_pct > cfg.safety.max_intensity_pct:
-        raise ConfigError(source=source, key="stimulator.intensity_pct", problem=(
-            f"{cfg.stimulator.intensity_pct:g} is above safety.max_intensity_pct "
-            f"({cfg.safety.max_intensity_pct:g}); refused, not clamped"))
-    pid = cfg.session.participant
-    if pid and (len(pid) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.")
-                                         for c in pid) or pid.startswith(".")):
-        raise ConfigError(source=source, key="session.participant", problem=(
-            f"{pid[:80]!r}: use at most 64 letters, digits, '-', '_' or '.' (not starting "
-            "with '.'); it names the participant's pulse counter file"))
-    if cfg.phase.channel in cfg.phase.reference:
-        raise ConfigError(source=source, key="phase.reference",
-                          problem=f"must not contain the target channel {cfg.phase.channel}")
-
-
-def _check_stimulation(cfg: Config, source: str) -> None:
-    """Driver, pattern and safety settings that only make sense together."""
-    stim, pat, safety = cfg.stimulator, cfg.stimulation, cfg.safety
-    if stim.driver != "simulated" and not stim.port:
-        raise ConfigError(source=source, key="stimulator.port",
-                          problem=f"driver {stim.driver!r} needs the device's serial port")
-    if stim.trigger_port and not stim.driver.startswith(("magstim", "magventure")):
-        raise ConfigError(source=source, key="stimulator.trigger_port",
-                          problem="only magstim-* and magventure fire through a separate "
-                          "TTL port")
-    if pat.pattern == "paired" and stim.driver not in PAIRED_DRIVERS:
-        raise ConfigError(source=source, key="stimulation.pattern", problem=(
-            f"paired pulses need a driver that sets the pair ({', '.join(PAIRED_DRIVERS)}), "
-            f"not {stim.driver!r}"))
-    if pat.pattern == "paired" and pat.conditioning_pct > safety.max_intensity_pct:
-        raise ConfigError(source=source, key="stimulation.conditioning_pct",
-                          problem=f"above safety.max_intensity_pct "
-                          f"({safety.max_intensity_pct:g})")
-    multi = pat.pattern in ("burst", "train", "itbs", "ctbs")
-    if multi and stim.driver not in TRAIN_DRIVERS:
-        raise ConfigError(source=source, key="stimulation.pattern", problem=(
-            f"{stim.driver} recharges for seconds after a pulse: no {pat.pattern} (use "
-            f"{', '.join(TRAIN_DRIVERS)})"))
-    if multi and safety.motor_threshold_pct is None:
-        raise ConfigError(source=source, key="safety.motor_threshold_pct", problem=(
-            f"pattern {pat.pattern!r} needs the resting motor threshold: the train and burst "
-            "limits are in % of it"))
-    if pat.pattern in ("itbs", "ctbs"):
-        step = 30 if pat.pattern == "itbs" else 3
-        if pat.tbs_pulses % step:
-            raise ConfigError(source=source, key="stimulation.tbs_pulses",
-                              problem=f"{pat.pattern} needs a multiple of {step}")
+    """The rules across keys: each section's ``rules`` (kept with it in
+    :mod:`closedloop.config.schema`), sections in the schema's order; the first violation
+    is raised, naming its key."""
+    for section in cfg.sections():
+        for rule in section.rules:
+            for key, problem in rule.check(section, cfg):
+                raise ConfigError(source=source, key=key, problem=problem)

@@ -8,8 +8,10 @@ configuration's, for editors that validate TOML against a JSON Schema and for to
 write configurations; the MQTT ``set`` payload's, for clients of the control plane. Keys
 that may change while the service runs carry ``"x-live": true``.
 
-What a schema cannot say (rules across keys, such as ``stimulator.intensity_pct`` at most
-``safety.max_intensity_pct``) is checked by the loader and written in the help texts.
+What a JSON Schema cannot say (rules across keys, such as ``stimulator.intensity_pct`` at
+most ``safety.max_intensity_pct``) is checked by the loader; the markdown reference lists
+each section's rules under its table, in the words of their docstrings
+(:class:`closedloop.config.schema.Rule`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import typing
 from collections.abc import Iterator
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from closedloop.config.schema import Config, FieldDoc, field_doc, live_keys, tables_in
+from closedloop.config.schema import (
+    Config,
+    FieldDoc,
+    Section,
+    field_doc,
+    live_keys,
+    tables_in,
+)
 
 __all__ = ["FORMATS", "config_json_schema", "markdown_reference", "render", "set_json_schema"]
 
@@ -97,7 +106,8 @@ configuration (editors that check TOML against a JSON Schema can use it), and
 [closedloop-set.schema.json](closedloop-set.schema.json) for the payload of the MQTT
 `set` command. Rules across keys (such as `stimulator.intensity_pct` at most
 `safety.max_intensity_pct`, or a paired pulse needing a driver that can give one) are
-checked on load too; a schema cannot express them.
+checked on load and on every live change too, and listed under the table of the section
+whose key a refusal names; a JSON Schema cannot express them.
 """
 
 
@@ -118,7 +128,17 @@ def markdown_reference() -> str:
                 f"`{row.key}`", _md_type(row.tp), _md_default(row),
                 _md_range(row.doc), f"`{short}`" if short else "",
                 _md_cell(row.doc.help))) + " |\n")
+        parts.append(_md_rules(cls))
     return "".join(parts)
+
+
+def _md_rules(cls: type[Section]) -> str:
+    """The section's rules across keys, one item each in its docstring's words (RST
+    literals as code spans); nothing when it has none."""
+    if not cls.rules:
+        return ""
+    items = "".join(f"- {_md_text(r.text.replace('``', '`'))}\n" for r in cls.rules)
+    return f"\n**Rules across keys:**\n\n{items}"
 
 
 def _summary(cls: type) -> str:
@@ -165,9 +185,14 @@ def _md_range(doc: FieldDoc) -> str:
 
 
 def _md_cell(text: str) -> str:
-    """Help text for a table cell: pipes escaped, and outside code spans the characters
-    markdown would read as HTML or emphasis (``<instance>``, ``magstim-*``)."""
-    parts = text.replace("|", "\\|").split("`")
+    """Help text for a table cell: pipes escaped, and as :func:`_md_text`."""
+    return _md_text(text.replace("|", "\\|"))
+
+
+def _md_text(text: str) -> str:
+    """Text for markdown: outside code spans, the characters markdown would read as HTML
+    or emphasis escaped (``<instance>``, ``magstim-*``)."""
+    parts = text.split("`")
     for i in range(0, len(parts), 2):  # the even parts are outside code spans
         parts[i] = (parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
                     .replace("*", "\\*"))

@@ -7,7 +7,16 @@ values against the bounds and names the bad key; the live-settable keys of MQTT 
 and SIGHUP reload (:data:`closedloop.control.runtime.LIVE_KEYS`) are those marked
 ``live``; and the configuration reference and its JSON Schemas
 (:mod:`closedloop.config.reference`, ``closedloop config-reference``) are generated from
-the same fields. Rules across fields stay in :func:`closedloop.config.load.check_cross_fields`.
+the same fields.
+
+Rules that involve more than one key are kept with their section too: each top-level
+section (a :class:`Section`) lists its :class:`Rule` objects in ``rules``, methods of the
+section whose docstrings say the rule in words (the reference prints them under the
+section). A rule that reads keys of other sections lives with the section whose key its
+refusal names (``stimulator.intensity_pct`` at most ``safety.max_intensity_pct`` is a
+rule of ``[stimulator]``). The loader checks them, section by section in the schema's
+order, after every value passed its own type and bounds
+(:func:`closedloop.config.load.check_cross_fields`).
 """
 
 from __future__ import annotations
@@ -15,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 __all__ = [
     "HARD_MAX_BURST_INTENSITY_MT",
@@ -30,6 +40,7 @@ __all__ = [
     "HARD_MIN_INTER_TRAIN_S",
     "HARD_MIN_TRAIN_IPI_S",
     "HARD_RTMS_GAP_S",
+    "MULTI_PULSE_PATTERNS",
     "PAIRED_DRIVERS",
     "TRAIN_DRIVERS",
     "AcquisitionConfig",
@@ -39,7 +50,9 @@ __all__ = [
     "MqttConfig",
     "PhaseConfig",
     "RecordingConfig",
+    "Rule",
     "SafetyConfig",
+    "Section",
     "SessionConfig",
     "StimulationConfig",
     "StimulatorConfig",
@@ -47,8 +60,10 @@ __all__ = [
     "StreamsConfig",
     "TlsConfig",
     "TriggerConfig",
+    "Violation",
     "field_doc",
     "live_keys",
+    "rule",
     "tables_in",
 ]
 
@@ -77,6 +92,8 @@ HARD_MAX_PULSES_PER_S = 25
 # (a Magstim 200² or BiStim² recharges for seconds after a pulse).
 PAIRED_DRIVERS = ("simulated", "magstim-bistim", "magventure")
 TRAIN_DRIVERS = ("simulated", "ttl", "magstim-rapid", "magventure")
+# Patterns of several pulses per trigger: they need TRAIN_DRIVERS and the motor threshold.
+MULTI_PULSE_PATTERNS = ("burst", "train", "itbs", "ctbs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +139,48 @@ def tables_in(tp: Any) -> tuple[type, ...]:
     return ()
 
 
+S = TypeVar("S")
+Violation = tuple[str, str]  # (dotted key, problem): what a ConfigError names
+
+
+@dataclass(frozen=True, slots=True)
+class Rule(Generic[S]):
+    """A rule across keys, kept with the section (of type ``S``) whose key it names.
+
+    Attributes:
+        name: The method that checks it, e.g. ``PhaseConfig._band_ordered``.
+        keys: The dotted keys its refusals name (``[]`` stands for any index of a list
+            of tables); each is written in ``text``.
+        text: The rule in words, for the reference: the method's docstring.
+        check: ``check(section, cfg)``: the violations of the rule in ``cfg`` (whose
+            ``section`` is one of its tables), each a (key, problem) pair; none when it
+            holds. It may assume every value passed its own type and bounds.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    text: str
+    check: Callable[[S, Config], Iterator[Violation]]
+
+
+def rule(check: Callable[[S, Config], Iterator[Violation]], *keys: str) -> Rule[S]:
+    """The :class:`Rule` checked by method ``check``, naming ``keys``; its docstring is the
+    text (one paragraph; RST literals)."""
+    text = " ".join((check.__doc__ or "").split())
+    if not text or not keys:
+        raise TypeError(f"{check.__qualname__}: a rule needs a docstring and its keys")
+    return Rule(name=check.__qualname__, keys=keys, text=text, check=check)
+
+
+class Section:
+    """A top-level table of the configuration (``[phase]``, ``[mqtt]``, ...).
+
+    ``rules``: its rules across keys (see :class:`Rule`), checked in this order.
+    """
+
+    rules: ClassVar[tuple[Rule[Any], ...]] = ()
+
+
 @dataclass(frozen=True, kw_only=True)
 class StreamSelector:
     """Which LSL stream to use. At least one of name, type, source_id."""
@@ -146,7 +205,7 @@ class StreamSelector:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StreamsConfig:
+class StreamsConfig(Section):
     """The input streams."""
 
     eeg: StreamSelector = opt(StreamSelector(name="EEG"), "the EEG stream (required)")
@@ -154,9 +213,19 @@ class StreamsConfig:
     pulses: StreamSelector | None = opt(
         None, "marker stream of pulses fired by another system (optional)")
 
+    def _selected(self, cfg: Config) -> Iterator[Violation]:
+        """Each stream that is given (``streams.eeg``, ``streams.emg``, ``streams.pulses``)
+        is selected by at least one of ``name``, ``type``, ``source_id``."""
+        for role in ("eeg", "emg", "pulses"):
+            sel = getattr(self, role)
+            if sel is not None and not (sel.name or sel.type or sel.source_id):
+                yield f"streams.{role}", "give at least one of name, type, source_id"
+
+    rules = (rule(_selected, "streams.eeg", "streams.emg", "streams.pulses"),)
+
 
 @dataclass(frozen=True, kw_only=True)
-class AcquisitionConfig:
+class AcquisitionConfig(Section):
     """How streams are read and watched."""
 
     resolve_timeout_s: float = opt(10.0, "how long to look for each stream at start",
@@ -170,7 +239,7 @@ BandSpec = tuple[float, float] | Literal["auto"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class PhaseConfig:
+class PhaseConfig(Section):
     """Spatial filter, band and the phase estimator."""
 
     channel: str = opt("C3", "EEG channel label whose phase is targeted")
@@ -227,6 +296,38 @@ class PhaseConfig:
     hilbert_window_ms: float = opt(128.0, "AR: Hilbert transform window around now",
                                    lo=20.0, hi=1000.0)
 
+    def _band_ordered(self, cfg: Config) -> Iterator[Violation]:
+        """A fixed ``phase.band_hz`` has a low edge of at least 0.5 Hz, below its high
+        edge."""
+        band = self.band_hz
+        if band != "auto" and not 0.5 <= band[0] < band[1]:
+            yield "phase.band_hz", f"expected 0.5 <= low < high, got [{band[0]:g}, {band[1]:g}]"
+
+    def _band_below_nyquist(self, cfg: Config) -> Iterator[Violation]:
+        """A fixed ``phase.band_hz`` has its high edge below ``phase.processing_rate_hz``
+        / 2.5 (clear of the processing rate's Nyquist frequency)."""
+        band = self.band_hz
+        if band != "auto" and band[1] >= self.processing_rate_hz / 2.5:
+            yield "phase.band_hz", (
+                f"high edge {band[1]:g} Hz too close to the processing rate's Nyquist "
+                f"frequency (phase.processing_rate_hz = {self.processing_rate_hz:g})")
+
+    def _window_fits_edges(self, cfg: Config) -> Iterator[Violation]:
+        """``phase.window_ms`` is longer than 2 * ``phase.edge_ms`` + ``phase.fir_ms`` /
+        2."""
+        if 2 * self.edge_ms + self.fir_ms / 2 >= self.window_ms:
+            yield "phase.window_ms", ("too short for its edges: needs window_ms > 2 * "
+                                      "edge_ms + fir_ms / 2")
+
+    def _reference_without_target(self, cfg: Config) -> Iterator[Violation]:
+        """``phase.reference`` does not contain the target channel ``phase.channel``."""
+        if self.channel in self.reference:
+            yield "phase.reference", f"must not contain the target channel {self.channel}"
+
+    rules = (rule(_band_ordered, "phase.band_hz"), rule(_band_below_nyquist, "phase.band_hz"),
+             rule(_window_fits_edges, "phase.window_ms"),
+             rule(_reference_without_target, "phase.reference"))
+
 
 @dataclass(frozen=True, kw_only=True)
 class PowerCondition:
@@ -244,7 +345,7 @@ class PowerCondition:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TriggerConfig:
+class TriggerConfig(Section):
     """When to fire."""
 
     target_phase_deg: float = opt(0.0, "0 = positive peak of the band-passed signal, ±180 = "
@@ -282,9 +383,22 @@ class TriggerConfig:
         (), "more conditions that must all hold for a pulse: [[trigger.power_conditions]] "
         "tables with band_hz, channel, reference, percentile, above")
 
+    def _condition_bands(self, cfg: Config) -> Iterator[Violation]:
+        """Each ``trigger.power_conditions[].band_hz`` has 0 < low < high <
+        ``phase.processing_rate_hz`` / 2.5."""
+        limit = cfg.phase.processing_rate_hz / 2.5
+        for k, cond in enumerate(self.power_conditions):
+            lo, hi = cond.band_hz
+            if not 0 < lo < hi or hi >= limit:
+                yield f"trigger.power_conditions[{k}].band_hz", (
+                    f"expected 0 < low < high < processing rate / 2.5 ({limit:g} Hz), got "
+                    f"[{lo:g}, {hi:g}]")
+
+    rules = (rule(_condition_bands, "trigger.power_conditions[].band_hz"),)
+
 
 @dataclass(frozen=True, kw_only=True)
-class StimulatorConfig:
+class StimulatorConfig(Section):
     """The stimulator and its driver."""
 
     driver: Literal["simulated", "ttl", "magstim-200", "magstim-bistim", "magstim-rapid",
@@ -321,9 +435,35 @@ class StimulatorConfig:
     coil_stream: str = opt("closedloop-sim-coil", "simulated: LSL stream on which the "
                            "simulated coil announces each pulse (the simulator listens)")
 
+    def _port_given(self, cfg: Config) -> Iterator[Violation]:
+        """Every driver but ``simulated`` needs ``stimulator.port``, the device's serial
+        port."""
+        if self.driver != "simulated" and not self.port:
+            yield "stimulator.port", f"driver {self.driver!r} needs the device's serial port"
+
+    def _trigger_port_driver(self, cfg: Config) -> Iterator[Violation]:
+        """``stimulator.trigger_port`` is only for the magstim-* and magventure drivers
+        (only they fire through a separate TTL port)."""
+        if self.trigger_port and not self.driver.startswith(("magstim", "magventure")):
+            yield "stimulator.trigger_port", ("only magstim-* and magventure fire through a "
+                                              "separate TTL port")
+
+    def _intensity_within_limit(self, cfg: Config) -> Iterator[Violation]:
+        """``stimulator.intensity_pct`` is at most ``safety.max_intensity_pct`` (a higher
+        one is refused, not clamped)."""
+        limit = cfg.safety.max_intensity_pct
+        if self.intensity_pct > limit:
+            yield "stimulator.intensity_pct", (
+                f"{self.intensity_pct:g} is above safety.max_intensity_pct ({limit:g}); "
+                "refused, not clamped")
+
+    rules = (rule(_port_given, "stimulator.port"),
+             rule(_trigger_port_driver, "stimulator.trigger_port"),
+             rule(_intensity_within_limit, "stimulator.intensity_pct"))
+
 
 @dataclass(frozen=True, kw_only=True)
-class StimulationConfig:
+class StimulationConfig(Section):
     """What one trigger delivers, and what triggers it."""
 
     pattern: Literal["single", "paired", "burst", "train", "itbs", "ctbs"] = opt(
@@ -348,9 +488,48 @@ class StimulationConfig:
     units: int | None = opt(None, "stop after this many units (None: until stopped or a "
                             "safety limit)", lo=1, hi=HARD_MAX_PULSES_PER_SESSION)
 
+    def _paired_driver(self, cfg: Config) -> Iterator[Violation]:
+        """``stimulation.pattern = "paired"`` needs a driver that sets the pair from one
+        trigger: simulated, magstim-bistim or magventure."""
+        driver = cfg.stimulator.driver
+        if self.pattern == "paired" and driver not in PAIRED_DRIVERS:
+            yield "stimulation.pattern", (
+                f"paired pulses need a driver that sets the pair "
+                f"({', '.join(PAIRED_DRIVERS)}), not {driver!r}")
+
+    def _conditioning_within_limit(self, cfg: Config) -> Iterator[Violation]:
+        """With ``stimulation.pattern = "paired"``, ``stimulation.conditioning_pct`` is at
+        most ``safety.max_intensity_pct``."""
+        limit = cfg.safety.max_intensity_pct
+        if self.pattern == "paired" and self.conditioning_pct > limit:
+            yield "stimulation.conditioning_pct", f"above safety.max_intensity_pct ({limit:g})"
+
+    def _train_driver(self, cfg: Config) -> Iterator[Violation]:
+        """A ``stimulation.pattern`` of several pulses ("burst", "train", "itbs", "ctbs")
+        needs a driver that fires trains: simulated, ttl, magstim-rapid or magventure (a
+        Magstim 200² or BiStim² recharges for seconds after a pulse)."""
+        driver = cfg.stimulator.driver
+        if self.pattern in MULTI_PULSE_PATTERNS and driver not in TRAIN_DRIVERS:
+            yield "stimulation.pattern", (
+                f"{driver} recharges for seconds after a pulse: no {self.pattern} (use "
+                f"{', '.join(TRAIN_DRIVERS)})")
+
+    def _tbs_whole_bursts(self, cfg: Config) -> Iterator[Violation]:
+        """``stimulation.tbs_pulses`` is a multiple of 30 with pattern "itbs" (whole 2-s
+        trains of ten bursts) and of 3 with "ctbs" (whole bursts)."""
+        if self.pattern in ("itbs", "ctbs"):
+            step = 30 if self.pattern == "itbs" else 3
+            if self.tbs_pulses % step:
+                yield "stimulation.tbs_pulses", f"{self.pattern} needs a multiple of {step}"
+
+    rules = (rule(_paired_driver, "stimulation.pattern"),
+             rule(_conditioning_within_limit, "stimulation.conditioning_pct"),
+             rule(_train_driver, "stimulation.pattern"),
+             rule(_tbs_whole_bursts, "stimulation.tbs_pulses"))
+
 
 @dataclass(frozen=True, kw_only=True)
-class SafetyConfig:
+class SafetyConfig(Section):
     """Limits of the safety gate; each is clamped by a hard cap in code."""
 
     min_interval_s: float = opt(1.0, "minimum inter-pulse interval", lo=HARD_MIN_INTERVAL_S,
@@ -390,9 +569,20 @@ class SafetyConfig:
                              "this long (a stalled controller must not keep a pulse path "
                              "armed)", lo=50.0, hi=10_000.0)
 
+    def _motor_threshold_for_trains(self, cfg: Config) -> Iterator[Violation]:
+        """A ``stimulation.pattern`` of several pulses ("burst", "train", "itbs", "ctbs")
+        needs ``safety.motor_threshold_pct``: the train and burst limits are in % of it."""
+        pattern = cfg.stimulation.pattern
+        if pattern in MULTI_PULSE_PATTERNS and self.motor_threshold_pct is None:
+            yield "safety.motor_threshold_pct", (
+                f"pattern {pattern!r} needs the resting motor threshold: the train and burst "
+                "limits are in % of it")
+
+    rules = (rule(_motor_threshold_for_trains, "safety.motor_threshold_pct"),)
+
 
 @dataclass(frozen=True, kw_only=True)
-class SessionConfig:
+class SessionConfig(Section):
     """Who is stimulated: the daily pulse count is kept per participant."""
 
     participant: str = opt("", "participant id (letters, digits, '-', '_', '.'; at most 64): "
@@ -400,9 +590,21 @@ class SessionConfig:
                            "sessions and processes (\"\" = one shared counter, "
                            "\"unspecified\")")
 
+    def _participant_id(self, cfg: Config) -> Iterator[Violation]:
+        """``session.participant`` is empty or at most 64 letters, digits, '-', '_' or '.',
+        not starting with '.' (it names the participant's pulse counter file)."""
+        pid = self.participant
+        if pid and (len(pid) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.")
+                                             for c in pid) or pid.startswith(".")):
+            yield "session.participant", (
+                f"{pid[:80]!r}: use at most 64 letters, digits, '-', '_' or '.' (not "
+                "starting with '.'); it names the participant's pulse counter file")
+
+    rules = (rule(_participant_id, "session.participant"),)
+
 
 @dataclass(frozen=True, kw_only=True)
-class MepConfig:
+class MepConfig(Section):
     """Motor-evoked potentials from the EMG stream."""
 
     channels: tuple[str, ...] = opt(("FDI",), "EMG channel labels to measure")
@@ -426,9 +628,53 @@ class MepConfig:
     timeout_s: float = opt(2.0, "give up on an MEP if the EMG does not cover its window "
                            "within this time", lo=0.1, hi=60.0)
 
+    def _windows_ordered(self, cfg: Config) -> Iterator[Violation]:
+        """``mep.window_ms`` and ``mep.background_ms`` each start before they end."""
+        for key, (a, b) in (("mep.window_ms", self.window_ms),
+                            ("mep.background_ms", self.background_ms)):
+            if not a < b:
+                yield key, f"expected start < end, got [{a:g}, {b:g}]"
+
+    def _window_after_pulse(self, cfg: Config) -> Iterator[Violation]:
+        """``mep.window_ms`` starts at or after the pulse (>= 0)."""
+        if self.window_ms[0] < 0:
+            yield "mep.window_ms", "the response window must start after the pulse (>= 0)"
+
+    def _background_before_pulse(self, cfg: Config) -> Iterator[Violation]:
+        """``mep.background_ms`` ends at or before the pulse (<= 0)."""
+        if self.background_ms[1] > 0:
+            yield "mep.background_ms", ("the background window must end before the pulse "
+                                        "(<= 0)")
+
+    def _blanking_before_window(self, cfg: Config) -> Iterator[Violation]:
+        """``mep.blank_ms``, when set, starts before it ends and ends before
+        ``mep.window_ms`` starts (blanking must not erase the MEP)."""
+        blank = self.blank_ms
+        if blank is not None and not blank[0] < blank[1] < self.window_ms[0]:
+            yield "mep.blank_ms", ("expected start < end < the response window's start "
+                                   "(blanking must not erase the MEP)")
+
+    def _bandpass_ordered(self, cfg: Config) -> Iterator[Violation]:
+        """``mep.bandpass_hz``, when set, has 0 < low < high."""
+        band = self.bandpass_hz
+        if band is not None and not 0 < band[0] < band[1]:
+            yield "mep.bandpass_hz", "expected 0 < low < high"
+
+    def _channels_for_emg(self, cfg: Config) -> Iterator[Violation]:
+        """``mep.channels`` names at least one channel when ``streams.emg`` is set."""
+        if not self.channels and cfg.streams.emg is not None:
+            yield "mep.channels", "streams.emg is set but no MEP channel is named"
+
+    rules = (rule(_windows_ordered, "mep.window_ms", "mep.background_ms"),
+             rule(_window_after_pulse, "mep.window_ms"),
+             rule(_background_before_pulse, "mep.background_ms"),
+             rule(_blanking_before_window, "mep.blank_ms"),
+             rule(_bandpass_ordered, "mep.bandpass_hz"),
+             rule(_channels_for_emg, "mep.channels"))
+
 
 @dataclass(frozen=True, kw_only=True)
-class RecordingConfig:
+class RecordingConfig(Section):
     """What is written where."""
 
     events: str = opt("sessions/events.jsonl", "append-only JSONL event log")
@@ -457,7 +703,7 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MqttConfig:
+class MqttConfig(Section):
     """The MQTT control plane (topics under ``closedloop/<instance>/``)."""
 
     enabled: bool = opt(False, "connect to the broker and accept commands")
@@ -495,6 +741,33 @@ class MqttConfig:
         p = self.prefix if self.prefix is not None else f"closedloop/{self.instance}/"
         return p if p.endswith("/") else p + "/"
 
+    def _instance_in_topic(self, cfg: Config) -> Iterator[Violation]:
+        """``mqtt.instance`` is not empty and has no '+', '#' or '/' (it is one level of
+        the topics)."""
+        value = self.instance
+        if not value or any(c in value for c in "+#/"):
+            yield "mqtt.instance", (f"{value!r} is not usable in a topic (no '+', '#', '/'; "
+                                    "not empty)")
+
+    def _prefix_in_topic(self, cfg: Config) -> Iterator[Violation]:
+        """``mqtt.prefix``, when set, has no '+' or '#' (MQTT's wildcards)."""
+        value = self.prefix or ""
+        if any(c in value for c in "+#"):
+            yield "mqtt.prefix", f"{value!r} is not usable in a topic (no '+', '#'; not empty)"
+
+    def _tls_pair(self, cfg: Config) -> Iterator[Violation]:
+        """``mqtt.tls`` has both ``cert`` and ``key`` or neither."""
+        if (self.tls.cert is None) != (self.tls.key is None):
+            yield "mqtt.tls", "cert and key go together: give both or neither"
+
+    def _password_with_user(self, cfg: Config) -> Iterator[Violation]:
+        """``mqtt.password`` needs ``mqtt.username``."""
+        if self.username is None and self.password is not None:
+            yield "mqtt.password", "a password needs mqtt.username"
+
+    rules = (rule(_instance_in_topic, "mqtt.instance"), rule(_prefix_in_topic, "mqtt.prefix"),
+             rule(_tls_pair, "mqtt.tls"), rule(_password_with_user, "mqtt.password"))
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
@@ -511,6 +784,10 @@ class Config:
     mep: MepConfig = opt(MepConfig(), "MEP measurement")
     recording: RecordingConfig = opt(RecordingConfig(), "recording")
     mqtt: MqttConfig = opt(MqttConfig(), "MQTT control plane")
+
+    def sections(self) -> tuple[Section, ...]:
+        """The top-level tables, in the schema's order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 def live_keys(root: type | None = None) -> dict[str, str]:

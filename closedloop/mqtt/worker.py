@@ -251,17 +251,19 @@ class PlaneWorker:
                 async with aiomqtt.Client(**client_kwargs(self.cfg, identifier=ident,
                                                           will=will)) as client:
                     self._client = client
+                    if self.cfg.protocol == "5":  # see the retain flag as published
+                        await client.subscribe(self.prefix + "cmd/#", options=SubscribeOptions(
+                            qos=1, retainAsPublished=True))
+                    else:
+                        await client.subscribe(self.prefix + "cmd/#", qos=1)
+                    # connected = commands are taken: only once the broker confirmed the
+                    # subscription (a command sent before it would be lost)
                     self.connected = True
                     self.connections += 1
                     self._state()
                     if attempt:
                         self._send("record", "control_restored", {"after_attempts": attempt})
                     attempt = 0
-                    if self.cfg.protocol == "5":  # see the retain flag as published
-                        await client.subscribe(self.prefix + "cmd/#", options=SubscribeOptions(
-                            qos=1, retainAsPublished=True))
-                    else:
-                        await client.subscribe(self.prefix + "cmd/#", qos=1)
                     await self._publish_status()
                     try:
                         async with asyncio.TaskGroup() as tg:

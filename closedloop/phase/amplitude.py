@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 import numpy.typing as npt
-from scipy import signal
 
 from closedloop.dsp.filters import StreamingSOS
+from closedloop.dsp.iir import lfilter_step
 
 __all__ = ["BandAmplitude", "RunningPercentile"]
 
@@ -43,7 +43,7 @@ class BandAmplitude:
         y = self._bp.process(x)
         if self._zi is None:  # steady state for a constant power of y[0]**2
             self._zi = np.array([-self._a[1] * float(y[0]) ** 2])
-        power, self._zi = signal.lfilter(self._b, self._a, y * y, zi=self._zi)
+        power, self._zi = lfilter_step(self._b, self._a, y * y, self._zi)
         amp: npt.NDArray[np.float64] = np.sqrt(np.maximum(0.0, 2.0 * power))
         return amp
 

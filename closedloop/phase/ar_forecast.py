@@ -37,7 +37,10 @@ import numpy.typing as npt
 from scipy import signal
 from scipy.linalg import lapack
 
+from closedloop.dsp.iir import lfilter_step
 from closedloop.phase.estimate import PhaseEstimate
+
+_ONE = np.array([1.0])  # the forecast's numerator
 
 __all__ = ["ARForecaster", "ARParams", "levinson_durbin", "toeplitz_index", "yule_walker"]
 
@@ -211,7 +214,7 @@ class ARForecaster:
             return None
         den = np.concatenate(([1.0], -a, [0.0]))
         zi = -(den[self._zi_index] @ seg[:-p.order - 1:-1])
-        forecast, _ = signal.lfilter([1.0], den[:-1], np.zeros(self._n_forecast), zi=zi)
+        forecast, _ = lfilter_step(_ONE, den[:-1], np.zeros(self._n_forecast), zi)
         around = (self._analytic_rows[:, :self._tail] @ seg[n_seg - self._tail:]
                   + self._analytic_rows[:, self._tail:] @ forecast)
         mid = around[self._slope_half]

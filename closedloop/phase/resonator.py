@@ -32,8 +32,8 @@ import math
 
 import numpy as np
 import numpy.typing as npt
-from scipy import signal
 
+from closedloop.dsp.iir import lfilter_step
 from closedloop.phase.estimate import PhaseEstimate
 from closedloop.phase.peak import RHYTHMS, find_peak
 
@@ -121,10 +121,10 @@ class Resonator:
             self._span[idx] = x[-cap:]
         if self._dc_zi is None:  # start the running mean at the first sample
             self._dc_zi = np.array([x[0] * (1.0 - self._dc_b[0])])
-        mean, self._dc_zi = signal.lfilter(self._dc_b, self._dc_a, x, zi=self._dc_zi)
+        mean, self._dc_zi = lfilter_step(self._dc_b, self._dc_a, x, self._dc_zi)
         y: Complex = (x - mean).astype(complex)
         for k, zi in enumerate(self._zi):
-            y, self._zi[k] = signal.lfilter(self._b, self._a, y, zi=zi)
+            y, self._zi[k] = lfilter_step(self._b, self._a, y, zi)
         self._tail = np.concatenate((self._tail, y))[-(self.slope + 1):]
         self._n += len(x)
         return y
