@@ -164,7 +164,8 @@ class Host(Protocol):
 
 
 class EegPipeline:
-    """From ring reads to decision traces and pulse requests (on the event loop)."""
+    """From ring reads to decision traces and pulse requests (live: in the EEG
+    acquisition thread, :mod:`closedloop.control.realtime`)."""
 
     def __init__(self, cfg: Callable[[], Config], tracker: PhaseTracker, core: DecisionCore,
                  ring: RingBuffer, *, host: Host, scheduler: Scheduler,

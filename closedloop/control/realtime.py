@@ -44,7 +44,8 @@ class RealtimeHost:
         self.pending: list[Event] = []
 
     def emit(self, kind: str, **fields: Any) -> None:
-        fields.setdefault("lsl_time", self._clock())
+        if "lsl_time" not in fields:
+            fields["lsl_time"] = self._clock()
         self.pending.append((kind, fields))
 
     def holds(self, now: float) -> bool:
