@@ -218,7 +218,7 @@ class EegPipeline:
                 continue
             t_b = perf()
             newest = float(rd.timestamps[seg_end - 1]) + offset_s  # newest sample used
-            update = core.estimate()
+            update = core.estimate(t=newest)  # at its own time, not the read's last update
             t_c = perf()
             if tracker.training_state != self.training_state:
                 self.training_state = tracker.training_state
