@@ -8,14 +8,12 @@ the amplitude gate and the power conditions); a decision to fire becomes a
 decision is a :class:`DecisionTrace` with an id that its request, pulses and MEPs carry.
 
 No decision is made on EEG whose newest timestamp is in the future or older than
-``safety.max_eeg_age_ms`` (:func:`guard_clock`, pure): a phase at such a time cannot be
-trusted. A backlog passes; a lasting mismatch is a fault, said once per episode, and the
-inlet is reopened (LSL's dejitter would take minutes to forget a clock jump).
+``safety.max_eeg_age_ms`` (the clock guard, :mod:`closedloop.control.clock_guard`): a
+lasting mismatch is a fault, said once per episode, and the inlet is reopened.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +21,12 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from closedloop.config.schema import Config
+from closedloop.control.clock_guard import (
+    CLOCK_GRACE_S,
+    MAX_FUTURE_S,
+    ClockGuard,
+    guard_clock,
+)
 from closedloop.control.core import DecisionCore, Update
 from closedloop.control.ledger import decision_fields, fire_context
 from closedloop.control.trigger_policy import Decision
@@ -43,42 +47,6 @@ __all__ = [
     "guard_clock",
     "request",
 ]
-
-MAX_FUTURE_S = 0.005  # EEG stamped later than now by more than this is a clock problem
-CLOCK_GRACE_S = 2.0  # EEG stamped too old for this long is a clock problem, not a backlog
-
-
-# -- the clock guard (pure) --------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ClockGuard:
-    """What the guard remembers: a mismatch said, since when EEG has been too old, when
-    the inlet was last reopened."""
-
-    bad: bool = False
-    behind_since: float | None = None
-    last_reopen: float = -math.inf
-
-
-@dataclass(frozen=True, slots=True)
-class ClockVerdict:
-    ok: bool  # decide on this update
-    fault: bool = False  # the mismatch begins: say so (once)
-    recovered: bool = False  # consistent again after a mismatch
-    reopen: bool = False  # reopen the EEG inlet now
-
-
-def guard_clock(g: ClockGuard, *, skew: float, now: float, max_age_s: float
-                ) -> tuple[ClockGuard, ClockVerdict]:
-    """Judge the newest sample's age ``skew`` (now minus its timestamp) at ``now``."""
-    if -MAX_FUTURE_S <= skew <= max_age_s:
-        return ClockGuard(last_reopen=g.last_reopen), ClockVerdict(True, recovered=g.bad)
-    since = now if g.behind_since is None else g.behind_since
-    fault = not g.bad and (skew < 0 or now - since > CLOCK_GRACE_S)
-    bad = g.bad or fault
-    reopen = bad and now - g.last_reopen > CLOCK_GRACE_S
-    return (ClockGuard(bad, since, now if reopen else g.last_reopen),
-            ClockVerdict(False, fault=fault, reopen=reopen))
-
 
 # -- decision traces ---------------------------------------------------------------------
 class PipelineReason(StrEnum):
