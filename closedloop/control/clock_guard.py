@@ -39,10 +39,15 @@ class ClockVerdict:
     reopen: bool = False  # reopen the EEG inlet now
 
 
+_OK = ClockVerdict(True)
+
+
 def guard_clock(g: ClockGuard, *, skew: float, now: float, max_age_s: float
                 ) -> tuple[ClockGuard, ClockVerdict]:
     """Judge the newest sample's age ``skew`` (now minus its timestamp) at ``now``."""
     if -MAX_FUTURE_S <= skew <= max_age_s:
+        if not g.bad and g.behind_since is None:
+            return g, _OK  # (every update, nearly: nothing new to remember)
         return ClockGuard(last_reopen=g.last_reopen), ClockVerdict(True, recovered=g.bad)
     since = now if g.behind_since is None else g.behind_since
     fault = not g.bad and (skew < 0 or now - since > CLOCK_GRACE_S)

@@ -107,8 +107,9 @@ class EegPipeline:
 
     ``clock``: the LSL clock live. ``clock_at``: what time it is at an update whose newest
     sample is at the given LSL time; by default the clock's (live), offline the data's
-    own. ``timed``: the traces carry their stages' durations (offline, records the same
-    every run: None). ``ring``: None when fed by :meth:`process` alone (offline).
+    own. ``timed``: the pipeline times itself, the traces' stage durations and the stats'
+    latencies (not offline: its records are the same every run, ``stages_us`` None).
+    ``ring``: None when fed by :meth:`process` alone (offline).
     """
 
     def __init__(self, cfg: Callable[[], Config], tracker: PhaseTracker, core: DecisionCore,
@@ -235,8 +236,9 @@ class EegPipeline:
         decision = core.decide(update, now=now, armed=self._armed(), busy=self.scheduler.busy)
         t_d = perf()
         t_decided = self.clock()
-        stats.chunk_to_decision_ms.add((t_decided - chunk) * 1000.0)
-        stats.update_cost_us.add((t_d - t_a) / 1000.0)
+        if self._timed:
+            stats.chunk_to_decision_ms.add((t_decided - chunk) * 1000.0)
+            stats.update_cost_us.add((t_d - t_a) / 1000.0)
         if decision is None:
             return
         stats.decisions += 1
@@ -257,7 +259,7 @@ class EegPipeline:
                         scheduler=self.scheduler, unit=self.unit,
                         target_phase_deg=cfg.trigger.target_phase_deg, decided=decided,
                         chunk=chunk, stages_us=stages)
-        if trace.status is TraceStatus.REQUESTED:
+        if trace.status is TraceStatus.REQUESTED and self._timed:
             self.stats.chunk_to_handoff_ms.add((self.clock() - chunk) * 1000)
         return trace
 
