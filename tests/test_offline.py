@@ -288,8 +288,9 @@ class _Host:
         self.decisions: list[dict[str, Any]] = []
 
     def emit(self, kind: str, **fields: Any) -> None:
-        assert kind == "decision", (kind, fields)
-        self.decisions.append(fields)
+        assert kind in ("decision", "stream_error"), (kind, fields)  # (NaNs are said)
+        if kind == "decision":
+            self.decisions.append(fields)
 
     def holds(self, now: float) -> bool:
         return False
@@ -405,3 +406,24 @@ def test_a_delay_the_clock_guard_would_refuse_is_refused() -> None:
     with pytest.raises(ValueError, match="outside"):
         run_offline(cfg, rec, delay_ms=-1.0)
     assert run_offline(cfg, rec, delay_ms=19.0).decisions == []  # (too short to decide)
+
+
+@pytest.mark.compute
+def test_offline_decides_as_live_across_non_finite_samples() -> None:
+    """A NaN restarts the phase chain inside a push: a block that holds one goes chunk
+    by chunk, and the decisions around it are still those of the ring-fed pipeline."""
+    from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: PLC0415
+
+    data = EegGenerator(EegSimParams(fs=1000.0), np.random.default_rng(5)).generate(30_000).data
+    data[12_345:12_350, LABELS_10_10_64.index("C3")] = np.nan
+    data[20_500, :] = np.nan
+    rec = Recording(data=data, labels=LABELS_10_10_64, fs=1000.0, unit="uV", source="test")
+    cfg = load_config(None, ['phase.estimator="ar"', "trigger.amplitude_percentile=50",
+                             "trigger.seed=1", "phase.deterministic=true",
+                             "phase.update_interval_ms=10"])
+    offline = run_offline(cfg, rec, chunk_ms=7.0)
+    live, _ = _through_the_ring(cfg, rec, chunk=7, delay_s=cfg.phase.decision_delay_ms / 1e3)
+    assert len(live) > 200
+    assert [{k: v for k, v in d.items() if k not in ("stages_us", "lsl_time")}
+            for d in offline.decisions] == [{k: v for k, v in d.items() if k != "stages_us"}
+                                            for d in live]

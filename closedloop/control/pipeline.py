@@ -158,7 +158,7 @@ class EegPipeline:
 
         ``chunk``: the samples came in chunks of this many (a recording, a backlog). The
         updates then fall where they would had each chunk been read on its own; once the
-        band is known, the samples are pushed through the filters at once (their per-call
+        band is known, finite samples are pushed through the filters at once (their per-call
         cost dominates otherwise) and each update is estimated at its own sample of the
         history: the filters give the same numbers however the samples are split, so the
         decisions are the same. None: the samples are one chunk (as a ring read).
@@ -176,9 +176,12 @@ class EegPipeline:
         traces: list[DecisionTrace] = []
         n = len(stamps)
         size = n if chunk is None else chunk
+        # a non-finite sample restarts the chain inside a push, and the updates' places
+        # counted before it would be off: such samples go chunk by chunk, as live
+        block = 0 if chunk is None or not np.isfinite(data).all() else chunk
         for i in range(0, n, size):
-            if chunk is not None and tracker.band is not None:
-                self._block(data[i:], stamps[i:], chunk, cfg, t_a, traces)
+            if block and tracker.band is not None:
+                self._block(data[i:], stamps[i:], block, cfg, t_a, traces)
                 break
             ts = stamps[i:i + size]
             chunk_newest = float(ts[-1]) + offset_s  # when the chunk was stamped
