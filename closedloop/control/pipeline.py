@@ -163,6 +163,8 @@ class EegPipeline:
         history: the filters give the same numbers however the samples are split, so the
         decisions are the same. None: the samples are one chunk (as a ring read).
         """
+        if not len(stamps):
+            return []
         return self._process(data, stamps, chunk, time.perf_counter_ns())
 
     def _process(self, data: npt.NDArray[np.floating[Any]], stamps: npt.NDArray[np.float64],
