@@ -3,7 +3,8 @@
 The way of a pulse, one module per step::
 
     LSL chunk ──> streams.reader (acquisition thread, ring buffer)
-              ──> control.service._eeg_pipeline (event loop: ring read, clock guard)
+              ──> control.pipeline.EegPipeline (event loop: ring read, clock guard;
+                                                offline: a recording's blocks)
               ──> control.core.DecisionCore (filters, estimator, amplitude gate,
                                              control.trigger_policy.decide)
               ──> stim.scheduler.FireScheduler (fire thread; SimulatedScheduler offline)
@@ -19,7 +20,9 @@ its pulse request, pulse records and MEP records carry.
 Rooms:
 
 - :mod:`.service`: the life cycle; opens the rig, runs the EEG pipeline, housekeeping;
-- :mod:`.core`: from EEG chunks to decisions, shared with offline mode;
+- :mod:`.pipeline`: from samples to decision traces and pulse requests, live and offline;
+  :mod:`.clock_guard`: no decision on EEG stamped in the future or too old;
+- :mod:`.core`: the update cadence, the amplitude gate and the trigger policy's state;
 - :mod:`.ledger`: outcomes to pulse records; the decision, refusal and MEP records
   (live and offline alike);
 - :mod:`.protocols`: ``start``/``stop`` and the MEP-driven protocols' loop;
