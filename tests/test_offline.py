@@ -15,6 +15,7 @@ import pytest
 from closedloop.config import load_config
 from closedloop.config.schema import Config
 from closedloop.control.service import ClosedLoopService
+from closedloop.errors import ClosedLoopError
 from closedloop.recording.events import read_events
 from closedloop.replay.offline import run_offline
 from closedloop.replay.player import play
@@ -401,9 +402,9 @@ def test_a_delay_the_clock_guard_would_refuse_is_refused() -> None:
     rec = Recording(data=np.zeros((500, 2)), labels=["C3", "Cz"], fs=500.0, unit="uV",
                     source="test")
     cfg = load_config(None, ['phase.reference=["Cz"]', "safety.max_eeg_age_ms=20"])
-    with pytest.raises(ValueError, match=r"safety\.max_eeg_age_ms"):
+    with pytest.raises(ClosedLoopError, match=r"safety\.max_eeg_age_ms"):
         run_offline(cfg, rec, delay_ms=25.0)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ClosedLoopError, match="outside"):
         run_offline(cfg, rec, delay_ms=-1.0)
     assert run_offline(cfg, rec, delay_ms=19.0).decisions == []  # (too short to decide)
 

@@ -49,6 +49,7 @@ from closedloop.control.ledger import (
 )
 from closedloop.control.pipeline import EegPipeline, PipelineStats
 from closedloop.control.rig import set_unit_intensities
+from closedloop.errors import ClosedLoopError
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
@@ -188,9 +189,11 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
     # deterministic configurations fix the delay decisions assume; otherwise it is modelled
     delay = (cfg.phase.decision_delay_ms if cfg.phase.deterministic else delay_ms) / 1000.0
     if not 0.0 <= delay < cfg.safety.max_eeg_age_ms / 1000.0:
-        raise ValueError(f"a processing delay of {delay * 1000.0:g} ms is outside [0, "
-                         f"safety.max_eeg_age_ms = {cfg.safety.max_eeg_age_ms:g} ms): the "
-                         "clock guard would refuse every decision")
+        raise ClosedLoopError(
+            f"a processing delay of {delay * 1000.0:g} ms (--delay-ms, or "
+            "phase.decision_delay_ms when phase.deterministic) is outside [0, "
+            f"safety.max_eeg_age_ms = {cfg.safety.max_eeg_age_ms:g} ms): the clock guard "
+            "would refuse every decision")
     tracker = PhaseTracker(fs_in=eeg.fs, labels=eeg.labels, cfg=cfg.phase,
                            conditions=cfg.trigger.power_conditions)
     latency = (cfg.stimulator.latency_ms or 0.0) / 1000.0
