@@ -182,6 +182,8 @@ MISTAKES = [
     (["offline", "{npz}"], "phase.reference"),  # the default montage is not in the file
     (["offline", "{npz}", "--set", 'phase.reference=["Cz"]', "--decisions",
       "/no-such-dir/d.jsonl"], "/no-such-dir/d.jsonl"),
+    (["offline", "{npz}", "--set", 'phase.reference=["Cz"]', "--delay-ms", "500"],
+     "--delay-ms"),
     (["evaluate-phase", "{npz}", "--train-s", "0"], "--train-s"),
     (["calibrate", "-c", "configs/demo.toml", "--seconds", "0"], "--seconds"),
     (["stimulator", "check", "--driver", "simulated", "--intensity", "101"], "--intensity"),

@@ -15,6 +15,7 @@ import pytest
 from closedloop.config import load_config
 from closedloop.config.schema import Config
 from closedloop.control.service import ClosedLoopService
+from closedloop.errors import ClosedLoopError
 from closedloop.recording.events import read_events
 from closedloop.replay.offline import run_offline
 from closedloop.replay.player import play
@@ -279,3 +280,151 @@ def test_no_pulse_until_the_trained_estimator_takes_over(tmp_path: Path) -> None
     assert len(meanwhile.pulses) >= 5
     assert not {"estimator_training", "estimator_untrained"} & {
         d["reason"] for d in meanwhile.decisions}
+
+
+class _Host:
+    """A live service's side of the pipeline, as tests/test_pipeline.py has it."""
+
+    def __init__(self) -> None:
+        self.decisions: list[dict[str, Any]] = []
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        assert kind in ("decision", "stream_error"), (kind, fields)  # (NaNs are said)
+        if kind == "decision":
+            self.decisions.append(fields)
+
+    def holds(self, now: float) -> bool:
+        return False
+
+    def reopen_eeg(self) -> None:
+        raise AssertionError("reopen")
+
+    def estimator_changed(self, tracker: Any) -> None:
+        pass
+
+    def calibrated(self, tracker: Any) -> None:
+        pass
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.busy = False
+
+    def submit(self, request: Any) -> bool:
+        self.requests.append(request)
+        return True
+
+
+def _through_the_ring(cfg: Config, rec: Recording, *, chunk: int, delay_s: float
+                      ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The live service's way: each chunk written to the EEG ring, the pipeline stepped
+    after it on a clock ``delay_s`` after the chunk's newest sample."""
+    from closedloop.control.core import DecisionCore  # noqa: PLC0415
+    from closedloop.control.pipeline import EegPipeline, PipelineStats  # noqa: PLC0415
+    from closedloop.phase.tracker import PhaseTracker  # noqa: PLC0415
+    from closedloop.stim.patterns import unit_for  # noqa: PLC0415
+    from closedloop.streams.ring import RingBuffer  # noqa: PLC0415
+
+    tracker = PhaseTracker(fs_in=rec.fs, labels=rec.labels, cfg=cfg.phase,
+                           conditions=cfg.trigger.power_conditions)
+    core = DecisionCore(cfg, tracker, latency_s=(cfg.stimulator.latency_ms or 0.0) / 1000.0,
+                        rng=np.random.default_rng(cfg.trigger.seed))
+    ring = RingBuffer(rec.data.shape[0] + 1, rec.data.shape[1], dtype=np.float32)
+    host, sched, now = _Host(), _Scheduler(), [0.0]
+    pipe = EegPipeline(lambda: cfg, tracker, core, ring, host=host, scheduler=sched,
+                       armed=lambda: True, unit=unit_for(cfg.stimulation),
+                       stats=PipelineStats(), clock=lambda: now[0])
+    for i in range(0, rec.data.shape[0], chunk):
+        stamps = rec.first_timestamp + np.arange(i, min(i + chunk, rec.data.shape[0])) / rec.fs
+        ring.write(rec.data[i:i + chunk], stamps)
+        now[0] = float(stamps[-1]) + delay_s
+        pipe.step()
+    return host.decisions, sched.requests
+
+
+@pytest.mark.compute
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_offline_decides_through_the_live_pipeline(deterministic: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline mode's decisions are the live pipeline's: its records equal, field for
+    field, those of an :class:`EegPipeline` fed the same samples through the EEG ring a
+    chunk at a time as the service feeds it (the trained estimator, the amplitude gate, a
+    found band; offline pushes whole seconds once the band is known), and the pulse
+    requests carry the same context; offline runs through ``EegPipeline.process``."""
+    from closedloop.control.pipeline import EegPipeline  # noqa: PLC0415
+    from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: PLC0415
+
+    block = EegGenerator(EegSimParams(fs=1000.0), np.random.default_rng(5)).generate(36_000)
+    rec = Recording(data=block.data, labels=LABELS_10_10_64, fs=1000.0, unit="uV",
+                    source="simulated")
+    cfg = load_config(None, [
+        'phase.estimator="wiener"', "phase.calibration_s=15", 'phase.band_hz="auto"',
+        "trigger.amplitude_percentile=50", "trigger.seed=1", "trigger.min_interval_s=1.0",
+        "trigger.jitter_s=0.2", "safety.min_interval_s=1.0",
+        f"phase.deterministic={str(deterministic).lower()}", "phase.update_interval_ms=10"])
+    calls = []
+    process = EegPipeline.process
+
+    def spy(self: EegPipeline, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("chunk"))
+        return process(self, *args, **kwargs)
+
+    monkeypatch.setattr(EegPipeline, "process", spy)
+    offline = run_offline(cfg, rec, chunk_ms=7.0, delay_ms=1.0)
+    assert calls == [7] * 36  # blocks of 1001 samples (143 chunks), fed to the pipeline
+    monkeypatch.undo()
+    delay = cfg.phase.decision_delay_ms / 1000.0 if deterministic else 0.001
+    live, requests = _through_the_ring(cfg, rec, chunk=7, delay_s=delay)
+    fired = [d for d in offline.decisions if d["fire"]]
+    assert len(offline.decisions) > 150 and len(fired) >= 10
+    assert {d["reason"] for d in offline.decisions} >= {"estimator_training",
+                                                         "amplitude_below_gate"}
+    assert all(d.pop("stages_us") is None for d in offline.decisions)  # not timed offline
+    assert all(d.pop("stages_us") is not None for d in live)
+    decided = [d.pop("lsl_time") for d in offline.decisions]  # (the live log's own)
+    assert offline.decisions == live
+    # the pulses carry their decision's context; offline, a decision is taken at its
+    # update's newest sample + the delay (the service: when its clock says, a chunk's
+    # newest sample + the delay here, which is the update's unless a chunk holds updates)
+    assert [r.id for r in requests] == [p["decision_id"] for p in offline.pulses]
+    for r, p in zip(requests, offline.pulses, strict=True):
+        ctx = {k: v for k, v in r.context.items() if k not in ("stages_us",
+                                                               "decision_lsl_time")}
+        assert ctx == {k: p[k] for k in ctx}
+    times = [p["decision_lsl_time"] for p in offline.pulses]
+    assert times == [t for t, d in zip(decided, offline.decisions, strict=True) if d["fire"]]
+    if not deterministic:
+        assert times == [r.context["decision_lsl_time"] for r in requests]
+
+
+def test_a_delay_the_clock_guard_would_refuse_is_refused() -> None:
+    rec = Recording(data=np.zeros((500, 2)), labels=["C3", "Cz"], fs=500.0, unit="uV",
+                    source="test")
+    cfg = load_config(None, ['phase.reference=["Cz"]', "safety.max_eeg_age_ms=20"])
+    with pytest.raises(ClosedLoopError, match=r"safety\.max_eeg_age_ms"):
+        run_offline(cfg, rec, delay_ms=25.0)
+    with pytest.raises(ClosedLoopError, match="outside"):
+        run_offline(cfg, rec, delay_ms=-1.0)
+    assert run_offline(cfg, rec, delay_ms=19.0).decisions == []  # (too short to decide)
+
+
+@pytest.mark.compute
+def test_offline_decides_as_live_across_non_finite_samples() -> None:
+    """A NaN restarts the phase chain inside a push: a block that holds one goes chunk
+    by chunk, and the decisions around it are still those of the ring-fed pipeline."""
+    from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams  # noqa: PLC0415
+
+    data = EegGenerator(EegSimParams(fs=1000.0), np.random.default_rng(5)).generate(30_000).data
+    data[12_345:12_350, LABELS_10_10_64.index("C3")] = np.nan
+    data[20_500, :] = np.nan
+    rec = Recording(data=data, labels=LABELS_10_10_64, fs=1000.0, unit="uV", source="test")
+    cfg = load_config(None, ['phase.estimator="ar"', "trigger.amplitude_percentile=50",
+                             "trigger.seed=1", "phase.deterministic=true",
+                             "phase.update_interval_ms=10"])
+    offline = run_offline(cfg, rec, chunk_ms=7.0)
+    live, _ = _through_the_ring(cfg, rec, chunk=7, delay_s=cfg.phase.decision_delay_ms / 1e3)
+    assert len(live) > 200
+    assert [{k: v for k, v in d.items() if k not in ("stages_us", "lsl_time")}
+            for d in offline.decisions] == [{k: v for k, v in d.items() if k != "stages_us"}
+                                            for d in live]

@@ -196,3 +196,24 @@ def test_a_busy_scheduler_refuses_with_its_reason(gen: EegGenerator) -> None:
     busy = [d for d in traces if d["reason"] == "scheduler_busy"]
     assert busy and all(not d["fire"] for d in busy)
     assert pipe.stats.refused["scheduler_busy"] == len(busy)
+
+
+def _decisions_in_chunks(data: np.ndarray, chunk: int) -> list[dict[str, Any]]:
+    pipe, ring, host, _, clock = rig("phase.deterministic=true", "phase.update_interval_ms=10",
+                                     "trigger.amplitude_percentile=50")
+    for i in range(0, len(data), chunk):
+        stamps = 100.0 + np.arange(i, min(i + chunk, len(data))) / FS
+        ring.write(data[i:i + chunk], stamps)
+        clock.t = float(stamps[-1]) + 0.001
+        pipe.step()
+    return [{k: v for k, v in f.items() if k != "stages_us"}  # (timings: wall clock)
+            for k, f in host.events if k == "decision"]
+
+
+def test_deterministic_decisions_do_not_depend_on_the_chunks(gen: EegGenerator) -> None:
+    """A read that holds several updates (40 ms chunks, 10 ms updates) estimates each at
+    its own time: the amplitude gate's threshold, and so every decision, is the one of
+    10 ms chunks (before, the gate was fed the read's last update time for all of them)."""
+    data = gen.generate(int(12 * FS)).data
+    a, b = _decisions_in_chunks(data, 10), _decisions_in_chunks(data, 40)
+    assert len(a) > 50 and a == b

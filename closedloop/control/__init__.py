@@ -3,8 +3,8 @@
 The way of a pulse, one module per step::
 
     LSL chunk ──> streams.reader (acquisition thread, ring buffer)
-              ──> control.realtime (in that thread) ──> control.pipeline.EegPipeline.step
-                                                        (ring read, clock guard)
+              ──> control.realtime (in that thread) ──> control.pipeline.EegPipeline
+                                         (ring read, clock guard; offline: a recording's blocks)
               ──> control.core.DecisionCore (filters, estimator, amplitude gate,
                                              control.trigger_policy.decide)
               ──> stim.scheduler.FireScheduler (fire thread; SimulatedScheduler offline)
@@ -25,6 +25,7 @@ Rooms:
   fire thread, recorders), closed again on a failure;
 - :mod:`.realtime`, :mod:`.pipeline`, :mod:`.core`: from EEG chunks to decisions, in the
   EEG acquisition thread (the pipeline and core shared with offline mode);
+  :mod:`.clock_guard`: no decision on EEG stamped in the future or too old;
 - :mod:`.ledger`, :mod:`.records`: outcomes to pulse records; the decision, refusal and
   MEP records (live and offline alike); the session's records on the loop;
 - :mod:`.protocols`: ``start``/``stop`` and the MEP-driven protocols' loop;

@@ -160,9 +160,9 @@ class DecisionCore:
     def estimate(self, back: int = 0, t: float | None = None) -> Update | None:
         """Run the estimator; feed the amplitude gate.
 
-        By default at the newest sample, the update's time being :attr:`last_update`;
-        the offline mode pushes long chunks and asks for the updates inside them: ``back``
-        samples of the tracker's history before the newest, at data time ``t``.
+        At the update's sample, ``back`` samples of the tracker's history before the
+        newest (a block pushed at once: the pipeline's ``process``), at its data time ``t``
+        (default: :attr:`last_update`, right only when a read holds one update).
         """
         est = self.tracker.estimate(back)
         if est is None:

@@ -1,18 +1,24 @@
-"""Offline mode: the whole decision pipeline over a recording, without LSL, at CPU speed.
+"""Offline mode: the live decision pipeline over a recording, without LSL, at CPU speed.
 
-The EEG is fed in the chunks an amplifier (or ``closedloop replay``) would push, through
-the same :class:`~closedloop.control.core.DecisionCore` the live service uses (filters,
-estimator, amplitude gate, trigger policy with the stimulator's latency and the scheduling
-margin). Time is the recording's: a decision is taken at ``now = newest sample + delay``
-(the live service's processing delay, modelled), so the same file and configuration always
-give the same decisions, and the same decisions as the live path wherever its real delay
-did not change them. The stimulation side is the live one on a simulated device: the
-live :class:`~closedloop.stim.gated.GatedStimulator` and safety gate over an in-memory
-stimulator on the recording's clock (the EEG is never stale offline), behind
+The EEG is fed to the live :class:`~closedloop.control.pipeline.EegPipeline` (filters,
+estimator, amplitude gate, clock guard, trigger policy with the stimulator's latency and
+the scheduling margin, decision traces): not through the ring, but in blocks of about a
+second, with the chunk size an amplifier (or ``closedloop replay``) would push, from which
+the pipeline places the updates as the live reads would. Time is the recording's: the
+pipeline's clock is the data's, so a decision is taken at ``now = the update's newest
+sample + delay`` (the live service's processing delay, modelled; with
+``phase.deterministic``, ``phase.decision_delay_ms`` as live), and the same file and
+configuration always give the same decisions, the live path's wherever its real delay did
+not change them. No protocol holds decisions, the EEG is never stale (a delay the clock
+guard would refuse is refused here first), and nothing is timed (``stages_us`` is None).
+
+The stimulation side is the live one on a simulated device: the live
+:class:`~closedloop.stim.gated.GatedStimulator` and safety gate over an in-memory
+stimulator on the recording's clock, behind
 :class:`~closedloop.stim.scheduler.SimulatedScheduler`, which lands each trigger exactly
-when scheduled; decisions, pulses, refusals and MEPs are recorded by the live builders
-(:mod:`closedloop.control.ledger`), so their records have the live events' fields. MEPs
-are measured from the recording's EMG, when it has one, by the live path's
+when scheduled; pulses and refusals are recorded by the live builders
+(:mod:`closedloop.control.ledger`), so every record has the live event's fields. MEPs are
+measured from the recording's EMG, when it has one, by the live path's
 :class:`~closedloop.mep.tracker.MepTracker`, joined to their pulses by decision id.
 
 Samples are rounded to float32 first, as LSL carries them to the live service.
@@ -41,13 +47,15 @@ from closedloop.control.ledger import (
     mep_time,
     refusal_fields,
 )
-from closedloop.control.pipeline import request
+from closedloop.control.pipeline import EegPipeline, PipelineStats
 from closedloop.control.rig import set_unit_intensities
+from closedloop.errors import ClosedLoopError
 from closedloop.mep.tracker import MepTracker
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.replay.recording import Recording
 from closedloop.stim.fake import FakeStimulator
 from closedloop.stim.gated import GatedStimulator
+from closedloop.stim.patterns import Unit
 from closedloop.stim.safety import SafetyGate, SafetyLimits
 from closedloop.stim.scheduler import PulseOutcome, SimClock, SimulatedScheduler
 from closedloop.streams.ring import RingBuffer
@@ -98,32 +106,61 @@ def fingerprint(decisions: list[dict[str, Any]], t0: float) -> str:
 
 
 class _Rig:
-    """Offline's stimulation side: the live gated stimulator on an in-memory device and a
-    simulated clock, behind the simulated scheduler; records from the live ledger."""
+    """Offline's side of the live pipeline: its host (the decisions go to the result), its
+    clock (the data's), and the live stimulation path: the gated stimulator on an
+    in-memory device and a simulated clock, behind the simulated scheduler; the pulses
+    and refusals recorded by the live ledger."""
 
-    def __init__(self, cfg: Config, core: DecisionCore, out: OfflineResult, armed: bool
-                 ) -> None:
-        self.cfg, self.core, self.out = cfg, core, out
-        self.unit = core.unit
+    def __init__(self, cfg: Config, unit: Unit, out: OfflineResult, *, latency_s: float,
+                 delay_s: float, armed: bool) -> None:
+        self.out, self.unit, self.delay_s = out, unit, delay_s
         self.clock = SimClock()
         self.now = -math.inf  # data time of the decision being made
-        drv = FakeStimulator(clock=self.clock, latency_s=core.latency_s)
+        drv = FakeStimulator(clock=self.clock, latency_s=latency_s)
         drv.name = "offline"
         drv.open()
         self.stim = GatedStimulator(
-            drv, SafetyGate(SafetyLimits.from_config(cfg.safety), max_units=self.unit.max_units),
-            eeg_age_s=lambda: 0.0, clock=self.clock, unit_offsets=self.unit.offsets)
-        set_unit_intensities(self.stim, cfg, self.unit)
+            drv, SafetyGate(SafetyLimits.from_config(cfg.safety), max_units=unit.max_units),
+            eeg_age_s=lambda: 0.0, clock=self.clock, unit_offsets=unit.offsets)
+        set_unit_intensities(self.stim, cfg, unit)
         if armed:
             self.stim.arm()
         self.scheduler = SimulatedScheduler(
             self.stim, on_outcome=self._on_outcome,
             max_lateness_s=cfg.trigger.max_lateness_ms / 1000.0, clock=self.clock,
             now=lambda: self.now)
-        self.ledger = PulseLedger(driver=drv.name, unit=self.unit)
+        self.ledger = PulseLedger(driver=drv.name, unit=unit)
         self.units_fired = 0
-        self.decision_id = 0
         self.mep_pulses: list[tuple[float, int]] = []  # (MEP's pulse time, decision id)
+
+    # -- the pipeline's clock: the data's time
+    def at(self, newest: float) -> float:
+        """The time at an update whose newest sample is at ``newest``: that plus the
+        modelled delay; the stimulator's clock moves on to it."""
+        self.now = newest + self.delay_s
+        self.clock.t = max(self.clock.t, self.now)
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    # -- the pipeline's host
+    def emit(self, kind: str, **fields: Any) -> None:
+        if kind != "decision":  # nothing is lost, and the data is never stale, offline
+            raise RuntimeError(f"offline mode: unexpected {kind!r} event {fields}")
+        self.out.decisions.append({**fields, "lsl_time": self.now})
+
+    def holds(self, now: float) -> bool:
+        return False  # no protocol runs offline
+
+    def reopen_eeg(self) -> None:
+        raise RuntimeError("offline mode: the clock guard asked to reopen the EEG inlet")
+
+    def estimator_changed(self, tracker: PhaseTracker) -> None:
+        pass  # (live: a phase_estimator event)
+
+    def calibrated(self, tracker: PhaseTracker) -> None:
+        pass  # (live: a calibrated event)
 
     def _on_outcome(self, o: PulseOutcome) -> None:
         paired = self.stim.paired
@@ -141,27 +178,6 @@ class _Rig:
         if limit is not None and self.units_fired >= limit:
             self.stim.disarm()  # stimulation complete, as the live service does
 
-    def update(self, newest: float, delay: float, back: int = 0) -> None:
-        """One estimator update and its decision, as the live service would make them
-        (``back``: the update's sample is this many samples before the tracker's newest)."""
-        core, cfg = self.core, self.cfg
-        update = core.estimate(back, t=newest)
-        if update is None:
-            return
-        self.out.updates += 1
-        self.now = now = newest + delay
-        self.clock.t = max(self.clock.t, now)
-        decision = core.decide(update, now=now, armed=self.stim.armed,
-                               busy=self.scheduler.busy)
-        if decision is None:
-            return
-        self.decision_id += 1
-        trace = request(self.decision_id, decision, update, core=core,
-                        scheduler=self.scheduler, unit=self.unit,
-                        target_phase_deg=cfg.trigger.target_phase_deg, decided=now,
-                        chunk=newest, stages_us=None)
-        self.out.decisions.append({**trace.fields(), "lsl_time": now})
-
 
 def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
                 chunk_ms: float = 10.0, delay_ms: float = 1.0, t0: float | None = None,
@@ -170,52 +186,35 @@ def run_offline(cfg: Config, eeg: Recording, *, emg: Recording | None = None,
     single_threaded_blas()
     start_wall = time.perf_counter()
     t0 = eeg.first_timestamp if t0 is None else t0
+    # deterministic configurations fix the delay decisions assume; otherwise it is modelled
+    delay = (cfg.phase.decision_delay_ms if cfg.phase.deterministic else delay_ms) / 1000.0
+    if not 0.0 <= delay < cfg.safety.max_eeg_age_ms / 1000.0:
+        raise ClosedLoopError(
+            f"a processing delay of {delay * 1000.0:g} ms (--delay-ms, or "
+            "phase.decision_delay_ms when phase.deterministic) is outside [0, "
+            f"safety.max_eeg_age_ms = {cfg.safety.max_eeg_age_ms:g} ms): the clock guard "
+            "would refuse every decision")
     tracker = PhaseTracker(fs_in=eeg.fs, labels=eeg.labels, cfg=cfg.phase,
                            conditions=cfg.trigger.power_conditions)
     latency = (cfg.stimulator.latency_ms or 0.0) / 1000.0
     core = DecisionCore(cfg, tracker, latency_s=latency,
                         rng=np.random.default_rng(cfg.trigger.seed))
     out = OfflineResult(t0=t0, seconds=eeg.duration_s)
-    rig = _Rig(cfg, core, out, armed)
-    offset_s = cfg.streams.eeg.time_offset_ms / 1000.0
-    # deterministic configurations fix the delay decisions assume; otherwise it is modelled
-    delay = (cfg.phase.decision_delay_ms if cfg.phase.deterministic else delay_ms) / 1000.0
+    rig = _Rig(cfg, core.unit, out, latency_s=latency, delay_s=delay, armed=armed)
+    stats = PipelineStats()
+    pipe = EegPipeline(lambda: cfg, tracker, core, None, host=rig, scheduler=rig.scheduler,
+                       armed=lambda: rig.stim.armed, unit=core.unit, stats=stats,
+                       clock=rig.time, clock_at=rig.at, timed=False)
     n_chunk = max(1, round(chunk_ms / 1000.0 * eeg.fs))
     # the live path receives float32 samples over LSL: give the pipeline the same numbers
     data = np.asarray(eeg.data, dtype=np.float32).astype(np.float64)
-    n_total = data.shape[0]
-    # Once the band is known, chunks are pushed through the filters in blocks of many
-    # (their per-call cost dominates otherwise) and the updates inside a block are then
-    # taken at their own samples of the tracker's history: the filters give the same
-    # numbers however the samples are split, so the decisions are the same.
+    stamps = t0 + np.arange(data.shape[0]) / eeg.fs
+    # blocks of about a second, in the amplifier's chunks: the pipeline finds the updates
+    # chunk by chunk, and once the band is known pushes the block through the filters at once
     n_block = n_chunk * max(1, round(_BLOCK_S * eeg.fs / n_chunk))
-    i = 0
-    while i < n_total:
-        j = min(n_total, i + (n_block if tracker.band is not None else n_chunk))
-        stamps = t0 + np.arange(i, j) / eeg.fs
-        if i == 0:
-            core.begin(float(stamps[0]) + offset_s)
-        if tracker.band is None:  # calibrating: the chunk as it comes, the band may change
-            for a, b, update_here in core.segments(stamps, offset_s):
-                tracker.push(data[i + a:i + b], stamps[a:b])
-                if update_here:
-                    rig.update(float(stamps[b - 1]) + offset_s, delay)
-            i = j
-            continue
-        # where the updates fall, chunk by chunk as the live path would see them
-        updates: list[tuple[int, float, float]] = []
-        for c in range(0, j - i, n_chunk):
-            part = stamps[c:c + n_chunk]
-            for _, b, update_here in core.segments(part, offset_s):
-                if update_here:
-                    updates.append((tracker.decimated_count(c + b),
-                                    float(part[b - 1]) + offset_s, core.spacing))
-        kept = tracker.decimated_count(j - i)
-        tracker.push(data[i:j], stamps)
-        for k, newest, spacing in updates:
-            core.spacing = spacing
-            rig.update(newest, delay, back=kept - k)
-        i = j
+    for i in range(0, data.shape[0], n_block):
+        pipe.process(data[i:i + n_block], stamps[i:i + n_block], chunk=n_chunk)
+    out.updates = stats.estimates
     if emg is not None and rig.mep_pulses:
         out.meps = _meps(cfg, emg, rig.mep_pulses, t0)
     out.wall_s = time.perf_counter() - start_wall
