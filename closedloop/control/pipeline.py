@@ -237,6 +237,10 @@ class EegPipeline:
         now = core.decision_time(newest, clock_now)
         if self.host.holds(clock_now):
             return  # an MEP protocol waits for its last MEP before the next pulse
+        cfg = self._cfg()  # (after the hold: a protocol sets its target, then lets go)
+        if cfg is not self._seen_cfg:
+            self._seen_cfg = cfg
+            core.set_config(cfg)
         if not self._clock_ok(clock_now - newest, clock_now, cfg):
             return
         decision = core.decide(update, now=now, armed=self._armed(), busy=self.scheduler.busy)

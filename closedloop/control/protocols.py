@@ -18,6 +18,7 @@ given, so the runner holds no I/O of its own.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -120,7 +121,10 @@ class ProtocolRunner:
         self.stim.gate.set_budget(None if pulses is None
                                   else pulses * (self.unit.pulses if mep else 1))
         self._restore = self.stim.commanded
-        self.run = ProtocolRun(name, None if mep else pulses, self.host.clock(), mep)
+        # an MEP protocol holds decisions until its first pulse is set up (_next): the
+        # pipeline decides in another thread
+        self.run = ProtocolRun(name, None if mep else pulses, self.host.clock(), mep,
+                               hold_until=math.inf if mep else 0.0)
         self.host.emit("protocol_started", by=by, protocol=name, pulses=pulses)
         if mep is not None:
             self._next()
@@ -179,8 +183,8 @@ class ProtocolRunner:
         if (run is None or run.mep is None or run.awaiting is None
                 or rec.decision_id != run.awaiting or rec.channel != channel):
             return
-        run.awaiting = None
         if rec.measure.rejected:  # no usable MEP: give the same pulse again
+            run.awaiting = None
             run.rejected += 1
             if run.rejected >= MAX_REJECTED_IN_A_ROW:
                 self.host.emit("protocol_error", protocol=run.name, error=(
@@ -213,8 +217,10 @@ class ProtocolRunner:
         if plan.target_phase_deg is not None:
             self.host.set_target_phase(plan.target_phase_deg)
         run.plan = plan
-        run.awaiting = None
+        # the hold ends last, once the intensity and the target are set: the pipeline
+        # (another thread) reads its settings after it finds no hold
         run.hold_until = self.host.clock() + self._settle_s()
+        run.awaiting = None
 
     async def _result(self, name: str, mep: MepProtocol) -> None:
         try:

@@ -212,10 +212,14 @@ class ClosedLoopService:
         def deliver(events: list[tuple[str, dict[str, Any]]]) -> None:
             self.call_soon(lambda: records.pipeline_events(events))
 
+        def failed(exc: BaseException) -> None:  # (in the acquisition thread)
+            stim.disarm()  # at once: a pending pulse must not wait for the loop
+            rig.scheduler.cancel("fault")
+            self.call_soon(lambda: self.fail(_internal(exc)))
+
         return RealtimeStep(pipeline, host, lock=rig.tracker_lock,
                             next_command=rig.scheduler.next_command_time,
-                            clock=pylsl.local_clock, deliver=deliver,
-                            failed=lambda exc: self.call_soon(lambda: self.fail(_internal(exc))))
+                            clock=pylsl.local_clock, deliver=deliver, failed=failed)
 
     async def _shutdown(self) -> None:
         rig = self.rig
@@ -285,8 +289,11 @@ class ClosedLoopService:
 
     # -- thread hand-offs --------------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """From another thread: run ``fn()`` on the loop; an error there is fatal."""
+        """From another thread: run ``fn()`` on the loop; an error there is fatal.
+        Nothing once the loop is closed (a thread's last word after the shutdown)."""
         assert self._loop is not None
+        if self._loop.is_closed():
+            return
 
         def guarded() -> None:
             try:

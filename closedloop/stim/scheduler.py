@@ -40,6 +40,11 @@ _OVERHEAD_ALPHA = 0.1  # running estimate of the check path's duration
 _MAX_OVERHEAD_S = 0.0005
 
 
+# the cancel reason of a request handed over while the stimulator was disarmed: refused
+# as "disarmed" at once, even if it is armed again before the request's time
+_HANDED_DISARMED = "handed over while disarmed"
+
+
 def run_unit(stim: GatedStimulator, req: PulseRequest, handed: float, *,
              wait: Callable[[float], str | None], clock: Callable[[], float],
              max_lateness_s: float,
@@ -177,12 +182,16 @@ class FireScheduler:
         return pending[0].fire_time - self.stim.latency_s
 
     def submit(self, request: PulseRequest) -> bool:
-        """Hand over a request; False (and nothing queued) if one is already pending."""
+        """Hand over a request; False (and nothing queued) if one is already pending.
+
+        A request handed over while the stimulator is disarmed is cancelled at once
+        (``disarmed``): a disarm between a decision and its hand-off (in another thread)
+        found nothing to cancel, and the request must not wait for the next arm."""
         with self._cv:
             if self._pending is not None or self._stopping:
                 return False
             self._pending = (request, self._clock())
-            self._cancel_reason = None
+            self._cancel_reason = None if self.stim.armed else _HANDED_DISARMED
             self._cv.notify_all()
             return True
 
@@ -202,13 +211,15 @@ class FireScheduler:
                     break
                 self._cv.wait(remaining)
             reason = self._cancel_reason or ("shutdown" if self._stopping else None)
-        if reason is not None:
-            return reason if reason.startswith("cancelled") else f"cancelled:{reason}"
-        while self._clock() < t_cmd:
-            time.sleep(0)
-        if self._cancel_reason is not None:
-            return f"cancelled:{self._cancel_reason}"
-        return None
+        if reason is None:
+            while self._clock() < t_cmd:
+                time.sleep(0)
+            reason = self._cancel_reason
+        if reason is None:
+            return None
+        if reason == _HANDED_DISARMED:
+            return "disarmed"  # (as the gate says it)
+        return reason if reason.startswith("cancelled") else f"cancelled:{reason}"
 
     def _run_unit(self, req: PulseRequest, handed: float) -> None:
         def wait(t_cmd: float) -> str | None:
