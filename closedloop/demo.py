@@ -85,7 +85,9 @@ async def _operator(cfg: Config, duration_s: float, report: dict[str, Any],
         for at, verb, args in script:
             await asyncio.sleep(max(0.0, start + at - asyncio.get_running_loop().time()))
             t0 = asyncio.get_running_loop().time()
-            reply = await send_command(cfg.mqtt, verb, args)
+            # (the demo's service and simulator share this machine's cores with its MQTT
+            # worker, which runs at a lower priority: give it time)
+            reply = await send_command(cfg.mqtt, verb, args, timeout_s=15.0)
             rtt = (asyncio.get_running_loop().time() - t0) * 1000.0
             rtts.append(rtt)
             if echo:

@@ -137,6 +137,19 @@ def _xdist_worker(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _xdist_worker(config):
         items[:] = ordered(items)
+    # a timing test that misses by a few ms once is re-run, twice at most: this machine's
+    # scheduler (a shared VM) now and then preempts even a bare spin-wait for ms (p99.9
+    # overshoot of a 2 ms sleep-then-spin: 2.4 ms, idle, 2026-12-01); a regression fails
+    # all three runs. (Re-runs are reported as such in the summary.)
+    # The full simulated sessions (xdist_group "simulator": a simulator process, the
+    # service, its MQTT worker on two cores) hold fire times to 2 ms: one re-run.
+    for item in items:
+        if item.get_closest_marker("flaky") is not None:
+            continue
+        if lane(item) == 0:
+            item.add_marker(pytest.mark.flaky(reruns=2))
+        elif any(m.args == ("simulator",) for m in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.flaky(reruns=1))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -100,7 +100,7 @@ class Broker:
 
 
 async def raw_command(prefix: str, verb: str, payload: bytes, *, port: int = 1883,
-                      retain: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+                      retain: bool = False, timeout: float = 20.0) -> dict[str, Any]:
     """Publish exactly ``payload`` to ``cmd/<verb>``; return the reply (MQTT 5 response)."""
     token = uuid.uuid4().hex
     reply_topic = f"{prefix}reply/test-{token}"

@@ -28,7 +28,9 @@ from closedloop.recording.events import read_events
 from tests.conftest import Pusher, unique
 from tests.mqtt_helpers import Broker, ThreadedService, command, raw_command, retained
 
-pytestmark = [pytest.mark.lsl, pytest.mark.slow]
+# one service with its MQTT worker at a time (a worker of its own): four at once, beside
+# the rest of the suite, starved the MQTT workers (they run at a lower CPU priority)
+pytestmark = [pytest.mark.lsl, pytest.mark.slow, pytest.mark.xdist_group("mqtt")]
 
 LABELS = ("C3", "FC1", "FC5", "CP1", "CP5")
 

@@ -119,6 +119,7 @@ def test_refusals_disarmed_late_busy_cancelled_and_gate() -> None:
         driver.close()
 
 
+@pytest.mark.timing  # (a fire time 10 ms ahead: late, not stale, when the machine stalls)
 def test_stale_eeg_blocks_the_pulse_at_fire_time() -> None:
     driver, gated, sched, outcomes = make(eeg_age=None)
     try:
