@@ -18,7 +18,7 @@ import math
 import textwrap
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 from closedloop import __version__
 from closedloop.config.schema import MqttConfig, PhaseConfig, StimulatorConfig
@@ -26,6 +26,8 @@ from closedloop.config.schema import MqttConfig, PhaseConfig, StimulatorConfig
 __all__ = ["build_parser", "finite_float", "help_text", "non_negative_float", "non_negative_int",
            "percent", "port_number", "positive_float", "positive_int"]
 
+
+T = TypeVar("T", int, float)
 
 def finite_float(text: str) -> float:
     """Any finite number (angles)."""
@@ -45,52 +47,33 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (durations, rates, chunk lengths)."""
-    value = finite_float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _checked(parse: Callable[[str], T], ok: Callable[[T], bool], must: str, name: str,
+             doc: str) -> Callable[[str], T]:
+    """An argument type: ``parse``, then refused unless ``ok`` (``must`` says what it
+    must be, in the error)."""
+    def check(text: str) -> T:
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    check.__doc__ = doc
+    return check
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (start times, delays, amplitudes)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (counts)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """A whole number >= 0 (random seeds: numpy takes no negative one)."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def percent(text: str) -> float:
-    """A stimulator output, 0-100 % of its maximum."""
-    value = finite_float(text)
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be 0-100 (% of the maximum output), got {text}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """A TCP port, 1-65535."""
-    value = _integer(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 1-65535, got {text}")
-    return value
+positive_float = _checked(finite_float, lambda v: v > 0, "> 0", "positive_float",
+                          "A finite number > 0 (durations, rates, chunk lengths).")
+non_negative_float = _checked(finite_float, lambda v: v >= 0, ">= 0", "non_negative_float",
+                              "A finite number >= 0 (start times, delays, amplitudes).")
+positive_int = _checked(_integer, lambda v: v >= 1, ">= 1", "positive_int",
+                        "A whole number >= 1 (counts).")
+non_negative_int = _checked(_integer, lambda v: v >= 0, ">= 0", "non_negative_int",
+                            "A whole number >= 0 (random seeds: numpy takes no negative one).")
+percent = _checked(finite_float, lambda v: 0 <= v <= 100, "0-100 (% of the maximum output)",
+                   "percent", "A stimulator output, 0-100 % of its maximum.")
+port_number = _checked(_integer, lambda v: 1 <= v <= 65535, "1-65535", "port_number",
+                       "A TCP port, 1-65535.")
 
 
 class _RegistryNames(Sequence[str]):

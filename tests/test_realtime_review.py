@@ -31,36 +31,15 @@ from closedloop.sim.eeg_model import LABELS_10_10_64, EegGenerator, EegSimParams
 from closedloop.stim.fake import FakeStimulator
 from closedloop.stim.gated import GatedStimulator
 from closedloop.stim.patterns import unit_for
-from closedloop.stim.requests import PulseOutcome, PulseRequest
-from closedloop.stim.safety import SafetyGate, SafetyLimits
+from closedloop.stim.requests import PulseRequest
+from closedloop.stim.safety import SafetyGate
 from closedloop.stim.scheduler import FireScheduler
 from closedloop.streams.ring import RingBuffer
 from tests.test_protocol_runner import mep, runner, start
+from tests.test_stimulator import LIMITS, Outcomes
 
 FS = 1000.0
 CHUNK = 10
-LIMITS = SafetyLimits(min_interval_s=0.05, max_intensity_pct=80.0, max_pulses=100,
-                      rate_window_s=10.0, max_pulses_per_window=100, max_eeg_age_s=0.1,
-                      motor_threshold_pct=50.0)
-
-
-class Outcomes:
-    def __init__(self) -> None:
-        self.items: list[PulseOutcome] = []
-        self.errors: list[BaseException] = []
-        self.cv = threading.Condition()
-
-    def __call__(self, o: PulseOutcome) -> None:
-        with self.cv:
-            self.items.append(o)
-            self.cv.notify_all()
-
-    def wait(self, n: int, timeout: float) -> list[PulseOutcome]:
-        with self.cv:
-            self.cv.wait_for(lambda: len(self.items) >= n, timeout)
-            return list(self.items)
-
-
 def stimulator() -> tuple[FakeStimulator, GatedStimulator, FireScheduler, Outcomes]:
     """The in-memory device behind the real gate and the real fire thread, on the LSL
     clock (no stream is opened)."""

@@ -25,9 +25,7 @@ EEG's age is the modelled delay, and it passes.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,7 +47,7 @@ from closedloop.control.decision_trace import (
     TraceStatus,
     request,
 )
-from closedloop.control.stats import LatencyRing
+from closedloop.control.stats import PipelineStats
 from closedloop.control.trigger_policy import Decision
 from closedloop.phase.tracker import PhaseTracker
 from closedloop.stim.patterns import Unit
@@ -76,30 +74,7 @@ class Host(Protocol):
     def calibrated(self, tracker: PhaseTracker) -> None: ...
 
 
-class Stats(Protocol):
-    """What the pipeline counts and times (the service's ``ServiceStats``, or
-    :class:`PipelineStats`)."""
-
-    samples_lost: int
-    estimates: int
-    decisions: int
-    decision_refused: Counter[str]
-    chunk_to_decision_ms: LatencyRing
-    chunk_to_handoff_ms: LatencyRing
-    update_cost_us: LatencyRing
-
-
-@dataclass
-class PipelineStats:
-    """The pipeline's counts on their own (offline mode)."""
-
-    samples_lost: int = 0
-    estimates: int = 0
-    decisions: int = 0
-    decision_refused: Counter[str] = field(default_factory=Counter)
-    chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
-    chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
-    update_cost_us: LatencyRing = field(default_factory=LatencyRing)
+Stats = PipelineStats  # (the service passes its ServiceStats, a PipelineStats)
 
 
 class EegPipeline:

@@ -11,7 +11,7 @@ import numpy as np
 
 from closedloop.dsp.circular import circular_stats_deg  # (its home is dsp.circular)
 
-__all__ = ["LatencyRing", "ServiceStats", "circular_stats_deg"]
+__all__ = ["LatencyRing", "PipelineStats", "ServiceStats", "circular_stats_deg"]
 
 
 class LatencyRing:
@@ -48,27 +48,33 @@ class LatencyRing:
 
 
 @dataclass
-class ServiceStats:
+class PipelineStats:
+    """What the EEG pipeline counts and times (on its own: offline mode)."""
+
+    samples_lost: int = 0
+    estimates: int = 0
+    decisions: int = 0
+    # refusals of decisions by reason (live: counted in the EEG acquisition thread)
+    decision_refused: Counter[str] = field(default_factory=Counter)
+    chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
+    chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
+    update_cost_us: LatencyRing = field(default_factory=LatencyRing)
+
+
+@dataclass
+class ServiceStats(PipelineStats):
     """What happened in a session, for the demo summary and benchmarks."""
 
-    decisions: int = 0
-    estimates: int = 0
     fired: int = 0
-    # refusals by reason: of decisions, counted in the EEG acquisition thread (the
-    # pipeline); of units and by the supervisor, counted on the event loop
-    decision_refused: Counter[str] = field(default_factory=Counter)
+    # refusals of units and by the supervisor, by reason (counted on the event loop)
     unit_refused: Counter[str] = field(default_factory=Counter)
     # bounded: a daemon runs for months (the event log keeps everything; these serve the
     # summary, metrics and status). A pulse record is about 1.5 kB, an MEP's 0.7 kB.
     pulses: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
     meps: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2_000))
     stream_events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
-    chunk_to_decision_ms: LatencyRing = field(default_factory=LatencyRing)
-    chunk_to_handoff_ms: LatencyRing = field(default_factory=LatencyRing)
     fire_error_ms: LatencyRing = field(default_factory=LatencyRing)
-    update_cost_us: LatencyRing = field(default_factory=LatencyRing)
     heap_trim_ms: LatencyRing = field(default_factory=LatencyRing)
-    samples_lost: int = 0
     calibration: dict[str, Any] | None = None
     estimator: dict[str, Any] | None = None  # the wiener filter's state, when it is used
     protocol_results: list[dict[str, Any]] = field(default_factory=list)
