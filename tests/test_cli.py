@@ -334,3 +334,21 @@ def test_calibrate_scores_parameter_variants_and_writes_the_best(tmp_path: Path)
     assert written.phase.resonator_bandwidth_hz == 3.0
     assert written.phase.band_hz == (8.5, 12.5)
     assert "resonator resonator_bandwidth_hz=3" in out.read_text().splitlines()[0]
+
+
+@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
+@pytest.mark.lsl
+def test_demo_with_mqtt(tmp_path: Path) -> None:
+    """(Here, not in test_mqtt.py: a full simulated session, never beside another.)"""
+    proc = subprocess.run(
+        [sys.executable, "-m", "closedloop", "demo", "--duration", "8", "--eeg-rate", "1000",
+         "--mqtt", "--json", "--events", str(tmp_path / "d.jsonl")],
+        capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["mqtt"]["commands"] == 3
+    assert s["mqtt"]["messages_seen"].get("status", 0) >= 1
+    events = read_events(tmp_path / "d.jsonl")
+    commands = [e for e in events if e["event"] == "command"]
+    assert [c["verb"] for c in commands] == ["status", "set", "status"]
+    assert all(c["ok"] for c in commands), commands

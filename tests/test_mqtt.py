@@ -461,22 +461,6 @@ def test_local_brokers_for_the_demo(tmp_path: Path, eeg: str, kind: str) -> None
     asyncio.run(scenario())
 
 
-@pytest.mark.xdist_group("simulator")  # one full simulated session at a time
-def test_demo_with_mqtt(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "closedloop", "demo", "--duration", "8", "--eeg-rate", "1000",
-         "--mqtt", "--json", "--events", str(tmp_path / "d.jsonl")],
-        capture_output=True, text=True, timeout=90, check=False)
-    assert proc.returncode == 0, proc.stderr
-    s = json.loads(proc.stdout)
-    assert s["mqtt"]["commands"] == 3
-    assert s["mqtt"]["messages_seen"].get("status", 0) >= 1
-    events = read_events(tmp_path / "d.jsonl")
-    commands = [e for e in events if e["event"] == "command"]
-    assert [c["verb"] for c in commands] == ["status", "set", "status"]
-    assert all(c["ok"] for c in commands)
-
-
 def test_tls_with_credentials(tmp_path: Path, eeg: str) -> None:
     broker = Broker(tmp_path, users={"rig": "pw"}, tls=True)
     try:
