@@ -23,7 +23,7 @@ from closedloop.config import load_config
 from closedloop.control.commands import ServiceControl
 from closedloop.control.core import DecisionCore
 from closedloop.control.pipeline import EegPipeline
-from closedloop.control.realtime import RealtimeHost, RealtimeStep
+from closedloop.control.realtime import RealtimeHost, RealtimeStep, start_realtime
 from closedloop.control.service import ClosedLoopService
 from closedloop.control.stats import ServiceStats
 from closedloop.phase.tracker import PhaseTracker
@@ -172,7 +172,9 @@ def test_an_error_in_a_step_disarms_before_the_step_returns() -> None:
     service.rig = rig  # type: ignore[assignment]
     records = SimpleNamespace(pipeline_events=lambda _events: None)
     protocols = SimpleNamespace(holds=lambda _now: False)
-    rt = service._realtime(rig, records, protocols)  # type: ignore[arg-type]
+    rt = start_realtime(rig, records, protocols,  # type: ignore[arg-type]
+                        cfg=lambda: service.cfg, unit=service.unit, stats=service.stats,
+                        call_soon=service.call_soon, fail=service.fail)
 
     def step_that_fails_after_the_hand_off() -> list[Any]:
         assert sched.submit(PulseRequest(1, pylsl.local_clock() + 0.03))

@@ -20,11 +20,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from closedloop.control.pipeline import EegPipeline
-from closedloop.control.records import calibration_fields, estimator_fields
-from closedloop.phase.tracker import PhaseTracker
+import numpy as np
+import pylsl
 
-__all__ = ["QUIET_AFTER_S", "QUIET_BEFORE_S", "RealtimeHost", "RealtimeStep"]
+from closedloop.config.schema import Config
+from closedloop.control.core import DecisionCore
+from closedloop.control.pipeline import EegPipeline
+from closedloop.control.protocols import ProtocolRunner
+from closedloop.control.records import SessionRecords, calibration_fields, estimator_fields
+from closedloop.control.rig import Rig
+from closedloop.control.stats import ServiceStats
+from closedloop.phase.tracker import PhaseTracker
+from closedloop.stim.patterns import Unit
+
+__all__ = ["QUIET_AFTER_S", "QUIET_BEFORE_S", "RealtimeHost", "RealtimeStep", "start_realtime"]
 
 QUIET_BEFORE_S = 0.0015  # no pipeline step starts this close before a fire command
 QUIET_AFTER_S = 0.0002
@@ -98,3 +107,37 @@ class RealtimeStep:
             if self.host.pending:
                 events, self.host.pending = self.host.pending, []
                 self._deliver(events)
+
+
+def start_realtime(rig: Rig, records: SessionRecords, protocols: ProtocolRunner, *,
+                   cfg: Callable[[], Config], unit: Unit, stats: ServiceStats,
+                   call_soon: Callable[[Callable[[], None]], None],
+                   fail: Callable[[BaseException], None]) -> RealtimeStep:
+    """The EEG pipeline of ``rig``, stepped in its acquisition thread from now on. What a
+    step says goes to ``records`` on the loop (``call_soon``); an error in a step
+    disarms and cancels in that thread, then ``fail`` runs on the loop."""
+    assert rig.eeg.ring is not None
+    tracker, stim = rig.tracker, rig.stim
+    core = DecisionCore(cfg(), tracker, latency_s=stim.latency_s,
+                        rng=np.random.default_rng(cfg().trigger.seed))
+    host = RealtimeHost(clock=pylsl.local_clock, holds=protocols.holds,
+                        reopen=rig.eeg.request_reopen)
+    if tracker.training_state == "ready":  # a calibrated model file
+        host.estimator_changed(tracker)
+        records.pipeline_events(host.pending)
+        host.pending = []
+    pipeline = EegPipeline(cfg, tracker, core, rig.eeg.ring, host=host,
+                           scheduler=rig.scheduler, armed=lambda: stim.armed, unit=unit,
+                           stats=stats, clock=pylsl.local_clock)
+
+    def deliver(events: list[Event]) -> None:
+        call_soon(lambda: records.pipeline_events(events))
+
+    def failed(exc: BaseException) -> None:  # (in the acquisition thread)
+        stim.disarm()  # at once: a pending pulse must not wait for the loop
+        rig.scheduler.cancel("fault")
+        call_soon(lambda: fail(exc))
+
+    return RealtimeStep(pipeline, host, lock=rig.tracker_lock,
+                        next_command=rig.scheduler.next_command_time,
+                        clock=pylsl.local_clock, deliver=deliver, failed=failed)

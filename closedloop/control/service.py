@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import numpy as np
 import pylsl
 
 from closedloop import __version__
@@ -40,11 +39,9 @@ from closedloop.config.schema import Config
 from closedloop.control.api import Attachment, Listener, Unsubscribe
 from closedloop.control.bus import EventBus
 from closedloop.control.commands import ServiceControl
-from closedloop.control.core import DecisionCore
 from closedloop.control.hooks import Hooks
-from closedloop.control.pipeline import EegPipeline
 from closedloop.control.protocols import PROTOCOLS, ProtocolRunner
-from closedloop.control.realtime import RealtimeHost, RealtimeStep
+from closedloop.control.realtime import RealtimeStep, start_realtime
 from closedloop.control.records import SessionRecords
 from closedloop.control.rig import Rig, open_rig
 from closedloop.control.stats import ServiceStats
@@ -186,40 +183,13 @@ class ClosedLoopService:
         self.records = records = SessionRecords(
             self.hooks, rig, unit=self.unit, stats=self.stats, protocols=self.protocols,
             spawn=self.spawn)
-        self.realtime = self._realtime(rig, records, self.protocols)
+        self.realtime = start_realtime(
+            rig, records, self.protocols, cfg=lambda: self.cfg, unit=self.unit,
+            stats=self.stats, call_soon=self.call_soon,
+            fail=lambda exc: self.fail(_internal(exc)))
         if self.cfg.stimulator.arm_on_start:
             rig.stim.arm()
             self.record("armed", by="arm_on_start")
-
-    def _realtime(self, rig: Rig, records: SessionRecords, protocols: ProtocolRunner
-                  ) -> RealtimeStep:
-        """The EEG pipeline, stepped in the acquisition thread from now on."""
-        assert rig.eeg.ring is not None
-        tracker, stim, loop = rig.tracker, rig.stim, self._loop
-        assert loop is not None
-        core = DecisionCore(self.cfg, tracker, latency_s=stim.latency_s,
-                            rng=np.random.default_rng(self.cfg.trigger.seed))
-        host = RealtimeHost(clock=pylsl.local_clock, holds=protocols.holds,
-                            reopen=rig.eeg.request_reopen)
-        if tracker.training_state == "ready":  # a calibrated model file
-            host.estimator_changed(tracker)
-            records.pipeline_events(host.pending)
-            host.pending = []
-        pipeline = EegPipeline(lambda: self.cfg, tracker, core, rig.eeg.ring, host=host,
-                               scheduler=rig.scheduler, armed=lambda: stim.armed,
-                               unit=self.unit, stats=self.stats, clock=pylsl.local_clock)
-
-        def deliver(events: list[tuple[str, dict[str, Any]]]) -> None:
-            self.call_soon(lambda: records.pipeline_events(events))
-
-        def failed(exc: BaseException) -> None:  # (in the acquisition thread)
-            stim.disarm()  # at once: a pending pulse must not wait for the loop
-            rig.scheduler.cancel("fault")
-            self.call_soon(lambda: self.fail(_internal(exc)))
-
-        return RealtimeStep(pipeline, host, lock=rig.tracker_lock,
-                            next_command=rig.scheduler.next_command_time,
-                            clock=pylsl.local_clock, deliver=deliver, failed=failed)
 
     async def _shutdown(self) -> None:
         rig = self.rig
