@@ -147,10 +147,7 @@ class EegPipeline:
                  chunk: int | None, t_a: int) -> list[DecisionTrace]:
         tracker, core, offset_s = self.tracker, self.core, self.offset_s
         core.begin(float(stamps[0]) + offset_s)
-        cfg = self._cfg()
-        if cfg is not self._seen_cfg:  # settings changed while running
-            self._seen_cfg = cfg
-            core.set_config(cfg)
+        self._settings()  # (the update cadence for the segments below)
         traces: list[DecisionTrace] = []
         n = len(stamps)
         size = n if chunk is None else chunk
@@ -159,7 +156,7 @@ class EegPipeline:
         block = 0 if chunk is None or not np.isfinite(data).all() else chunk
         for i in range(0, n, size):
             if block and tracker.band is not None:
-                self._block(data[i:], stamps[i:], block, cfg, t_a, traces)
+                self._block(data[i:], stamps[i:], block, t_a, traces)
                 break
             ts = stamps[i:i + size]
             chunk_newest = float(ts[-1]) + offset_s  # when the chunk was stamped
@@ -169,12 +166,11 @@ class EegPipeline:
                     self.calibrated = True
                     self.host.calibrated(tracker)
                 if update_here:
-                    self._update(float(ts[b - 1]) + offset_s, 0, chunk_newest, cfg, t_a,
-                                 traces)
+                    self._update(float(ts[b - 1]) + offset_s, 0, chunk_newest, t_a, traces)
         return traces
 
     def _block(self, data: npt.NDArray[np.floating[Any]], stamps: npt.NDArray[np.float64],
-               chunk: int, cfg: Config, t_a: int, traces: list[DecisionTrace]) -> None:
+               chunk: int, t_a: int, traces: list[DecisionTrace]) -> None:
         """Chunks pushed at once (the band known): the updates found chunk by chunk, then
         estimated ``back`` samples of the history before its newest."""
         tracker, core, offset_s = self.tracker, self.core, self.offset_s
@@ -191,9 +187,9 @@ class EegPipeline:
         tracker.push(data, stamps)
         for k, newest, spacing, chunk_newest in updates:
             core.spacing = spacing  # as it was at this update (the decision's horizon)
-            self._update(newest, kept - k, chunk_newest, cfg, t_a, traces)
+            self._update(newest, kept - k, chunk_newest, t_a, traces)
 
-    def _update(self, newest: float, back: int, chunk: float, cfg: Config, t_a: int,
+    def _update(self, newest: float, back: int, chunk: float, t_a: int,
                 traces: list[DecisionTrace]) -> None:
         """One estimator update, at LSL time ``newest`` (``back`` samples of the history
         before its newest), and its decision."""
@@ -212,10 +208,7 @@ class EegPipeline:
         now = core.decision_time(newest, clock_now)
         if self.host.holds(clock_now):
             return  # an MEP protocol waits for its last MEP before the next pulse
-        cfg = self._cfg()  # (after the hold: a protocol sets its target, then lets go)
-        if cfg is not self._seen_cfg:
-            self._seen_cfg = cfg
-            core.set_config(cfg)
+        cfg = self._settings()  # (after the hold: a protocol sets its target, then lets go)
         if not self._clock_ok(clock_now - newest, clock_now, cfg):
             return
         decision = core.decide(update, now=now, armed=self._armed(), busy=self.scheduler.busy)
@@ -247,6 +240,15 @@ class EegPipeline:
         if trace.status is TraceStatus.REQUESTED and self._timed:
             self.stats.chunk_to_handoff_ms.add((self.clock() - chunk) * 1000)
         return trace
+
+    def _settings(self) -> Config:
+        """The settings now, handed to the core when they changed (live: by a command or
+        a protocol, on the loop)."""
+        cfg = self._cfg()
+        if cfg is not self._seen_cfg:
+            self._seen_cfg = cfg
+            self.core.set_config(cfg)
+        return cfg
 
     def _clock_ok(self, skew: float, now: float, cfg: Config) -> bool:
         self.guard, verdict = guard_clock(self.guard, skew=skew, now=now,

@@ -218,7 +218,7 @@ class FireScheduler:
         if reason is None:
             return None
         if reason == _HANDED_DISARMED:
-            return "disarmed"  # (as the gate says it)
+            return DeviceReason.DISARMED  # (as the gated stimulator says it)
         return reason if reason.startswith("cancelled") else f"cancelled:{reason}"
 
     def _run_unit(self, req: PulseRequest, handed: float) -> None:
